@@ -1,0 +1,32 @@
+"""Draft proposers behind one small interface, chosen by name."""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+from specserve.contracts import ProposeItem, ProposeOutput
+
+ProposerName = Literal["draft_model", "ngram"]
+
+
+class Proposer(Protocol):
+    def propose(self, items: list[ProposeItem]) -> ProposeOutput:
+        """Sync each session with its newly committed tokens, then draft up to its budget."""
+
+    def release(self, session_ids: list[str]) -> int:
+        """Free sessions; returns how many were held."""
+
+    @property
+    def session_count(self) -> int: ...
+
+
+def make_proposer(name: ProposerName, **kwargs) -> Proposer:
+    if name == "draft_model":
+        from specserve.proposers.draft_model import DraftModelProposer
+
+        return DraftModelProposer(**kwargs)
+    if name == "ngram":
+        from specserve.proposers.ngram import NgramProposer
+
+        return NgramProposer(**kwargs)
+    raise ValueError(f"unknown proposer {name!r}")

@@ -1,0 +1,55 @@
+"""Prompt-lookup drafting: continue the sequence the way it continued after the same n-gram before."""
+
+from __future__ import annotations
+
+import time
+
+from specserve.contracts import Draft, ProposeItem, ProposeOutput, SessionStatus
+from specserve.sessions import SessionTable
+
+
+def ngram_lookup(tokens: list[int], k: int, max_n: int = 3, min_n: int = 1) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram
+    (n from max_n down to min_n); [] when no suffix n-gram occurred before."""
+    if k <= 0:
+        return []
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        suffix = tokens[-n:]
+        # Search right to left, skipping the suffix itself, so recent context wins.
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == suffix:
+                follow = tokens[start + n : start + n + k]
+                if follow:
+                    return follow
+    return []
+
+
+class NgramProposer:
+    """No model: drafts come from the session's own tokens, each with a fixed confidence."""
+
+    def __init__(self, max_n: int = 3, min_n: int = 1, confidence: float = 0.5, session_ttl_s: float = 600.0):
+        self.max_n, self.min_n, self.confidence = max_n, min_n, confidence
+        self.sessions: SessionTable[list[int]] = SessionTable(session_ttl_s)
+
+    @property
+    def session_count(self) -> int:
+        return len(self.sessions)
+
+    def propose(self, items: list[ProposeItem]) -> ProposeOutput:
+        start = time.perf_counter_ns()
+        drafts = []
+        for item in items:
+            tokens = [] if item.position == 0 else self.sessions.get(item.session_id)
+            if tokens is None or len(tokens) != item.position:
+                drafts.append(Draft(item.session_id, SessionStatus.NOT_FOUND))
+                continue
+            tokens = tokens + item.new_tokens
+            self.sessions.put(item.session_id, tokens)
+            out = ngram_lookup(tokens, item.max_draft_tokens, self.max_n, self.min_n)
+            # A deterministic proposer samples from a point mass on its token.
+            dists = [] if item.params.greedy else [([t], [1.0]) for t in out]
+            drafts.append(Draft(item.session_id, SessionStatus.OK, out, [self.confidence] * len(out), dists))
+        return ProposeOutput(drafts, 0, time.perf_counter_ns() - start)
+
+    def release(self, session_ids: list[str]) -> int:
+        return self.sessions.release(session_ids)

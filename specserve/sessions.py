@@ -1,0 +1,43 @@
+"""The per-session table a model service keeps: lookup, idle eviction, release."""
+
+from __future__ import annotations
+
+import time
+from typing import Generic, TypeVar
+
+S = TypeVar("S")
+
+
+class SessionTable(Generic[S]):
+    """Sessions by id with their last use; those idle past `ttl_s` are evicted on the next sweep."""
+
+    def __init__(self, ttl_s: float = 600.0):
+        self.ttl_s = ttl_s
+        self._items: dict[str, tuple[S, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._items
+
+    def values(self) -> list[S]:
+        return [s for s, _ in self._items.values()]
+
+    def get(self, session_id: str) -> S | None:
+        entry = self._items.get(session_id)
+        if entry is None:
+            return None
+        self._items[session_id] = (entry[0], time.monotonic())
+        return entry[0]
+
+    def put(self, session_id: str, session: S) -> None:
+        self._items[session_id] = (session, time.monotonic())
+
+    def release(self, session_ids: list[str]) -> int:
+        return sum(self._items.pop(sid, None) is not None for sid in session_ids)
+
+    def evict_idle(self) -> int:
+        cutoff = time.monotonic() - self.ttl_s
+        stale = [sid for sid, (_, used) in self._items.items() if used < cutoff]
+        return self.release(stale)

@@ -1,0 +1,118 @@
+"""The target model: per-session KV caches, batched prefill, batched ragged lossless verify."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from specserve.acceptance import dense, verify_greedy, verify_sampled
+from specserve.contracts import (
+    PrefillItem, PrefillOutput, PrefillResult, SessionStatus, VerifyItem, VerifyOutput, VerifyResult,
+)
+from specserve.errors import InvalidArgument
+from specserve.kv import BatchForward, SessionKV
+from specserve.sampling import SamplingParams, make_generator, processed_probs
+from specserve.sessions import SessionTable
+
+VERIFIER_SALT = 1
+
+
+@dataclass
+class TargetSession:
+    tokens: list[int]  # committed tokens; the last one is not in the cache yet
+    kv: SessionKV  # covers tokens[:-1]
+    params: SamplingParams
+    generator: torch.Generator
+
+
+class TargetWorker:
+    """Holds the target model and its sessions. Not thread-safe: call from one worker thread."""
+
+    def __init__(self, model: torch.nn.Module, max_context: int, session_ttl_s: float = 600.0):
+        self.model = model
+        self.max_context = max_context
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        self.device = next(model.parameters()).device
+        self.sessions: SessionTable[TargetSession] = SessionTable(session_ttl_s)
+
+    @property
+    def kv_tokens(self) -> int:
+        return sum(s.kv.length for s in self.sessions.values())
+
+    @torch.inference_mode()
+    def prefill(self, items: list[PrefillItem]) -> PrefillOutput:
+        for item in items:
+            if not item.prompt:
+                raise InvalidArgument("prompt_token_ids", f"session {item.session_id}: prompt is empty")
+            if len(item.prompt) >= self.max_context:
+                raise InvalidArgument(
+                    "prompt_token_ids", f"session {item.session_id}: {len(item.prompt)} tokens leave no room "
+                    f"in the context window of {self.max_context}")
+            if any(not 0 <= t < self.vocab for t in item.prompt):
+                raise InvalidArgument("prompt_token_ids", f"session {item.session_id}: token id outside [0, {self.vocab})")
+        start = time.perf_counter_ns()
+        batch = BatchForward(self.model, [SessionKV() for _ in items])
+        logits = batch.step([it.prompt for it in items], keep=[[len(it.prompt) - 1] for it in items])
+        results = []
+        for item, kv, row in zip(items, batch.split(), logits):
+            gen = make_generator(item.params.seed, VERIFIER_SALT, self.device)
+            first = _choose(row, item.params, gen)
+            self.sessions.put(item.session_id, TargetSession([*item.prompt, first], kv, item.params, gen))
+            results.append(PrefillResult(item.session_id, first))
+        return PrefillOutput(results, time.perf_counter_ns() - start)
+
+    @torch.inference_mode()
+    def verify(self, items: list[VerifyItem]) -> VerifyOutput:
+        start = time.perf_counter_ns()
+        results: dict[str, VerifyResult] = {}
+        live: list[tuple[VerifyItem, TargetSession]] = []
+        for item in items:
+            session = self.sessions.get(item.session_id)
+            if session is None or len(session.tokens) != item.position:
+                results[item.session_id] = VerifyResult(item.session_id, SessionStatus.NOT_FOUND)
+                continue
+            if not session.params.greedy and len(item.distributions) != len(item.drafts):
+                raise InvalidArgument(
+                    "draft_distributions", f"session {item.session_id}: sampling needs one per draft token")
+            if any(not 0 <= t < self.vocab for t in item.drafts):
+                raise InvalidArgument("draft_token_ids", f"session {item.session_id}: token id outside [0, {self.vocab})")
+            room = self.max_context - len(session.tokens)
+            if room <= 0:
+                raise InvalidArgument("position", f"session {item.session_id}: context window of {self.max_context} is full")
+            if len(item.drafts) >= room:
+                item = VerifyItem(item.session_id, item.position, item.drafts[: room - 1], item.distributions[: room - 1])
+            live.append((item, session))
+        positions = 0
+        if live:
+            batch = BatchForward(self.model, [s.kv for _, s in live])
+            rows = [[s.tokens[-1], *it.drafts] for it, s in live]
+            logits = batch.step(rows, keep=[list(range(len(r))) for r in rows])
+            positions = sum(len(r) for r in rows)
+            for (item, session), kv, row in zip(live, batch.split(), logits):
+                accepted, emitted = self._accept(item, session, row)
+                kv.crop(len(session.tokens) + accepted)
+                session.kv = kv
+                session.tokens.extend(emitted)
+                results[item.session_id] = VerifyResult(item.session_id, SessionStatus.OK, emitted, accepted)
+        return VerifyOutput([results[it.session_id] for it in items], positions, time.perf_counter_ns() - start)
+
+    def _accept(self, item: VerifyItem, session: TargetSession, logits: torch.Tensor) -> tuple[int, list[int]]:
+        draft = torch.tensor(item.drafts, dtype=torch.long, device=logits.device)
+        if session.params.greedy:
+            return verify_greedy(draft, logits)
+        p = processed_probs(logits, session.params)
+        q = torch.stack([dense(ids, probs, self.vocab, logits.device) for ids, probs in item.distributions]) \
+            if item.drafts else p[:0]
+        return verify_sampled(draft, q, p, session.generator)
+
+    def release(self, session_ids: list[str]) -> int:
+        return self.sessions.release(session_ids)
+
+
+def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """logits: [1, V] -> one token, greedy or sampled from the processed distribution."""
+    if params.greedy:
+        return int(logits[0].argmax())
+    return int(torch.multinomial(processed_probs(logits, params)[0], 1, generator=generator))
