@@ -48,6 +48,7 @@ class ProposeItem:
     params: SamplingParams
     stop_confidence: float = 0.0  # stop once the cumulative confidence is below this
     min_token_confidence: float = 0.0  # stop once the latest token's confidence is below this
+    extend: bool = False  # draft further after the previous call's drafts
 
     @classmethod
     def make_dummy(cls, session_id: str = "s0", tokens: list[int] | None = None, k: int = 3) -> "ProposeItem":

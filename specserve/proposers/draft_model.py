@@ -21,6 +21,7 @@ class DraftSession:
     cached: list[int]  # the tokens whose keys and values `kv` holds (a committed prefix plus drafts)
     kv: SessionKV
     generator: torch.Generator
+    pending: list[int] = field(default_factory=list)  # drafts of the last call; `cached` ends with all but the last
 
 
 @dataclass
@@ -70,16 +71,25 @@ class DraftModelProposer:
             session = self._sync(item)
             draft = Draft(item.session_id, SessionStatus.OK if session else SessionStatus.NOT_FOUND)
             drafts.append(draft)
-            if session is not None:
-                n = _common_prefix(session.cached, session.tokens)
-                n = min(n, len(session.tokens) - 1)  # always run at least one token
-                session.kv.crop(n)
-                session.cached = session.tokens[:n]
-                rows.append(_Row(item, session, session.tokens[n:], draft))
+            if session is None or (item.extend and not session.pending):
+                continue
+            if item.extend:
+                rows.append(_Row(item, session, session.pending[-1:], draft))
+                continue
+            n = _common_prefix(session.cached, session.tokens)
+            n = min(n, len(session.tokens) - 1)  # always run at least one token
+            session.kv.crop(n)
+            session.cached = session.tokens[:n]
+            session.pending = []
+            rows.append(_Row(item, session, session.tokens[n:], draft))
         steps = self._draft(rows) if rows else 0
         return ProposeOutput(drafts, steps, time.perf_counter_ns() - start)
 
     def _sync(self, item: ProposeItem) -> DraftSession | None:
+        if item.extend:
+            session = self.sessions.get(item.session_id)
+            ok = session is not None and len(session.tokens) == item.position and not item.new_tokens
+            return session if ok else None
         if item.position == 0:
             session = DraftSession([], [], SessionKV(), make_generator(item.params.seed, DRAFTER_SALT, self.device))
             self.sessions.put(item.session_id, session)
@@ -100,7 +110,7 @@ class DraftModelProposer:
             steps += 1
             for r, f, row_logits in zip(live, feeds, logits):
                 r.session.cached.extend(f)
-                room = self.max_context - len(r.session.tokens) - 1
+                room = self.max_context - len(r.session.tokens) - len(r.session.pending) - 1
                 if r.item.max_draft_tokens <= len(r.draft.tokens) or room <= len(r.draft.tokens):
                     r.done = True
                     continue
@@ -116,6 +126,7 @@ class DraftModelProposer:
             finished = [i for i, r in enumerate(live) if r.done]
             for i, kv in zip(finished, batch.split(finished)):
                 live[i].session.kv = kv
+                live[i].session.pending.extend(live[i].draft.tokens)
             if not keep:
                 return steps
             if len(keep) < len(live):

@@ -30,6 +30,7 @@ class NgramProposer:
     def __init__(self, max_n: int = 3, min_n: int = 1, confidence: float = 0.5, session_ttl_s: float = 600.0):
         self.max_n, self.min_n, self.confidence = max_n, min_n, confidence
         self.sessions: SessionTable[list[int]] = SessionTable(session_ttl_s)
+        self.pending: dict[str, list[int]] = {}  # drafts of the last call, per session
 
     @property
     def session_count(self) -> int:
@@ -39,17 +40,21 @@ class NgramProposer:
         start = time.perf_counter_ns()
         drafts = []
         for item in items:
-            tokens = [] if item.position == 0 else self.sessions.get(item.session_id)
-            if tokens is None or len(tokens) != item.position:
+            tokens = [] if item.position == 0 and not item.extend else self.sessions.get(item.session_id)
+            if tokens is None or len(tokens) != item.position or (item.extend and item.new_tokens):
                 drafts.append(Draft(item.session_id, SessionStatus.NOT_FOUND))
                 continue
             tokens = tokens + item.new_tokens
             self.sessions.put(item.session_id, tokens)
-            out = ngram_lookup(tokens, item.max_draft_tokens, self.max_n, self.min_n)
+            pending = self.pending.get(item.session_id, []) if item.extend else []
+            out = ngram_lookup(tokens + pending, item.max_draft_tokens, self.max_n, self.min_n)
+            self.pending[item.session_id] = pending + out
             # A deterministic proposer samples from a point mass on its token.
             dists = [] if item.params.greedy else [([t], [1.0]) for t in out]
             drafts.append(Draft(item.session_id, SessionStatus.OK, out, [self.confidence] * len(out), dists))
         return ProposeOutput(drafts, 0, time.perf_counter_ns() - start)
 
     def release(self, session_ids: list[str]) -> int:
+        for sid in session_ids:
+            self.pending.pop(sid, None)
         return self.sessions.release(session_ids)

@@ -1,0 +1,1 @@
+"""The client-facing gateway: admission, SLOs, continuous batching and the step loop."""

@@ -1,0 +1,136 @@
+"""The two model services as the step loop sees them: in-process workers or gRPC clients.
+
+Both kinds take and return the same domain dataclasses, so the step loop runs unchanged in one
+process (tests, the benchmark's no-split baseline) or across services.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import grpc
+
+from specserve import codec
+from specserve.contracts import (
+    PrefillItem, PrefillOutput, ProposeItem, ProposeOutput, VerifyItem, VerifyOutput, WorkerInfo,
+)
+from specserve.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from specserve.modelservice import ComputeThread
+from specserve.v1 import common_pb2, drafter_pb2_grpc, verifier_pb2_grpc
+
+
+class DrafterBackend(Protocol):
+    async def info(self, timeout: float | None = None) -> WorkerInfo: ...
+    async def propose(self, items: list[ProposeItem], timeout: float | None = None) -> ProposeOutput: ...
+    async def release(self, session_ids: list[str], timeout: float | None = None) -> int: ...
+
+
+class VerifierBackend(Protocol):
+    async def info(self, timeout: float | None = None) -> WorkerInfo: ...
+    async def prefill(self, items: list[PrefillItem], timeout: float | None = None) -> PrefillOutput: ...
+    async def verify(self, items: list[VerifyItem], timeout: float | None = None) -> VerifyOutput: ...
+    async def release(self, session_ids: list[str], timeout: float | None = None) -> int: ...
+
+
+class LocalVerifier:
+    """A TargetWorker in this process, on its own compute thread."""
+
+    def __init__(self, worker, info: WorkerInfo):
+        self.worker, self._info, self.compute = worker, info, ComputeThread()
+
+    async def info(self, timeout=None) -> WorkerInfo:
+        return self._info
+
+    async def prefill(self, items, timeout=None) -> PrefillOutput:
+        return await self.compute.run(self.worker.prefill, items)
+
+    async def verify(self, items, timeout=None) -> VerifyOutput:
+        return await self.compute.run(self.worker.verify, items)
+
+    async def release(self, session_ids, timeout=None) -> int:
+        return await self.compute.run(self.worker.release, session_ids)
+
+
+class LocalDrafter:
+    """A proposer in this process, on its own compute thread."""
+
+    def __init__(self, proposer, info: WorkerInfo):
+        self.proposer, self._info, self.compute = proposer, info, ComputeThread()
+
+    async def info(self, timeout=None) -> WorkerInfo:
+        return self._info
+
+    async def propose(self, items, timeout=None) -> ProposeOutput:
+        return await self.compute.run(self.proposer.propose, items)
+
+    async def release(self, session_ids, timeout=None) -> int:
+        return await self.compute.run(self.proposer.release, session_ids)
+
+
+def _translate(exc: grpc.aio.AioRpcError, service: str) -> Exception:
+    code = exc.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(exc.details().split(":", 1)[0] if exc.details() else service,
+                               exc.details().split(":", 1)[-1].strip() if exc.details() else "invalid")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"{service} did not answer in time")
+    return Unavailable(f"{service} is unavailable ({code.name}: {exc.details()})")
+
+
+class _GrpcClient:
+    service = ""
+
+    def __init__(self, channel: grpc.aio.Channel, stub):
+        self.channel, self.stub = channel, stub
+
+    async def _call(self, method: str, request, timeout: float | None):
+        try:
+            return await getattr(self.stub, method)(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc, self.service) from None
+
+    async def info(self, timeout=None) -> WorkerInfo:
+        return codec.info_from_pb(await self._call("Info", common_pb2.InfoRequest(), timeout))
+
+    async def release(self, session_ids, timeout=None) -> int:
+        return (await self._call("Release", common_pb2.ReleaseRequest(session_ids=session_ids), timeout)).released
+
+
+class GrpcVerifier(_GrpcClient):
+    service = "verifier"
+
+    def __init__(self, channel: grpc.aio.Channel):
+        super().__init__(channel, verifier_pb2_grpc.VerifierStub(channel))
+
+    async def prefill(self, items, timeout=None) -> PrefillOutput:
+        return codec.prefill_output_from_pb(await self._call("Prefill", codec.prefill_request_to_pb(items), timeout))
+
+    async def verify(self, items, timeout=None) -> VerifyOutput:
+        return codec.verify_output_from_pb(await self._call("Verify", codec.verify_request_to_pb(items), timeout))
+
+
+class GrpcDrafter(_GrpcClient):
+    service = "drafter"
+
+    def __init__(self, channel: grpc.aio.Channel):
+        super().__init__(channel, drafter_pb2_grpc.DrafterStub(channel))
+
+    async def propose(self, items, timeout=None) -> ProposeOutput:
+        return codec.propose_output_from_pb(await self._call("Propose", codec.propose_request_to_pb(items), timeout))
+
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+def connect_verifier(address: str) -> GrpcVerifier:
+    return GrpcVerifier(grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
+
+
+def connect_drafter(address: str) -> GrpcDrafter:
+    return GrpcDrafter(grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))

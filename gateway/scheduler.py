@@ -1,0 +1,306 @@
+"""Continuous batching and the draft/verify step loop.
+
+Each iteration: drop cancelled and expired requests, prefill waiting ones (bounded work per step so
+running sessions keep getting decode steps), then run one speculative step for the running batch:
+plan, propose (in rounds when the controller asks), prune, verify, stream what was committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from gateway.backends import DrafterBackend, VerifierBackend
+from gateway.planner import Drafted, Planner, SessionView
+from gateway.sequence import Delta, Finish, Sequence, Status
+from gateway.stopping import TextStream
+from specserve.contracts import PrefillItem, ProposeItem, SessionStatus, Sparse, VerifyItem
+from specserve.errors import DeadlineExceeded, ResourceExhausted, SpecServeError, Unavailable
+from specserve.strategy import Strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch_size: int = 16
+    max_queued: int = 256
+    max_prefill_tokens: int = 2048  # prompt tokens prefilled per step (one prompt always fits)
+    call_timeout_s: float = 60.0  # cap on any downstream call
+    drafter_retry_s: float = 2.0  # after a drafter failure, plain decoding for this long
+
+
+@dataclass
+class StepRecord:
+    """What one step did, for telemetry and metrics (raw counts and times)."""
+
+    step_id: int
+    batch_size: int
+    verified_positions: int
+    draft_steps: int
+    drafted: list[int]  # per session
+    accepted: list[int]  # per session
+    position_accepted: list[int]  # per draft position: sessions whose draft there was accepted
+    position_drafted: list[int]  # per draft position: sessions that verified a draft there
+    confidences: list[float]  # raw cumulative confidence of each verified draft position
+    outcomes: list[int]  # 1 if that draft position was accepted
+    predicted_step_ms: float
+    draft_ms: float
+    verify_ms: float
+    step_ms: float
+    planner_ms: float
+    queue_depth: int
+    running: int
+    context_tokens: int
+    strategy_version: int
+    mode: str
+
+
+class Scheduler:
+    def __init__(self, verifier: VerifierBackend, drafter: DrafterBackend | None, tokenizer, eos_ids: list[int],
+                 config: SchedulerConfig, strategy: Strategy | None = None, on_step=None, on_finish=None):
+        self.verifier, self.drafter, self.tokenizer = verifier, drafter, tokenizer
+        self.eos_ids = set(eos_ids)
+        self.config = config
+        self.planner = Planner(strategy or Strategy())
+        self.waiting: list[Sequence] = []
+        self.running: dict[str, Sequence] = {}
+        self.resync: list[Sequence] = []  # running sessions the verifier lost; prefilled again
+        self.streams: dict[str, TextStream] = {}
+        self.wake = asyncio.Event()
+        self.drafter_down_until = 0.0
+        self.step_id = 0
+        self.on_step = on_step or (lambda record: None)
+        self.on_finish = on_finish or (lambda seq: None)
+        self._to_release: list[str] = []
+        self._task: asyncio.Task | None = None
+
+    # --- admission ---------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def drafter_available(self) -> bool:
+        return self.drafter is not None and time.monotonic() >= self.drafter_down_until
+
+    def submit(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.config.max_queued:
+            raise ResourceExhausted(f"queue is full ({self.config.max_queued} waiting)", retry_after_ms=1000)
+        self.streams[seq.id] = TextStream(self.tokenizer, self.eos_ids, seq.params.max_new_tokens, seq.params.stop)
+        self.waiting.append(seq)
+        self.wake.set()
+
+    def cancel(self, seq: Sequence) -> None:
+        """Called when the client goes away; the session is freed at the next step boundary."""
+        seq.cancelled = True
+        self.wake.set()
+
+    # --- the loop ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run_forever())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for seq in [*self.waiting, *self.running.values()]:
+            self._finish(seq, Finish.ERROR, Unavailable("gateway is shutting down"))
+        await self._release()
+
+    async def run_forever(self) -> None:
+        while True:
+            if not self.waiting and not self.running and not self.resync:
+                self.wake.clear()
+                await self._release()
+                await self.wake.wait()
+            try:
+                await self.step()
+            except Exception:
+                log.exception("step failed")
+                await asyncio.sleep(0.1)
+
+    async def step(self) -> None:
+        self._reap()
+        await self._prefill()
+        if self.running:
+            await self._decode()
+        await self._release()
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for seq in [*self.waiting, *self.running.values()]:
+            if seq.cancelled:
+                self._finish(seq, Finish.CANCELLED)
+            elif seq.deadline is not None and now > seq.deadline:
+                self._finish(seq, Finish.DEADLINE)
+
+    def _timeout(self, seqs: list[Sequence]) -> float:
+        """The remaining budget of the batch: the latest deadline among its requests, capped."""
+        now = time.monotonic()
+        deadlines = [s.deadline for s in seqs]
+        if not seqs or any(d is None for d in deadlines):
+            return self.config.call_timeout_s
+        return max(0.05, min(self.config.call_timeout_s, max(deadlines) - now))
+
+    # --- prefill -----------------------------------------------------------------------------
+    async def _prefill(self) -> None:
+        room = self.config.max_batch_size - len(self.running)
+        batch, budget = list(self.resync), self.config.max_prefill_tokens
+        self.resync.clear()
+        self.waiting.sort(key=Sequence.sort_key)
+        while self.waiting and len(batch) < room:
+            seq = self.waiting[0]
+            if batch and len(seq.prompt) > budget:
+                break
+            budget -= len(seq.prompt)
+            batch.append(self.waiting.pop(0))
+        if not batch:
+            return
+        items = [PrefillItem(s.id, s.tokens, s.params) for s in batch]
+        try:
+            out = await self.verifier.prefill(items, timeout=self._timeout(batch))
+        except SpecServeError as exc:
+            for seq in batch:
+                self._finish(seq, Finish.ERROR, _as_unavailable(exc, "verifier"))
+            return
+        now = time.monotonic()
+        for seq, result in zip(batch, out.results):
+            if seq.status is Status.WAITING:
+                seq.first_token_at = now
+            seq.status = Status.RUNNING
+            self.running[seq.id] = seq
+            self._commit(seq, [result.token_id], now)
+
+    # --- one speculative step ----------------------------------------------------------------
+    async def _decode(self) -> None:
+        started = time.perf_counter()
+        seqs = list(self.running.values())
+        views = [SessionView(s.id, s.position, s.slo.tpot_ms, s.behind_ms, s.mode, s.static_k) for s in seqs]
+        plans = self.planner.plan(views)
+        drafted: dict[str, Drafted] = {s.id: Drafted() for s in seqs}
+        dists: dict[str, list[Sparse]] = {s.id: [] for s in seqs}
+        draft_ns, draft_steps, planner_s = 0, 0, time.perf_counter() - started
+        round_ = 0
+        while self.drafter_available and any(p.max_draft_tokens > 0 for p in plans.values()):
+            items = []
+            for s in seqs:
+                plan = plans.get(s.id)
+                if plan is None or plan.max_draft_tokens <= 0:
+                    continue
+                items.append(ProposeItem(
+                    s.id, s.drafter_position, [] if round_ else s.tokens[s.drafter_position :],
+                    plan.max_draft_tokens, s.params, plan.stop_confidence, plan.min_token_confidence,
+                    extend=round_ > 0))
+            try:
+                out = await self.drafter.propose(items, timeout=self._timeout(seqs))
+            except SpecServeError as exc:
+                log.warning("drafter failed (%s); plain decoding for %.1fs", exc, self.config.drafter_retry_s)
+                self.drafter_down_until = time.monotonic() + self.config.drafter_retry_s
+                break
+            draft_ns += out.draft_ns
+            draft_steps += out.draft_steps
+            for d in out.drafts:
+                seq = self.running[d.session_id]
+                if d.status is SessionStatus.NOT_FOUND:
+                    seq.drafter_position = 0  # the drafter lost it: send everything next time
+                    continue
+                seq.drafter_position = seq.position
+                drafted[d.session_id].tokens += d.tokens
+                drafted[d.session_id].confidences += d.confidences
+                dists[d.session_id] += d.distributions
+            round_ += 1
+            tick = time.perf_counter()
+            plans = self.planner.extend(views, drafted, round_)
+            planner_s += time.perf_counter() - tick
+        tick = time.perf_counter()
+        keep = self.planner.prune(views, drafted)
+        predicted = self.planner.step_ms(views, [keep[s.id] for s in seqs])
+        planner_s += time.perf_counter() - tick
+        items = [VerifyItem(s.id, s.position, drafted[s.id].tokens[: keep[s.id]],
+                            dists[s.id][: keep[s.id]] if not s.params.greedy else []) for s in seqs]
+        try:
+            out = await self.verifier.verify(items, timeout=self._timeout(seqs))
+        except SpecServeError as exc:
+            log.error("verifier failed: %s", exc)
+            for seq in seqs:
+                self._finish(seq, Finish.ERROR, _as_unavailable(exc, "verifier"))
+            return
+        now = time.monotonic()
+        self.step_id += 1
+        accepted, confidences, outcomes = [], [], []
+        pos_acc, pos_draft = [0] * self.planner.strategy.max_draft_tokens, [0] * self.planner.strategy.max_draft_tokens
+        for seq, item, result in zip(seqs, items, out.results):
+            if result.status is SessionStatus.NOT_FOUND:
+                del self.running[seq.id]
+                self.resync.append(seq)
+                accepted.append(0)
+                continue
+            k = len(item.drafts)
+            seq.steps += 1
+            seq.draft_tokens += k
+            seq.accepted_tokens += result.accepted
+            accepted.append(result.accepted)
+            for j, c in enumerate(drafted[seq.id].cumulative()[:k]):
+                confidences.append(c)
+                outcomes.append(int(j < result.accepted))
+                if j < len(pos_draft):
+                    pos_draft[j] += 1
+                    pos_acc[j] += int(j < result.accepted)
+            self._commit(seq, result.tokens, now)
+        self.on_step(StepRecord(
+            self.step_id, len(seqs), out.verified_positions, draft_steps, [len(i.drafts) for i in items], accepted,
+            pos_acc, pos_draft, confidences, outcomes, predicted, draft_ns / 1e6, out.forward_ns / 1e6,
+            (time.perf_counter() - started) * 1000, planner_s * 1000, len(self.waiting), len(self.running),
+            sum(v.context for v in views), self.planner.strategy.version, self.planner.strategy.mode))
+
+    # --- output ------------------------------------------------------------------------------
+    def _commit(self, seq: Sequence, tokens: list[int], now: float) -> None:
+        stream = self.streams[seq.id]
+        taken, finish = [], None
+        for t in tokens:
+            taken.append(t)
+            finish = stream.push(t)
+            if finish:
+                break
+        seq.generated += taken
+        seq.last_token_at = now
+        if finish:
+            self._finish(seq, finish, final_tokens=taken)
+        else:
+            seq.out.put_nowait(Delta(taken, stream.take_text(final=False)))
+
+    def _finish(self, seq: Sequence, finish: Finish, error: Exception | None = None,
+                final_tokens: list[int] | None = None) -> None:
+        if seq.status is Status.FINISHED:
+            return
+        if seq.status is Status.RUNNING:
+            self._to_release.append(seq.id)
+        seq.status, seq.finish = Status.FINISHED, finish
+        self.running.pop(seq.id, None)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.resync:
+            self.resync.remove(seq)
+        stream = self.streams.pop(seq.id, None)
+        text = stream.take_text(final=True) if stream else ""
+        seq.out.put_nowait(Delta(final_tokens or [], text, finish, error))
+        self.on_finish(seq)
+
+    async def _release(self) -> None:
+        if not self._to_release:
+            return
+        ids, self._to_release = self._to_release, []
+        backends = [self.verifier] + ([self.drafter] if self.drafter else [])
+        results = await asyncio.gather(*(b.release(ids, timeout=5.0) for b in backends), return_exceptions=True)
+        for r in results:
+            if isinstance(r, Exception):
+                log.info("release of %d sessions failed: %s", len(ids), r)
+
+
+def _as_unavailable(exc: Exception, service: str) -> Exception:
+    if isinstance(exc, (Unavailable, DeadlineExceeded)):
+        return Unavailable(f"{service} unavailable: {exc}")
+    return exc

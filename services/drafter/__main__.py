@@ -1,0 +1,42 @@
+"""Run the draft service: python -m services.drafter --model PATH [--port N] [--proposer ngram]."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from specserve import config as cfg
+from specserve import modelservice
+from specserve.contracts import ProposeItem
+from specserve.proposers import Proposer, make_proposer
+from specserve.v1 import drafter_pb2, drafter_pb2_grpc
+from services.drafter.servicer import DrafterServicer
+
+NAME = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"].full_name
+
+
+def build(config: modelservice.ModelServiceConfig, loaded: modelservice.LoadedModel) -> Proposer:
+    if config.proposer == "ngram":
+        return make_proposer("ngram", session_ttl_s=config.session_ttl_s)
+    return make_proposer("draft_model", model=loaded.model, max_context=loaded.max_context,
+                         session_ttl_s=config.session_ttl_s)
+
+
+def warm(proposer: Proposer) -> None:
+    """One short draft loop, so the first request does not pay for lazy initialisation."""
+    proposer.propose([ProposeItem.make_dummy("warm-up")])
+    proposer.release(["warm-up"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = cfg.load(modelservice.ModelServiceConfig, sys.argv[1:] if argv is None else argv, prog="drafter")
+    servicer = DrafterServicer(config.model, modelservice.ComputeThread(config.step_delay_ms), config.proposer)
+    asyncio.run(modelservice.serve_model(
+        config, NAME, servicer, drafter_pb2_grpc.add_DrafterServicer_to_server,
+        lambda loaded: build(config, loaded), warm))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Drafter servicer: validate, convert, call the proposer on the compute thread, convert back."""
+
+from __future__ import annotations
+
+from specserve import __version__, codec
+from specserve.errors import InvalidArgument
+from specserve.modelservice import ModelServicer, unique_ids
+from specserve.v1 import common_pb2, drafter_pb2_grpc
+
+
+class DrafterServicer(ModelServicer, drafter_pb2_grpc.DrafterServicer):
+    def __init__(self, model_id: str, compute, proposer_name: str):
+        super().__init__(model_id, compute)
+        self.proposer_name = proposer_name
+
+    async def Info(self, request, context):
+        worker = self.ready()
+        info = self.loaded.info(self.model_id, worker.session_count, getattr(worker, "kv_tokens", 0))
+        return codec.info_to_pb(info, __version__)
+
+    async def Propose(self, request, context):
+        worker = self.ready()
+        if request.proposer and request.proposer != self.proposer_name:
+            raise InvalidArgument("proposer", f"this drafter runs {self.proposer_name!r}, not {request.proposer!r}")
+        items = codec.propose_request_from_pb(request)
+        unique_ids([it.session_id for it in items], "items.session_id")
+        for it in items:
+            if it.max_draft_tokens < 0:
+                raise InvalidArgument("items.max_draft_tokens", f"must be >= 0, got {it.max_draft_tokens}")
+            if it.position < 0:
+                raise InvalidArgument("items.position", f"must be >= 0, got {it.position}")
+        return codec.propose_output_to_pb(await self.compute.run(worker.propose, items))
+
+    async def Release(self, request, context):
+        released = await self.compute.run(self.ready().release, list(request.session_ids))
+        return common_pb2.ReleaseResponse(released=released)

@@ -1,0 +1,37 @@
+"""Run the verify service: python -m services.verifier --model PATH [--port N]."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from specserve import config as cfg
+from specserve import modelservice
+from specserve.contracts import PrefillItem, VerifyItem
+from specserve.sampling import SamplingParams
+from specserve.target import TargetWorker
+from specserve.v1 import verifier_pb2, verifier_pb2_grpc
+from services.verifier.servicer import VerifierServicer
+
+NAME = verifier_pb2.DESCRIPTOR.services_by_name["Verifier"].full_name
+
+
+def warm(worker: TargetWorker) -> None:
+    """One prefill and one verify, so the first request does not pay for lazy initialisation."""
+    worker.prefill([PrefillItem("warm-up", [1, 2, 3], SamplingParams())])
+    worker.verify([VerifyItem("warm-up", 4, [5, 6])])
+    worker.release(["warm-up"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = cfg.load(modelservice.ModelServiceConfig, sys.argv[1:] if argv is None else argv, prog="verifier")
+    servicer = VerifierServicer(config.model, modelservice.ComputeThread(config.step_delay_ms))
+    asyncio.run(modelservice.serve_model(
+        config, NAME, servicer, verifier_pb2_grpc.add_VerifierServicer_to_server,
+        lambda loaded: TargetWorker(loaded.model, loaded.max_context, config.session_ttl_s), warm))
+
+
+if __name__ == "__main__":
+    main()

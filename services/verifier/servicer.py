@@ -1,0 +1,32 @@
+"""Verifier servicer: validate, convert, call the target worker on the compute thread, convert back."""
+
+from __future__ import annotations
+
+from specserve import __version__, codec
+from specserve.modelservice import ModelServicer, unique_ids
+from specserve.v1 import common_pb2, verifier_pb2_grpc
+
+
+class VerifierServicer(ModelServicer, verifier_pb2_grpc.VerifierServicer):
+    async def Info(self, request, context):
+        worker = self.ready()
+        info = self.loaded.info(self.model_id, len(worker.sessions), worker.kv_tokens)
+        return codec.info_to_pb(info, __version__)
+
+    async def Prefill(self, request, context):
+        worker = self.ready()
+        items = codec.prefill_request_from_pb(request)
+        unique_ids([it.session_id for it in items], "items.session_id")
+        for it in items:
+            it.params.validate("items.sampling", max_new_tokens_limit=self.loaded.max_context)
+        return codec.prefill_output_to_pb(await self.compute.run(worker.prefill, items))
+
+    async def Verify(self, request, context):
+        worker = self.ready()
+        items = codec.verify_request_from_pb(request)
+        unique_ids([it.session_id for it in items], "items.session_id")
+        return codec.verify_output_to_pb(await self.compute.run(worker.verify, items))
+
+    async def Release(self, request, context):
+        released = await self.compute.run(self.ready().release, list(request.session_ids))
+        return common_pb2.ReleaseResponse(released=released)

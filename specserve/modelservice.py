@@ -1,0 +1,161 @@
+"""What the drafter and the verifier services share: configuration, model loading, and running
+model compute on one worker thread off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from specserve import models
+from specserve.config import doc
+from specserve.contracts import WorkerInfo
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class ModelServiceConfig:
+    """A model service (drafter or verifier)."""
+
+    model: str = doc("", "model folder or Hugging Face id")
+    host: str = doc("127.0.0.1", "interface to bind; keep model services on a private interface")
+    port: int = doc(0, "port to bind; 0 picks a free one")
+    device: str = doc("cpu", "torch device, e.g. cpu or cuda:0")
+    dtype: str = doc("auto", "auto, float32, bfloat16 or float16")
+    max_context: int = doc(0, "longest sequence served; 0 takes the model's own limit")
+    session_ttl_s: float = doc(600.0, "evict sessions idle this long")
+    threads: int = doc(0, "torch CPU threads; 0 keeps torch's default")
+    redis_url: str = doc("", "Redis for telemetry and strategy; empty disables both")
+    proposer: str = doc("draft_model", "drafter only: draft_model or ngram")
+    step_delay_ms: float = doc(0.0, "artificial delay added to every forward call (load tests only)")
+    grace_s: float = doc(10.0, "drain time on SIGTERM")
+    instance: str = doc("", "instance name in telemetry; empty uses host:port")
+
+    def validate(self) -> None:
+        from specserve.errors import InvalidArgument
+
+        if not self.model:
+            raise InvalidArgument("model", "a model folder or id is required")
+        if not 0 <= self.port < 65536:
+            raise InvalidArgument("port", f"must be in [0, 65535], got {self.port}")
+        if self.proposer not in ("draft_model", "ngram"):
+            raise InvalidArgument("proposer", f"must be draft_model or ngram, got {self.proposer!r}")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    max_context: int
+    fingerprint: str
+    eos_token_ids: list[int]
+
+    def info(self, model_id: str, sessions: int, kv_tokens: int) -> WorkerInfo:
+        return WorkerInfo(model_id, self.fingerprint, self.max_context, str(self.model.device),
+                          str(self.model.dtype).removeprefix("torch."), self.eos_token_ids, sessions, kv_tokens)
+
+
+def load(config: ModelServiceConfig) -> LoadedModel:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    started = time.monotonic()
+    model = models.load_causal_lm(config.model, config.device, config.dtype)
+    tokenizer = models.load_tokenizer(config.model)
+    limit = getattr(model.config, "max_position_embeddings", 4096)
+    max_context = min(config.max_context or limit, limit)
+    log.info("loaded %s on %s as %s in %.1fs", config.model, config.device, model.dtype, time.monotonic() - started)
+    return LoadedModel(model, tokenizer, max_context, models.tokenizer_fingerprint(tokenizer), eos_ids(model, tokenizer))
+
+
+def eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config else None
+    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+class ComputeThread:
+    """Runs model calls one at a time on a dedicated thread; handlers await them."""
+
+    def __init__(self, delay_ms: float = 0.0):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.delay_s = delay_ms / 1000
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn, args)
+
+    def _call(self, fn: Callable[..., T], args: tuple) -> T:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return fn(*args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def unique_ids(ids: list[str], field: str) -> None:
+    from specserve.errors import InvalidArgument
+
+    if any(not i for i in ids):
+        raise InvalidArgument(field, "session_id must not be empty")
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument(field, "a session appears twice in one batch")
+
+
+class ModelServicer:
+    """Base of the drafter and verifier servicers: registered before start, usable once attached."""
+
+    def __init__(self, model_id: str, compute: ComputeThread):
+        self.model_id, self.compute = model_id, compute
+        self.worker: Any = None
+        self.loaded: LoadedModel | None = None
+
+    def attach(self, worker: Any, loaded: LoadedModel) -> None:
+        self.worker, self.loaded = worker, loaded
+
+    def ready(self) -> Any:
+        from specserve.errors import Unavailable
+
+        if self.worker is None:
+            raise Unavailable(f"{self.model_id} is still loading")
+        return self.worker
+
+
+async def serve_model(config: ModelServiceConfig, name: str, servicer: ModelServicer,
+                      add_to_server: Callable[[Any, Any], None],
+                      build: Callable[[LoadedModel], Any], warm: Callable[[Any], None]) -> None:
+    """Bind, load the model (health NOT_SERVING meanwhile), warm it, serve until signalled, drain."""
+    from specserve.server import Server, run_until_signalled
+
+    server = Server([name])
+    add_to_server(servicer, server.grpc)
+    port = server.bind(f"{config.host}:{config.port}")
+    print(f"{name} listening on {config.host}:{port}", flush=True)
+
+    async def warm_up() -> None:
+        loaded = await asyncio.to_thread(load, config)
+        worker = build(loaded)
+        await servicer.compute.run(warm, worker)
+        servicer.attach(worker, loaded)
+        asyncio.create_task(_evict_forever(servicer.compute, worker.sessions))
+
+    async def stop() -> None:
+        await asyncio.to_thread(servicer.compute.shutdown)
+
+    await run_until_signalled(server, warm_up, config.grace_s, on_stop=stop)
+
+
+async def _evict_forever(compute: ComputeThread, sessions: Any, every_s: float = 30.0) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        evicted = await compute.run(sessions.evict_idle)
+        if evicted:
+            log.info("evicted %d idle sessions", evicted)

@@ -1,0 +1,136 @@
+"""The skeleton every SpecServe gRPC server starts from.
+
+grpc.aio server with the standard health service (NOT_SERVING until the service says it is warm),
+reflection, one interceptor that maps domain errors to status codes, and a graceful drain on
+SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from specserve import errors
+
+log = logging.getLogger(__name__)
+
+_CODES: list[tuple[type[errors.SpecServeError], grpc.StatusCode]] = [
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+]
+
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
+def status_for(exc: errors.SpecServeError) -> grpc.StatusCode:
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    if isinstance(exc, errors.ResourceExhausted) and exc.retry_after_ms:
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
+    if isinstance(exc, errors.SpecServeError):
+        await context.abort(status_for(exc), str(exc))
+    log.exception("internal error in %s", method)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Domain errors become their status code with their message; anything else becomes INTERNAL
+    with no traceback sent to the client (it is logged here)."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request, context):
+                try:
+                    return await inner_uu(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await _abort(context, exc, method)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request, context):
+                try:
+                    async for item in inner_us(request, context):
+                        yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await _abort(context, exc, method)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+class Server:
+    """Owns the grpc.aio server and its health state."""
+
+    def __init__(self, service_names: list[str], options: list[tuple[str, object]] | None = None,
+                 interceptors: list[grpc.aio.ServerInterceptor] | None = None):
+        self.grpc = grpc.aio.server(interceptors=[ErrorInterceptor(), *(interceptors or [])], options=options or [])
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        self.service_names = service_names
+        reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)
+
+    def bind(self, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+        port = self.grpc.add_secure_port(address, credentials) if credentials else self.grpc.add_insecure_port(address)
+        if port == 0:
+            raise RuntimeError(f"cannot bind {address}")
+        return port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        await self.set_serving(False)
+        await self.grpc.start()
+
+    async def stop(self, grace_s: float) -> None:
+        await self.set_serving(False)
+        await self.grpc.stop(grace_s)
+
+
+async def run_until_signalled(server: Server, warm_up: Callable[[], Awaitable[None]],
+                              grace_s: float = 10.0, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Start, warm up (health turns SERVING after), then serve until SIGTERM/SIGINT and drain."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await warm_up()
+    await server.set_serving(True)
+    log.info("serving %s", ", ".join(server.service_names))
+    await stop.wait()
+    log.info("draining for up to %.0fs", grace_s)
+    await server.stop(grace_s)
+    if on_stop:
+        await on_stop()

@@ -1,0 +1,136 @@
+"""The speculation strategy: the versioned document the policy publishes and the gateway follows.
+
+Stored as JSON under `specserve:strategy`, announced on `specserve:strategy:updates`. Any program
+that writes a valid document is a policy.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+from specserve.errors import InvalidArgument
+
+STRATEGY_KEY = "specserve:strategy"
+UPDATES_CHANNEL = "specserve:strategy:updates"
+
+Mode = Literal["off", "static", "threshold", "smartspec", "specserve", "adaptive"]
+MODES: tuple[str, ...] = ("off", "static", "threshold", "smartspec", "specserve", "adaptive")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Step-time model in milliseconds.
+
+    T_draft(n, k) = k * (draft_fixed + draft_per_seq * n)          (k draft forward passes)
+    T_verify(N, ctx) = verify_fixed + verify_per_pos * pad(N) + verify_per_ctx * ctx
+    where N is the verified positions, ctx the summed context of the batch and pad(N) the
+    smallest verify shape bucket holding N (N itself when there are no buckets).
+    """
+
+    draft_fixed: float = 78.0
+    draft_per_seq: float = 10.0
+    verify_fixed: float = 180.0
+    verify_per_pos: float = 6.0
+    verify_per_ctx: float = 0.01
+    shape_buckets: tuple[int, ...] = ()
+
+    def pad(self, positions: int) -> int:
+        if not self.shape_buckets or positions > self.shape_buckets[-1]:
+            return positions
+        return self.shape_buckets[bisect.bisect_left(self.shape_buckets, positions)]
+
+    def t_draft(self, n: int, k: int) -> float:
+        return k * (self.draft_fixed + self.draft_per_seq * n) if k > 0 and n > 0 else 0.0
+
+    def t_verify(self, positions: int, ctx: int) -> float:
+        return self.verify_fixed + self.verify_per_pos * self.pad(positions) + self.verify_per_ctx * ctx
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Maps a raw cumulative draft confidence to the observed probability that the drafts so far all
+    survive: piecewise linear through (raw[i], survival[i]), both increasing. Identity by default."""
+
+    raw: tuple[float, ...] = (0.0, 1.0)
+    survival: tuple[float, ...] = (0.0, 1.0)
+
+    def __call__(self, c: float) -> float:
+        i = bisect.bisect_right(self.raw, c)
+        if i <= 0:
+            return self.survival[0]
+        if i >= len(self.raw):
+            return self.survival[-1]
+        x0, x1, y0, y1 = self.raw[i - 1], self.raw[i], self.survival[i - 1], self.survival[i]
+        return y0 + (y1 - y0) * (c - x0) / (x1 - x0) if x1 > x0 else y1
+
+    def inverse(self, s: float) -> float:
+        """The smallest raw confidence whose calibrated value reaches s."""
+        if s <= self.survival[0]:
+            return 0.0
+        for i in range(1, len(self.raw)):
+            y0, y1 = self.survival[i - 1], self.survival[i]
+            if y1 >= s:
+                x0, x1 = self.raw[i - 1], self.raw[i]
+                return x0 + (x1 - x0) * (s - y0) / (y1 - y0) if y1 > y0 else x0
+        return 1.0 + 1e-9  # unreachable: never draft past this
+
+
+@dataclass(frozen=True)
+class Strategy:
+    mode: str = "adaptive"
+    max_draft_tokens: int = 8  # K_max
+    static_k: int = 4
+    threshold: float = 0.6  # the threshold controller's per-token cut
+    gate_margin: float = 1.0  # speculate only if predicted gain beats plain decoding by this factor
+    smartspec_margin: float = 1.1
+    mean_confidence: float = 0.6  # c̄: confidence assumed for a position not drafted yet
+    acceptance_rate: float = 0.7  # α: global accepted / drafted
+    cost: CostModel = field(default_factory=CostModel)
+    calibration: Calibration = field(default_factory=Calibration)
+    version: int = 0
+    policy: str = "default"
+    issued_at: float = 0.0  # unix seconds
+    ttl_s: float = 30.0
+
+    def validate(self) -> "Strategy":
+        if self.mode not in MODES:
+            raise InvalidArgument("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 0 <= self.max_draft_tokens <= 64:
+            raise InvalidArgument("max_draft_tokens", f"must be in [0, 64], got {self.max_draft_tokens}")
+        if not 0 <= self.static_k <= 64:
+            raise InvalidArgument("static_k", f"must be in [0, 64], got {self.static_k}")
+        for name in ("threshold", "mean_confidence", "acceptance_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InvalidArgument(name, f"must be in [0, 1], got {getattr(self, name)}")
+        if self.ttl_s <= 0:
+            raise InvalidArgument("ttl_s", "must be > 0")
+        cal = self.calibration
+        if len(cal.raw) != len(cal.survival) or len(cal.raw) < 2 or list(cal.raw) != sorted(cal.raw) \
+                or list(cal.survival) != sorted(cal.survival):
+            raise InvalidArgument("calibration", "raw and survival must be increasing and of equal length >= 2")
+        return self
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.issued_at > 0 and (now or time.time()) > self.issued_at + self.ttl_s
+
+    def with_overrides(self, **changes) -> "Strategy":
+        return replace(self, **changes).validate()
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Strategy":
+        try:
+            doc = json.loads(text)
+            cost = CostModel(**{**doc.pop("cost", {})})
+            cost = replace(cost, shape_buckets=tuple(cost.shape_buckets))
+            cal_doc = doc.pop("calibration", {})
+            cal = Calibration(tuple(cal_doc.get("raw", (0.0, 1.0))), tuple(cal_doc.get("survival", (0.0, 1.0))))
+            return cls(**doc, cost=cost, calibration=cal).validate()
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise InvalidArgument("strategy", f"not a valid strategy document: {exc}") from None
