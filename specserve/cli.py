@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 from specserve import models
@@ -15,6 +18,77 @@ def _cmd_models_prepare(args: argparse.Namespace) -> int:
     for role, path in paths.items():
         print(f"{role}: {path}")
     return 0
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from specserve import launcher
+
+    if args.target_model and args.draft_model:
+        target, draft = args.target_model, args.draft_model
+    else:
+        paths = models.prepare(Path(args.cache_dir))
+        target, draft = str(paths["target"]), str(paths["draft"])
+    redis_url, redis_proc = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), None
+    if not launcher.redis_reachable(redis_url):
+        redis_url, redis_proc = launcher.start_redis()
+        print(f"started redis-server at {redis_url}")
+    stack = launcher.Stack(target, draft, redis_url, gateway_port=args.port, metrics_port=args.metrics_port)
+    print(f"starting verifier ({target}), drafter ({draft}), policy and gateway; logs in {stack.log_dir}")
+    try:
+        stack.start()
+        print(f"SpecServe is up: gateway at {stack.gateway_address}"
+              + (f", metrics at http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else ""))
+        print(f"try: specserve generate --address {stack.gateway_address} 'def fibonacci(n):'")
+        if args.smoke:
+            _generate(stack.gateway_address, args.smoke, 16, 0.0, sys.stdout)
+            return 0
+        signal.signal(signal.SIGTERM, _interrupt)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping")
+        stack.stop()
+        if redis_proc:
+            redis_proc.terminate()
+    return 0
+
+
+def _generate(address: str, prompt: str, max_new_tokens: int, temperature: float, out, chat: bool = False) -> int:
+    import grpc
+
+    from specserve.v1 import gateway_pb2, gateway_pb2_grpc
+
+    request = gateway_pb2.GenerateRequest(sampling={"max_new_tokens": max_new_tokens, "temperature": temperature})
+    if chat:
+        request.messages.messages.add(role="user", content=prompt)
+    else:
+        request.prompt = prompt
+    with grpc.insecure_channel(address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        try:
+            for message in stub.Generate(request):
+                out.write(message.text)
+                out.flush()
+                if message.HasField("stats"):
+                    s = message.stats
+                    out.write(f"\n\n[{gateway_pb2.FinishReason.Name(message.finish_reason)}] "
+                              f"{s.output_tokens} tokens, ttft {s.ttft_ms:.0f} ms, tpot {s.tpot_ms:.0f} ms, "
+                              f"{s.steps} steps, accepted {s.accepted_tokens}/{s.draft_tokens} drafts, "
+                              f"slo_attained={s.slo_attained}\n")
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    return _generate(args.address, args.prompt, args.max_new_tokens, args.temperature, sys.stdout, args.chat)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--cache-dir", default=str(models.default_cache_dir()))
     prep.add_argument("--quiet", action="store_true")
     prep.set_defaults(func=_cmd_models_prepare)
+
+    up = sub.add_parser("up", help="run the whole system locally until Ctrl-C")
+    up.add_argument("--target-model", default="", help="model folder or id (default: the built-in pair)")
+    up.add_argument("--draft-model", default="")
+    up.add_argument("--cache-dir", default=str(models.default_cache_dir()))
+    up.add_argument("--port", type=int, default=50051, help="gateway port")
+    up.add_argument("--metrics-port", type=int, default=9464)
+    up.add_argument("--smoke", default="", help="send this prompt once the system is up, print, and stop")
+    up.set_defaults(func=_cmd_up)
+
+    gen = sub.add_parser("generate", help="stream a completion from a running gateway")
+    gen.add_argument("prompt")
+    gen.add_argument("--address", default="127.0.0.1:50051")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--chat", action="store_true", help="send the prompt as one user chat turn")
+    gen.set_defaults(func=_cmd_generate)
     return parser
 
 
