@@ -1,0 +1,81 @@
+"""Shared fixtures: the tiny model pair, the real pair when prepared, and one Redis."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> tuple[Path, Path]:
+    """(target, draft) folders of the tiny pair, saved once per session."""
+    from specserve.tiny import save_pair
+
+    return save_pair(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """(target, draft, tokenizer) of the tiny pair, in memory."""
+    from specserve.tiny import build_pair, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    target, draft = build_pair(len(tokenizer))
+    return target, draft, tokenizer
+
+
+@pytest.fixture(scope="session")
+def real_pair() -> tuple[Path, Path]:
+    from specserve import models
+
+    cache = Path(os.environ.get("SPECSERVE_MODEL_CACHE", models.default_cache_dir()))
+    if not (models.is_prepared(cache, "target") and models.is_prepared(cache, "draft")):
+        pytest.skip("the real model pair is not prepared (specserve models prepare)")
+    return models.prepared_path(cache, "target"), models.prepared_path(cache, "draft")
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """REDIS_URL if set; else a testcontainers Redis when a Docker engine answers; else a
+    redis-server started on a free port."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    if _docker_answers():
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer("redis:7-alpine") as container:
+            yield f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}/0"
+        return
+    from specserve.launcher import start_redis
+
+    url, proc = start_redis()
+    yield url
+    proc.terminate()
+    proc.wait()
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
