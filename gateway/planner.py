@@ -206,8 +206,8 @@ class Planner:
 
         if mode == "specserve":
             total = sum(keep.values()) + n
-            smaller = cost.pad(total - 1)
-            if smaller == cost.pad(total):
+            smaller = max((b for b in cost.shape_buckets if b < cost.pad(total)), default=0)
+            if smaller < n:  # every session verifies at least one position
                 return keep
             pruned, excess = dict(keep), total - smaller
             for k in sorted(auto, key=lambda k: drafted[k].cumulative()[-1]):

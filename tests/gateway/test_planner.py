@@ -1,0 +1,75 @@
+"""Controllers as pure functions (BASELINES.md)."""
+
+import pytest
+
+from gateway.planner import Drafted, Planner, SessionView, expected_tokens
+from specserve.strategy import Calibration, CostModel, Strategy
+
+
+def test_specserve_worked_example_expected_tokens_and_pruning():
+    C = [[0.9, 0.81, 0.729], [0.95, 0.55, 0.05]]
+    assert expected_tokens(C) == pytest.approx(5.989)
+    # N = 8 unpruned; buckets make N = 4 the next smaller shape, reached by dropping 4 positions:
+    # session 2 entirely, then one of session 1 -> k = [2, 0], 3.71 expected tokens.
+    def planner(ratio: float) -> Planner:
+        # T(N=8) / T(N=4) = ratio with T = fixed + per_pos * pad(N) and no draft cost.
+        per_pos = 1.0
+        fixed = (8 - 4 * ratio) / (ratio - 1) if ratio > 1 else 1e9
+        return Planner(Strategy(mode="specserve", cost=CostModel(
+            draft_fixed=0, draft_per_seq=0, verify_fixed=fixed, verify_per_pos=per_pos, verify_per_ctx=0,
+            shape_buckets=(4, 8))))
+
+    views = [SessionView("a", 10), SessionView("b", 10)]
+    drafted = {"a": Drafted([1, 2, 3], [0.9, 0.9, 0.9]), "b": Drafted([4, 5, 6], [0.95, 0.55 / 0.95, 0.05 / 0.55])}
+    assert expected_tokens([[1.0 * c for c in d.cumulative()[:k]] for d, k in zip(drafted.values(), (2, 0))]) \
+        == pytest.approx(3.71)
+    assert planner(1.7).prune(views, drafted) == {"a": 2, "b": 0}  # 1.7 >= 5.989 / 3.71
+    assert planner(1.5).prune(views, drafted) == {"a": 3, "b": 3}  # 1.5 < 1.614: keep all
+
+
+@pytest.mark.parametrize("ratio, speculate", [(1.5, True), (1.59, True), (1.61, False), (2.0, False)])
+def test_specserve_gate_speculates_exactly_when_one_draft_costs_under_1_6x(ratio, speculate):
+    """At c̄ = 0.6, one draft per session gives 1.6 tokens per session: speculate iff T(1) < 1.6 T(0)."""
+    cost = CostModel(draft_fixed=0, draft_per_seq=(ratio - 1) * 100, verify_fixed=100, verify_per_pos=0, verify_per_ctx=0)
+    planner = Planner(Strategy(mode="specserve", mean_confidence=0.6, cost=cost))
+    plans = planner.plan([SessionView("a", 5)])
+    assert (plans["a"].max_draft_tokens == 1) == speculate
+
+
+def test_specserve_extends_while_efficiency_rises():
+    cost = CostModel(draft_fixed=10, draft_per_seq=0, verify_fixed=100, verify_per_pos=0, verify_per_ctx=0)
+    planner = Planner(Strategy(mode="specserve", cost=cost, max_draft_tokens=8))
+    views = [SessionView("a", 5)]
+    assert planner.extend(views, {"a": Drafted([1], [0.95])}, 1) == {"a": planner.plan(views)["a"]}
+    assert planner.extend(views, {"a": Drafted([1], [0.01])}, 1) == {}
+
+
+def test_smartspec_picks_k_by_goodput_and_needs_ten_percent():
+    cost = CostModel(draft_fixed=10, draft_per_seq=0, verify_fixed=100, verify_per_pos=0, verify_per_ctx=0)
+    high = Planner(Strategy(mode="smartspec", acceptance_rate=0.9, cost=cost)).plan([SessionView("a", 5)])
+    low = Planner(Strategy(mode="smartspec", acceptance_rate=0.05, cost=cost)).plan([SessionView("a", 5)])
+    assert high["a"].max_draft_tokens >= 3 and low["a"].max_draft_tokens == 0
+
+
+def test_adaptive_gives_late_sessions_a_lower_bar_and_respects_the_tpot_cap():
+    cost = CostModel(draft_fixed=20, draft_per_seq=1, verify_fixed=100, verify_per_pos=1, verify_per_ctx=0)
+    planner = Planner(Strategy(mode="adaptive", cost=cost, mean_confidence=0.8))
+    plans = planner.plan([SessionView("late", 5, behind_ms=50), SessionView("ok", 5)])
+    assert plans["late"].stop_confidence < plans["ok"].stop_confidence
+    capped = planner.plan([SessionView("tight", 5, tpot_slo_ms=150), SessionView("loose", 5)])
+    assert capped["tight"].max_draft_tokens == capped["loose"].max_draft_tokens
+    assert planner.step_ms([SessionView("t", 5)] * 2, [capped["tight"].max_draft_tokens] * 2) <= 150
+    assert planner.plan([SessionView("x", 5, tpot_slo_ms=50)])["x"].max_draft_tokens == 0  # k = 0 always allowed
+
+
+def test_threshold_and_static_and_off():
+    views = [SessionView("a", 5)]
+    assert Planner(Strategy(mode="threshold")).plan(views)["a"].min_token_confidence == 0.6
+    assert Planner(Strategy(mode="static", static_k=3)).plan(views)["a"].max_draft_tokens == 3
+    assert Planner(Strategy(mode="off")).plan(views)["a"].max_draft_tokens == 0
+
+
+def test_calibration_inverse_round_trips():
+    cal = Calibration((0.0, 0.5, 1.0), (0.0, 0.2, 0.9))
+    for s in (0.1, 0.2, 0.5, 0.8):
+        assert cal(cal.inverse(s)) == pytest.approx(s)

@@ -1,0 +1,106 @@
+"""All services as real processes with the tiny pair: concurrency, cancellation, drafter failure."""
+
+import random
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from specserve.launcher import Stack
+from specserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, verifier_pb2_grpc
+from tests.helpers import target_only
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_dir):
+    target, draft = tiny_dir
+    s = Stack(str(target), str(draft), extra_env={"SPECSERVE_THREADS": "1"}).start(timeout_s=120)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def reference_model(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir[0], dtype=torch.float32).eval()
+
+
+def _generate(address: str, request: gateway_pb2.GenerateRequest) -> tuple[list[int], gateway_pb2.GenerateResponse]:
+    with grpc.insecure_channel(address) as channel:
+        tokens, last = [], None
+        for m in gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=120):
+            tokens += m.token_ids
+            last = m
+        return tokens, last
+
+
+def _run_concurrently(fn, args_list):
+    results = [None] * len(args_list)
+
+    def run(i, args):
+        results[i] = fn(*args)
+
+    threads = [threading.Thread(target=run, args=(i, a)) for i, a in enumerate(args_list)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def _requests(n: int, seed: int):
+    rng = random.Random(seed)
+    reqs = []
+    for i in range(n):
+        ids = [rng.randrange(3, 300) for _ in range(rng.randrange(2, 50))]
+        sampling = {"max_new_tokens": rng.randrange(4, 40)}
+        if i % 3 == 2:
+            sampling |= {"temperature": 0.8, "top_p": 0.9, "seed": i}
+        reqs.append(gateway_pb2.GenerateRequest(prompt_token_ids={"ids": ids}, sampling=sampling))
+    return reqs
+
+
+def test_concurrent_streams_match_target_only(stack, reference_model):
+    reqs = _requests(9, seed=3)
+    results = _run_concurrently(_generate, [(stack.gateway_address, r) for r in reqs])
+    for req, (tokens, last) in zip(reqs, results):
+        assert last.stats.output_tokens == len(tokens) > 0
+        if req.sampling.temperature == 0:
+            expect = target_only(reference_model, list(req.prompt_token_ids.ids), req.sampling.max_new_tokens, 0)
+            assert tokens == expect
+
+
+def _verifier_sessions(stack) -> int:
+    with grpc.insecure_channel(stack.services["verifier"].address) as channel:
+        return verifier_pb2_grpc.VerifierStub(channel).Info(common_pb2.InfoRequest()).sessions
+
+
+def test_cancelled_streams_release_their_sessions(stack):
+    before = _verifier_sessions(stack)
+    with grpc.insecure_channel(stack.gateway_address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        for _ in range(3):
+            call = stub.Generate(gateway_pb2.GenerateRequest(prompt="def add(a, b):", sampling={"max_new_tokens": 500}))
+            next(call)
+            call.cancel()
+    deadline = time.monotonic() + 10
+    while _verifier_sessions(stack) > before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _verifier_sessions(stack) <= before
+
+
+def test_killing_the_drafter_loses_nothing(stack, reference_model):
+    reqs = [r for r in _requests(8, seed=5) if r.sampling.temperature == 0]
+    for r in reqs:
+        r.sampling.max_new_tokens = 60
+    killer = threading.Timer(0.5, stack.services["drafter"].kill)
+    killer.start()
+    results = _run_concurrently(_generate, [(stack.gateway_address, r) for r in reqs])
+    for req, (tokens, _) in zip(reqs, results):
+        assert tokens == target_only(reference_model, list(req.prompt_token_ids.ids), 60, 0)
+    stack.restart("drafter", timeout_s=120)
+    tokens, last = _generate(stack.gateway_address, reqs[0])
+    assert tokens == results[0][0]

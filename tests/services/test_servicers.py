@@ -1,0 +1,124 @@
+"""Each servicer through its proto, on an in-process server at port 0, with the tiny pair."""
+
+import grpc
+import pytest
+
+from gateway.admission import Admission
+from gateway.local import local_scheduler
+from gateway.servicer import GatewayServicer, Limits
+from services.drafter.servicer import DrafterServicer
+from services.verifier.servicer import VerifierServicer
+from specserve.modelservice import ComputeThread, LoadedModel
+from specserve.proposers import make_proposer
+from specserve.server import Server
+from specserve.target import TargetWorker
+from specserve.v1 import (
+    common_pb2, drafter_pb2, drafter_pb2_grpc, gateway_pb2, gateway_pb2_grpc, verifier_pb2, verifier_pb2_grpc,
+)
+
+
+async def _serve(add, servicer):
+    server = Server(["test"])
+    add(servicer, server.grpc)
+    port = server.bind("127.0.0.1:0")
+    await server.start()
+    await server.set_serving(True)
+    return server, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+
+
+def _loaded(model, tokenizer):
+    return LoadedModel(model, tokenizer, 1024, "fp", [tokenizer.eos_token_id])
+
+
+async def test_verifier_prefill_verify_release(tiny_models):
+    target, _, tokenizer = tiny_models
+    servicer = VerifierServicer("tiny", ComputeThread())
+    servicer.attach(TargetWorker(target, 1024), _loaded(target, tokenizer))
+    server, channel = await _serve(verifier_pb2_grpc.add_VerifierServicer_to_server, servicer)
+    stub = verifier_pb2_grpc.VerifierStub(channel)
+    out = await stub.Prefill(verifier_pb2.PrefillRequest(items=[{"session_id": "a", "prompt_token_ids": [5, 6, 7]}]))
+    first = out.results[0].token_id
+    res = await stub.Verify(verifier_pb2.VerifyRequest(items=[
+        {"session_id": "a", "position": 4, "draft_token_ids": [9, 9]},
+        {"session_id": "ghost", "position": 3}]))
+    assert res.results[0].status == common_pb2.SESSION_STATUS_OK and 1 <= len(res.results[0].token_ids) <= 3
+    assert res.results[1].status == common_pb2.SESSION_STATUS_NOT_FOUND
+    assert res.verified_positions == 3 and first >= 0
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Prefill(verifier_pb2.PrefillRequest(items=[{"session_id": "b", "prompt_token_ids": []}]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt_token_ids" in err.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Verify(verifier_pb2.VerifyRequest(items=[{"session_id": "a", "position": 1}] * 2))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = await stub.Info(common_pb2.InfoRequest())
+    assert info.sessions == 1 and info.tokenizer_fingerprint == "fp"
+    assert (await stub.Release(common_pb2.ReleaseRequest(session_ids=["a", "x"]))).released == 1
+    await server.stop(0)
+
+
+async def test_drafter_propose_and_resync(tiny_models):
+    _, draft, tokenizer = tiny_models
+    servicer = DrafterServicer("tiny", ComputeThread(), "draft_model")
+    servicer.attach(make_proposer("draft_model", model=draft, max_context=1024), _loaded(draft, tokenizer))
+    server, channel = await _serve(drafter_pb2_grpc.add_DrafterServicer_to_server, servicer)
+    stub = drafter_pb2_grpc.DrafterStub(channel)
+    out = await stub.Propose(drafter_pb2.ProposeRequest(items=[
+        {"session_id": "a", "position": 0, "new_token_ids": [5, 6, 7], "max_draft_tokens": 4},
+        {"session_id": "b", "position": 0, "new_token_ids": [8], "max_draft_tokens": 2,
+         "sampling": {"temperature": 0.8, "top_k": 5}}]))
+    a, b = out.results
+    assert len(a.token_ids) == 4 and len(a.confidences) == 4 and not a.distributions
+    assert len(b.token_ids) == 2 and len(b.distributions) == 2 and len(b.distributions[0].token_ids) <= 5
+    stale = await stub.Propose(drafter_pb2.ProposeRequest(items=[{"session_id": "a", "position": 9, "max_draft_tokens": 1}]))
+    assert stale.results[0].status == common_pb2.SESSION_STATUS_NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Propose(drafter_pb2.ProposeRequest(items=[{"session_id": "a", "max_draft_tokens": -1}]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_draft_tokens" in err.value.details()
+    await server.stop(0)
+
+
+BAD_REQUESTS = [
+    ({}, "input"),
+    ({"prompt": "x", "prompt_token_ids": {"ids": [1]}}, "input"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "x", "sampling": {"max_new_tokens": -1}}, "sampling.max_new_tokens"),
+    ({"prompt": "x", "sampling": {"max_new_tokens": 100000}}, "sampling.max_new_tokens"),
+    ({"prompt": "x", "sampling": {"temperature": -1}}, "sampling.temperature"),
+    ({"prompt": "x", "sampling": {"top_p": 1.5}}, "sampling.top_p"),
+    ({"prompt": "x", "sampling": {"top_k": -2}}, "sampling.top_k"),
+    ({"prompt": "x", "slo": {"tpot_ms": -5}}, "slo.tpot_ms"),
+    ({"messages": {"messages": [{"role": "wizard", "content": "hi"}]}}, "messages[0].role"),
+    ({"prompt_token_ids": {"ids": list(range(2000))}}, "prompt"),
+    ({"prompt_token_ids": {"ids": [10**6]}}, "prompt_token_ids"),
+]
+
+
+@pytest.fixture
+async def gateway_stub(tiny_models):
+    target, draft, tokenizer = tiny_models
+    scheduler = local_scheduler(target, draft, tokenizer, [tokenizer.eos_token_id], 1024)
+    servicer = GatewayServicer()
+    servicer.attach(scheduler, tokenizer, len(tokenizer), Limits(1024), gateway_pb2.GatewayInfo(), Admission(scheduler))
+    scheduler.start()
+    server, channel = await _serve(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)
+    yield gateway_pb2_grpc.GatewayStub(channel)
+    await scheduler.stop()
+    await server.stop(0)
+
+
+@pytest.mark.parametrize("fields, field", BAD_REQUESTS)
+async def test_gateway_rejects_bad_input_naming_the_field(gateway_stub, fields, field):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in gateway_stub.Generate(gateway_pb2.GenerateRequest(**fields)):
+            pass
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field), err.value.details()
+
+
+async def test_gateway_streams_text_and_stats(gateway_stub):
+    messages = [m async for m in gateway_stub.Generate(gateway_pb2.GenerateRequest(
+        messages={"messages": [{"role": "user", "content": "hello"}]}, sampling={"max_new_tokens": 12}))]
+    last = messages[-1]
+    assert last.finish_reason in (gateway_pb2.FINISH_REASON_LENGTH, gateway_pb2.FINISH_REASON_EOS)
+    assert sum(len(m.token_ids) for m in messages) == last.stats.output_tokens
+    assert last.stats.prompt_tokens > 0 and last.stats.slo_attained
