@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import redis.asyncio
 from prometheus_client import start_http_server
 
 from gateway.admission import ADMISSION_MODES, Admission
@@ -19,7 +20,9 @@ from specserve import config as cfg
 from specserve import models
 from specserve.config import doc
 from specserve.errors import FailedPrecondition, InvalidArgument, SpecServeError
+from specserve.live import LiveConfig, LiveReader
 from specserve.server import Server, run_until_signalled
+from specserve.telemetry import TelemetryEmitter
 from specserve.strategy import MODES, Strategy
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -85,6 +88,8 @@ async def serve(config: GatewayConfig) -> None:
     port = server.bind(f"{config.host}:{config.port}")
     print(f"gateway listening on {config.host}:{port}", flush=True)
     metrics = GatewayMetrics()
+    redis_client = redis.asyncio.Redis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2) \
+        if config.redis_url else None
     if config.metrics_port:
         start_http_server(config.metrics_port, registry=metrics.registry)
     strategy = Strategy(mode=config.mode, static_k=config.static_k, max_draft_tokens=config.max_draft_tokens)
@@ -103,11 +108,33 @@ async def serve(config: GatewayConfig) -> None:
                 raise FailedPrecondition(
                     f"drafter model {dinfo.model_id} and verifier model {vinfo.model_id} use different tokenizers "
                     f"({dinfo.tokenizer_fingerprint} != {vinfo.tokenizer_fingerprint})")
+        telemetry = TelemetryEmitter(redis_client, "gateway", f"{config.host}:{port}") if redis_client else None
+
+        def on_step(record) -> None:
+            metrics.observe_step(record)
+            if telemetry:
+                telemetry.emit(record)
+
         scheduler = Scheduler(verifier, drafter, tokenizer, vinfo.eos_token_ids, scheduler_config, strategy,
-                              on_step=metrics.observe_step, on_finish=metrics.observe_finish)
+                              on_step=on_step, on_finish=metrics.observe_finish)
         admission = Admission(scheduler, config.admission, on_reject=lambda seq: metrics.rejected.inc())
         limits = Limits(vinfo.max_context, config.max_new_tokens, config.default_max_new_tokens,
                         default_ttft_ms=config.default_ttft_ms, default_tpot_ms=config.default_tpot_ms)
+
+        def on_change(live: LiveConfig) -> None:
+            scheduler.planner.set_strategy(live.strategy())
+            scheduler.config.max_batch_size = live.ops.get("max_batch_size", config.max_batch_size)
+            limits.default_ttft_ms = live.ops.get("default_ttft_ms", config.default_ttft_ms)
+            limits.default_tpot_ms = live.ops.get("default_tpot_ms", config.default_tpot_ms)
+            admission.mode = live.ops.get("admission", config.admission)
+            metrics.invalid_ops.set(live.invalid_ops)
+
+        if redis_client:
+            telemetry.start()
+            reader = LiveReader(redis_client, LiveConfig(strategy), on_change)
+            await reader.refresh_safely()
+            reader.start()
+            state["background"] = [telemetry, reader]
         info = gateway_pb2.GatewayInfo(
             target_model=vinfo.model_id, draft_model=dinfo.model_id if dinfo else "",
             tokenizer_fingerprint=fingerprint, max_context=vinfo.max_context, max_new_tokens=config.max_new_tokens,
@@ -119,6 +146,8 @@ async def serve(config: GatewayConfig) -> None:
     async def stop() -> None:
         if "scheduler" in state:
             await state["scheduler"].stop()
+        for task in state.get("background", []):
+            await task.stop()
 
     servicer = GatewayServicer()
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server.grpc)

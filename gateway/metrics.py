@@ -31,6 +31,7 @@ class GatewayMetrics:
         self.accepted = Counter("specserve_accepted_tokens", "Draft tokens accepted", registry=r)
         self.running = Gauge("specserve_running", "Running sessions", registry=r)
         self.queued = Gauge("specserve_queued", "Waiting requests", registry=r)
+        self.invalid_ops = Gauge("specserve_ops_invalid", "Ops key values rejected as invalid", registry=r)
 
     def observe_step(self, rec: StepRecord) -> None:
         self.step.observe(rec.step_ms)

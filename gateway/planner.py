@@ -138,7 +138,7 @@ class Planner:
         """
         s, cal, cost = self.strategy, self.strategy.calibration, self.strategy.cost
         n = len(sessions)
-        c_bar = cal(self.running_confidence)
+        c_bar = self.running_confidence  # observed per-token survival, from the policy
         k_cap = self.slo_cap_k(sessions)
         if k_cap == 0 or not self.gate(sessions, c_bar):
             return {v.key: DraftPlan() for v in sessions}

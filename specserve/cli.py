@@ -91,6 +91,27 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return _generate(args.address, args.prompt, args.max_new_tokens, args.temperature, sys.stdout, args.chat)
 
 
+def _cmd_ops(args: argparse.Namespace) -> int:
+    import redis
+
+    from specserve.errors import InvalidArgument
+    from specserve.live import OPS_KEYS, OPS_PREFIX, parse_op
+
+    client = redis.Redis.from_url(args.redis_url, decode_responses=True)
+    if args.ops_command == "set":
+        try:
+            parse_op(args.name, args.value)
+        except InvalidArgument as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        client.set(OPS_PREFIX + args.name, args.value)
+    names = [args.name] if args.ops_command in ("get", "set") else list(OPS_KEYS)
+    for name in names:
+        value = client.get(OPS_PREFIX + name)
+        print(f"{name} = {value if value is not None else '(unset)'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specserve", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -119,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--chat", action="store_true", help="send the prompt as one user chat turn")
     gen.set_defaults(func=_cmd_generate)
+
+    ops = sub.add_parser("ops", help="read and write the live ops keys (specserve:ops:*)")
+    ops.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ops_sub = ops.add_subparsers(dest="ops_command", required=True)
+    ops_sub.add_parser("list")
+    get = ops_sub.add_parser("get")
+    get.add_argument("name")
+    setp = ops_sub.add_parser("set")
+    setp.add_argument("name")
+    setp.add_argument("value")
+    ops.set_defaults(func=_cmd_ops)
     return parser
 
 

@@ -98,7 +98,7 @@ class Stack:
     gateway_port: int = 0
     metrics_port: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
-    policy: bool = False
+    policy: bool = True
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="specserve-")))
     services: dict[str, Service] = field(default_factory=dict)
 

@@ -1,0 +1,85 @@
+"""Run the policy service: python -m services.policy [--algorithm adaptive|specserve|smartspec|threshold|static:K|off]."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+import redis
+
+from services.policy.consumer import Consumer
+from services.policy.controller import PolicyState, parse_algorithm
+from specserve import config as cfg
+from specserve.config import doc
+from specserve.errors import InvalidArgument
+from specserve.strategy import STRATEGY_KEY, UPDATES_CHANNEL, Strategy
+
+log = logging.getLogger("specserve.policy")
+
+
+@dataclass
+class PolicyConfig:
+    """The policy service."""
+
+    redis_url: str = doc("redis://127.0.0.1:6379/0", "Redis holding the telemetry stream and the strategy")
+    algorithm: str = doc("adaptive", "adaptive, specserve, smartspec, threshold, static:K or off")
+    consumer: str = doc("", "consumer name in the group; empty uses host and pid")
+    publish_every_s: float = doc(1.0, "publish at least this often while traffic flows")
+    ttl_s: float = doc(10.0, "time-to-live of each published strategy")
+    reclaim_idle_ms: int = doc(30_000, "reclaim entries other consumers left pending this long")
+
+    def validate(self) -> None:
+        parse_algorithm(self.algorithm)
+        if not self.redis_url:
+            raise InvalidArgument("redis_url", "the policy needs Redis")
+
+
+def publish(client: redis.Redis, strategy: Strategy) -> None:
+    client.set(STRATEGY_KEY, strategy.to_json())
+    client.publish(UPDATES_CHANNEL, str(strategy.version))
+
+
+def run(config: PolicyConfig, stop=lambda: False) -> None:
+    client = redis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    state = PolicyState(config.algorithm, ttl_s=config.ttl_s)
+    name = config.consumer or f"{socket.gethostname()}-{os.getpid()}"
+    consumer, last_publish, last_reclaim = None, 0.0, 0.0
+    while not stop():
+        try:
+            if consumer is None:
+                consumer = Consumer(client, name, state.observe, min_idle_ms=config.reclaim_idle_ms)
+                publish(client, state.decide())
+                last_publish = time.monotonic()
+                log.info("policy %s consuming as %s", config.algorithm, name)
+            now = time.monotonic()
+            if now - last_reclaim > config.reclaim_idle_ms / 1000:
+                consumer.reclaim()
+                last_reclaim = now
+            applied = consumer.poll(block_ms=int(config.publish_every_s * 500))
+            # Publish once a second while traffic flows, and before the last one expires regardless.
+            if time.monotonic() - last_publish >= (config.publish_every_s if applied else config.ttl_s / 2):
+                publish(client, state.decide())
+                last_publish = time.monotonic()
+        except redis.RedisError as exc:
+            log.warning("redis unavailable (%s); retrying", exc)
+            consumer = None
+            time.sleep(1.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = cfg.load(PolicyConfig, sys.argv[1:] if argv is None else argv, prog="policy")
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
+    print(f"policy starting with algorithm {config.algorithm}", flush=True)
+    run(config, stop=lambda: bool(stopping))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Turns the estimates into a strategy for the chosen algorithm."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from services.policy.estimators import AcceptanceEstimator, CalibrationEstimator, CostEstimator, LoadEstimator
+from specserve.errors import InvalidArgument
+from specserve.strategy import Strategy
+
+
+def parse_algorithm(name: str) -> tuple[str, int]:
+    """`adaptive`, `specserve`, `smartspec`, `threshold`, `off` or `static:K` -> (mode, K)."""
+    if name.startswith("static:"):
+        try:
+            k = int(name.split(":", 1)[1])
+        except ValueError:
+            raise InvalidArgument("algorithm", f"static needs an integer k, got {name!r}") from None
+        if not 0 <= k <= 64:
+            raise InvalidArgument("algorithm", f"static k must be in [0, 64], got {k}")
+        return "static", k
+    if name not in ("adaptive", "specserve", "smartspec", "threshold", "off"):
+        raise InvalidArgument("algorithm", f"unknown algorithm {name!r}")
+    return name, 4
+
+
+@dataclass
+class PolicyState:
+    algorithm: str = "adaptive"
+    name: str = "specserve-policy"
+    ttl_s: float = 10.0
+    cost: CostEstimator = field(default_factory=CostEstimator)
+    calibration: CalibrationEstimator = field(default_factory=CalibrationEstimator)
+    acceptance: AcceptanceEstimator = field(default_factory=AcceptanceEstimator)
+    load: LoadEstimator = field(default_factory=LoadEstimator)
+    version: int = 0
+    applied: int = 0
+
+    def observe(self, record: dict) -> None:
+        """Apply one gateway step record (raises KeyError/TypeError/ValueError when malformed)."""
+        n, positions = int(record["batch_size"]), int(record["verified_positions"])
+        self.cost.observe(n, int(record["draft_steps"]), float(record["draft_ms"]), positions,
+                          int(record["context_tokens"]), float(record["verify_ms"]))
+        self.calibration.observe([float(c) for c in record["confidences"]], [int(o) for o in record["outcomes"]])
+        self.acceptance.observe(sum(int(d) for d in record["drafted"]), sum(int(a) for a in record["accepted"]))
+        self.load.observe(int(record["running"]), int(record["queue_depth"]))
+        self.applied += 1
+
+    def decide(self) -> Strategy:
+        mode, k = parse_algorithm(self.algorithm)
+        self.version += 1
+        acc = self.acceptance
+        per_token = acc.accepted / acc.drafted if acc.drafted else 0.6
+        return Strategy(
+            mode=mode, static_k=k, cost=self.cost.fit(), calibration=self.calibration.fit(),
+            acceptance_rate=min(acc.rate, 0.99), mean_confidence=min(max(per_token, 0.05), 0.99),
+            version=self.version, policy=f"{self.name}/{self.algorithm}", issued_at=time.time(), ttl_s=self.ttl_s,
+        ).validate()

@@ -1,0 +1,125 @@
+"""Estimators fitted from step records (pure numpy; no torch).
+
+- CostEstimator: T_draft = steps * (draft_fixed + draft_per_seq * n) and
+  T_verify = verify_fixed + verify_per_pos * N + verify_per_ctx * ctx, least squares over a window
+  of recent steps, coefficients kept non-negative.
+- CalibrationEstimator: observed survival of draft positions against their raw cumulative
+  confidence, in bins, made monotone; the map Ĉ = f(C).
+- AcceptanceEstimator: the global accepted / drafted ratio α and the mean per-token acceptance.
+- LoadEstimator: arrival rate, running and queued sessions.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from specserve.strategy import Calibration, CostModel
+
+
+def _nonneg_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with negative coefficients dropped and the rest refitted."""
+    active = np.ones(a.shape[1], dtype=bool)
+    for _ in range(a.shape[1]):
+        coef = np.zeros(a.shape[1])
+        coef[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+        if (coef >= 0).all():
+            return coef
+        active &= coef > 0
+    return np.clip(coef, 0, None)
+
+
+@dataclass
+class CostEstimator:
+    prior: CostModel = field(default_factory=CostModel)
+    window: int = 500
+    draft: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
+    verify: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
+
+    def observe(self, batch: int, draft_steps: int, draft_ms: float, positions: int, context: int, verify_ms: float) -> None:
+        if draft_steps > 0 and draft_ms > 0:
+            self.draft.append((draft_steps, draft_steps * batch, draft_ms))
+        if positions > 0 and verify_ms > 0:
+            self.verify.append((1.0, positions, context, verify_ms))
+
+    def fit(self) -> CostModel:
+        """The prior until there are enough distinct observations for each part."""
+        c = self.prior
+        d = np.array(self.draft, dtype=float).reshape(-1, 3)
+        if len(d) >= 8 and len(np.unique(d[:, 1] / d[:, 0])) >= 2:
+            df, dps = _nonneg_lstsq(d[:, :2], d[:, 2])
+            c = CostModel(df, dps, c.verify_fixed, c.verify_per_pos, c.verify_per_ctx, c.shape_buckets)
+        elif len(d) >= 3:  # one batch size seen: per-step time only
+            c = CostModel(float(np.mean(d[:, 2] / d[:, 0])), 0.0, c.verify_fixed, c.verify_per_pos,
+                          c.verify_per_ctx, c.shape_buckets)
+        v = np.array(self.verify, dtype=float).reshape(-1, 4)
+        if len(v) >= 8:
+            cols = [0] + [i for i in (1, 2) if len(np.unique(v[:, i])) >= 2]
+            coef = dict(zip(cols, _nonneg_lstsq(v[:, cols], v[:, 3])))
+            c = CostModel(c.draft_fixed, c.draft_per_seq, coef[0], coef.get(1, 0.0), coef.get(2, 0.0), c.shape_buckets)
+        return c
+
+
+@dataclass
+class CalibrationEstimator:
+    """Bins raw cumulative confidence; survival per bin = (survived + 1) / (seen + 2), made
+    non-decreasing by pooling adjacent violators."""
+
+    bins: int = 10
+    seen: np.ndarray = field(default_factory=lambda: np.zeros(10))
+    survived: np.ndarray = field(default_factory=lambda: np.zeros(10))
+    min_samples: int = 50
+
+    def observe(self, confidences: list[float], outcomes: list[int]) -> None:
+        for c, o in zip(confidences, outcomes):
+            b = min(int(c * self.bins), self.bins - 1)
+            self.seen[b] += 1
+            self.survived[b] += o
+
+    def fit(self) -> Calibration:
+        if self.seen.sum() < self.min_samples:
+            return Calibration()
+        rate = (self.survived + 1) / (self.seen + 2)
+        weight = self.seen + 2
+        blocks = [[r, w, 1] for r, w in zip(rate, weight)]  # pool-adjacent-violators
+        i = 0
+        while i < len(blocks) - 1:
+            if blocks[i][0] > blocks[i + 1][0]:
+                r0, w0, n0 = blocks[i]
+                r1, w1, n1 = blocks.pop(i + 1)
+                blocks[i] = [(r0 * w0 + r1 * w1) / (w0 + w1), w0 + w1, n0 + n1]
+                i = max(i - 1, 0)
+            else:
+                i += 1
+        survival = [r for r, _, n in blocks for _ in range(n)]
+        centers = [(b + 0.5) / self.bins for b in range(self.bins)]
+        return Calibration((0.0, *centers, 1.0), (0.0, *survival, max(survival[-1], 1.0 - 1e-6)))
+
+
+@dataclass
+class AcceptanceEstimator:
+    drafted: float = 0.0
+    accepted: float = 0.0
+    prior: float = 0.7
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+
+    @property
+    def rate(self) -> float:
+        """α = accepted / drafted, shrunk toward the prior while there is little data."""
+        return (self.accepted + 10 * self.prior) / (self.drafted + 10)
+
+
+@dataclass
+class LoadEstimator:
+    running: int = 0
+    queued: int = 0
+    steps: int = 0
+
+    def observe(self, running: int, queued: int) -> None:
+        self.running, self.queued = running, queued
+        self.steps += 1

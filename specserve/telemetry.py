@@ -1,0 +1,82 @@
+"""Step telemetry on the Redis stream `specserve:telemetry`.
+
+One record per step, raw counters and timings (never rates). Emission never blocks the step loop:
+records go into a bounded buffer that a background task drains with XADD (approximate MAXLEN); when
+Redis is down they are dropped and counted, and emission resumes by itself when Redis returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STREAM = "specserve:telemetry"
+
+
+def encode(record: Any, **extra: Any) -> dict[str, str]:
+    """A dataclass or dict as flat stream fields; lists and dicts become JSON."""
+    doc = asdict(record) if is_dataclass(record) else dict(record)
+    doc.update(extra)
+    return {k: json.dumps(v) if isinstance(v, (list, dict, tuple)) else str(v) for k, v in doc.items()}
+
+
+def decode(fields: dict[bytes | str, bytes | str]) -> dict[str, Any]:
+    """Stream fields back to values: JSON where it parses, else numbers, else strings."""
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        key = k.decode() if isinstance(k, bytes) else k
+        text = v.decode() if isinstance(v, bytes) else v
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text
+    return out
+
+
+class TelemetryEmitter:
+    """Buffers records and appends them to the stream from a background task."""
+
+    def __init__(self, redis, component: str, instance: str, maxlen: int = 100_000, buffer: int = 10_000):
+        self.redis, self.component, self.instance, self.maxlen = redis, component, instance, maxlen
+        self.buffer: collections.deque[dict[str, str]] = collections.deque(maxlen=buffer)
+        self.sent = 0
+        self.dropped = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def emit(self, record: Any) -> None:
+        if len(self.buffer) == self.buffer.maxlen:
+            self.dropped += 1
+        self.buffer.append(encode(record, component=self.component, instance=self.instance))
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._drain_forever())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _drain_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.buffer:
+                batch = [self.buffer.popleft() for _ in range(min(len(self.buffer), 100))]
+                try:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for fields in batch:
+                            pipe.xadd(STREAM, fields, maxlen=self.maxlen, approximate=True)
+                        await pipe.execute()
+                    self.sent += len(batch)
+                except Exception as exc:  # Redis down or refusing: drop, count, carry on
+                    self.dropped += len(batch)
+                    log.debug("telemetry dropped %d records: %s", len(batch), exc)
+                    await asyncio.sleep(0.5)

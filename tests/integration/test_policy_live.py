@@ -1,0 +1,81 @@
+"""Policy, telemetry and ops keys with real processes and a real Redis."""
+
+import json
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import redis
+
+from specserve.launcher import Service, Stack
+from specserve.strategy import STRATEGY_KEY, Strategy
+from specserve.telemetry import STREAM
+from specserve.v1 import gateway_pb2, gateway_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def live_stack(tiny_dir, redis_url):
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    target, draft = tiny_dir
+    s = Stack(str(target), str(draft), redis_url, extra_env={"SPECSERVE_THREADS": "1"}).start(timeout_s=120)
+    yield s, client
+    s.stop()
+    client.flushdb()
+
+
+def _generate(address: str, ids: list[int], n: int = 20) -> list[int]:
+    with grpc.insecure_channel(address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        out = []
+        for m in stub.Generate(gateway_pb2.GenerateRequest(prompt_token_ids={"ids": ids}, sampling={"max_new_tokens": n})):
+            out += m.token_ids
+        return out
+
+
+def _wait(predicate, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _last_mode(client) -> str:
+    entries = client.xrevrange(STREAM, count=1)
+    return entries[0][1][b"mode"].decode() if entries else ""
+
+
+def test_telemetry_flows_and_the_policy_publishes(live_stack):
+    stack, client = live_stack
+    reference = _generate(stack.gateway_address, [5, 6, 7, 8])
+    assert _wait(lambda: client.xlen(STREAM) > 0)
+    assert _wait(lambda: client.get(STRATEGY_KEY) is not None)
+    strategy = Strategy.from_json(client.get(STRATEGY_KEY))
+    assert strategy.mode == "adaptive" and strategy.policy.startswith("specserve-policy")
+    # Ops keys: a valid value takes effect within a second; garbage is ignored.
+    subprocess.run([sys.executable, "-m", "specserve.cli", "ops", "--redis-url", stack.redis_url,
+                    "set", "mode", "static"], check=True)
+    client.set("specserve:ops:static_k", "banana")
+    time.sleep(1.5)
+    assert _generate(stack.gateway_address, [5, 6, 7, 8]) == reference
+    assert _last_mode(client) == "static"
+    client.delete("specserve:ops:mode", "specserve:ops:static_k")
+
+
+def test_hot_swap_policy_under_traffic(live_stack):
+    stack, client = live_stack
+    reference = _generate(stack.gateway_address, [9, 10, 11])
+    stack.services["policy"].stop()
+    assert _generate(stack.gateway_address, [9, 10, 11]) == reference  # strategy kept while the policy is away
+    swapped = Service("policy", [sys.executable, "-m", "services.policy"],
+                      {"SPECSERVE_REDIS_URL": stack.redis_url, "SPECSERVE_ALGORITHM": "smartspec"})
+    swapped.start(stack.log_dir)
+    stack.services["policy"] = swapped
+    assert _wait(lambda: json.loads(client.get(STRATEGY_KEY))["mode"] == "smartspec")
+    time.sleep(1.2)
+    assert _generate(stack.gateway_address, [9, 10, 11]) == reference
+    assert _last_mode(client) == "smartspec"

@@ -1,0 +1,121 @@
+"""The policy brain: estimators, the consumer group on a real Redis, publishing, ops keys."""
+
+import random
+import subprocess
+import sys
+
+import pytest
+
+from services.policy.consumer import Consumer
+from services.policy.controller import PolicyState, parse_algorithm
+from services.policy.estimators import CalibrationEstimator, CostEstimator
+from services.policy.__main__ import publish
+from specserve.errors import InvalidArgument
+from specserve.live import LiveConfig, parse_op
+from specserve.strategy import STRATEGY_KEY, Strategy
+from specserve.telemetry import STREAM, encode
+
+
+def test_cost_estimator_recovers_known_coefficients():
+    rng = random.Random(0)
+    est = CostEstimator()
+    for _ in range(300):
+        n, k, ctx = rng.randrange(1, 9), rng.randrange(1, 6), rng.randrange(50, 2000)
+        positions = n * (k + 1)
+        est.observe(n, k, k * (70 + 12 * n) * rng.uniform(0.98, 1.02), positions, ctx,
+                    (150 + 4 * positions + 0.02 * ctx) * rng.uniform(0.98, 1.02))
+    c = est.fit()
+    assert c.draft_fixed == pytest.approx(70, rel=0.1) and c.draft_per_seq == pytest.approx(12, rel=0.1)
+    assert c.verify_fixed == pytest.approx(150, rel=0.1) and c.verify_per_pos == pytest.approx(4, rel=0.15)
+    assert c.verify_per_ctx == pytest.approx(0.02, rel=0.25)
+
+
+def test_calibration_converges_to_observed_survival():
+    """Drafts survive with probability c**2 (over-confident drafter): the fitted map learns it."""
+    rng = random.Random(1)
+    est = CalibrationEstimator()
+    for _ in range(20000):
+        c = rng.random()
+        est.observe([c], [int(rng.random() < c * c)])
+    cal = est.fit()
+    for c in (0.25, 0.55, 0.85):
+        assert cal(c) == pytest.approx(c * c, abs=0.05)
+    assert list(cal.survival) == sorted(cal.survival)
+
+
+def _record(i: int) -> dict:
+    return encode({"batch_size": 2, "verified_positions": 6, "draft_steps": 2, "draft_ms": 20.0 + i % 3,
+                   "context_tokens": 100, "verify_ms": 50.0, "confidences": [0.9, 0.5], "outcomes": [1, 0],
+                   "drafted": [2, 2], "accepted": [1, 1], "running": 2, "queue_depth": 0})
+
+
+def test_consumer_dies_mid_batch_and_every_entry_is_applied_exactly_once(redis_client):
+    ids = [redis_client.xadd(STREAM, _record(i)) for i in range(30)]
+    redis_client.xadd(STREAM, {"garbage": "1"})  # malformed: skipped, not fatal
+    applied: list[str] = []
+    dead = Consumer(redis_client, "a", lambda r: None, min_idle_ms=0)
+    # "a" reads a batch, applies 10 of them, then dies before touching the rest.
+    reply = redis_client.xreadgroup(dead.group, "a", {STREAM: ">"}, count=20)
+    entries = reply[0][1]
+    for entry_id, fields in entries[:10]:
+        applied.append(entry_id)
+        redis_client.xack(STREAM, dead.group, entry_id)
+    state = PolicyState()
+    survivor = Consumer(redis_client, "b", state.observe, min_idle_ms=0)
+    original_handle = survivor._handle
+
+    def tracking(entries):
+        applied.extend(e for e, f in entries if f is not None and b"garbage" not in f)
+        return original_handle(entries)
+
+    survivor._handle = tracking
+    survivor.reclaim()
+    while survivor.poll(block_ms=10):
+        pass
+    assert sorted(applied) == sorted(ids) and len(applied) == len(set(applied))
+    assert survivor.malformed == 1 and state.applied == 20
+    assert redis_client.xpending(STREAM, survivor.group)["pending"] == 0
+
+
+def test_policy_publishes_a_valid_strategy_from_records(redis_client):
+    state = PolicyState("specserve")
+    from specserve.telemetry import decode
+
+    for i in range(20):
+        state.observe(decode(_record(i)))
+    publish(redis_client, state.decide())
+    strategy = Strategy.from_json(redis_client.get(STRATEGY_KEY))
+    assert strategy.mode == "specserve" and strategy.version == 1 and 0.4 < strategy.acceptance_rate < 0.6
+    assert state.decide().version == 2
+
+
+@pytest.mark.parametrize("name, raw", [("mode", "fast"), ("static_k", "-1"), ("static_k", "x"),
+                                       ("max_batch_size", "0"), ("default_tpot_ms", "nan?"), ("nope", "1")])
+def test_ops_values_are_validated(name, raw):
+    with pytest.raises(InvalidArgument) as err:
+        parse_op(name, raw)
+    assert err.value.field == name
+
+
+def test_ops_override_the_published_strategy_and_expiry_falls_back():
+    import time
+
+    live = LiveConfig(Strategy(mode="adaptive"))
+    live.published = Strategy(mode="smartspec", issued_at=time.time(), ttl_s=60)
+    assert live.strategy().mode == "smartspec"
+    live.ops = {"mode": "static", "static_k": 2}
+    assert (live.strategy().mode, live.strategy().static_k) == ("static", 2)
+    live.ops = {}
+    live.published = Strategy(mode="smartspec", issued_at=time.time() - 120, ttl_s=60)
+    assert live.strategy().mode == "adaptive"
+
+
+def test_algorithm_names():
+    assert parse_algorithm("static:3") == ("static", 3)
+    with pytest.raises(InvalidArgument):
+        parse_algorithm("static:x")
+
+
+def test_policy_service_starts_without_torch():
+    code = "import sys, services.policy.__main__; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
