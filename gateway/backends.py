@@ -32,8 +32,8 @@ class VerifierBackend(Protocol):
     async def release(self, session_ids: list[str], timeout: float | None = None) -> int: ...
 
 
-class LocalVerifier:
-    """A TargetWorker in this process, on its own compute thread."""
+class _Local:
+    """A worker in this process, on its own compute thread."""
 
     def __init__(self, worker, info: WorkerInfo):
         self.worker, self._info, self.compute = worker, info, ComputeThread()
@@ -41,30 +41,21 @@ class LocalVerifier:
     async def info(self, timeout=None) -> WorkerInfo:
         return self._info
 
+    async def release(self, session_ids, timeout=None) -> int:
+        return await self.compute.run(self.worker.release, session_ids)
+
+
+class LocalVerifier(_Local):
     async def prefill(self, items, timeout=None) -> PrefillOutput:
         return await self.compute.run(self.worker.prefill, items)
 
     async def verify(self, items, timeout=None) -> VerifyOutput:
         return await self.compute.run(self.worker.verify, items)
 
-    async def release(self, session_ids, timeout=None) -> int:
-        return await self.compute.run(self.worker.release, session_ids)
 
-
-class LocalDrafter:
-    """A proposer in this process, on its own compute thread."""
-
-    def __init__(self, proposer, info: WorkerInfo):
-        self.proposer, self._info, self.compute = proposer, info, ComputeThread()
-
-    async def info(self, timeout=None) -> WorkerInfo:
-        return self._info
-
+class LocalDrafter(_Local):
     async def propose(self, items, timeout=None) -> ProposeOutput:
-        return await self.compute.run(self.proposer.propose, items)
-
-    async def release(self, session_ids, timeout=None) -> int:
-        return await self.compute.run(self.proposer.release, session_ids)
+        return await self.compute.run(self.worker.propose, items)
 
 
 def _translate(exc: grpc.aio.AioRpcError, service: str) -> Exception:

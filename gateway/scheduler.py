@@ -16,6 +16,7 @@ from gateway.backends import DrafterBackend, VerifierBackend
 from gateway.planner import Drafted, Planner, SessionView
 from gateway.sequence import Delta, Finish, Sequence, Status
 from gateway.stopping import TextStream
+from specserve.background import Background
 from specserve.contracts import PrefillItem, ProposeItem, SessionStatus, Sparse, VerifyItem
 from specserve.errors import DeadlineExceeded, ResourceExhausted, SpecServeError, Unavailable
 from specserve.strategy import Strategy
@@ -58,7 +59,7 @@ class StepRecord:
     mode: str
 
 
-class Scheduler:
+class Scheduler(Background):
     def __init__(self, verifier: VerifierBackend, drafter: DrafterBackend | None, tokenizer, eos_ids: list[int],
                  config: SchedulerConfig, strategy: Strategy | None = None, on_step=None, on_finish=None):
         self.verifier, self.drafter, self.tokenizer = verifier, drafter, tokenizer
@@ -75,7 +76,6 @@ class Scheduler:
         self.on_step = on_step or (lambda record: None)
         self.on_finish = on_finish or (lambda seq: None)
         self._to_release: list[str] = []
-        self._task: asyncio.Task | None = None
 
     # --- admission ---------------------------------------------------------------------------
     @property
@@ -99,18 +99,13 @@ class Scheduler:
         self.wake.set()
 
     # --- the loop ----------------------------------------------------------------------------
-    def start(self) -> None:
-        self._task = asyncio.create_task(self.run_forever())
-
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await super().stop()
         for seq in [*self.waiting, *self.running.values()]:
             self._finish(seq, Finish.ERROR, Unavailable("gateway is shutting down"))
         await self._release()
 
-    async def run_forever(self) -> None:
+    async def _run(self) -> None:
         while True:
             if not self.waiting and not self.running and not self.resync:
                 self.wake.clear()

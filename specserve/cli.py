@@ -112,6 +112,16 @@ def _cmd_ops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_engine(args: argparse.Namespace) -> int:
+    from bench import engine
+
+    paths = models.prepare(Path(args.cache_dir))
+    prompts, tokens = (3, 32) if args.quick else (args.prompts, args.max_new_tokens)
+    report = engine.main(str(paths["target"]), str(paths["draft"]), prompts, tokens, Path(args.out))
+    print(engine.markdown(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specserve", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -151,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     setp.add_argument("name")
     setp.add_argument("value")
     ops.set_defaults(func=_cmd_ops)
+
+    bench = sub.add_parser("bench", help="benchmarks on the real model pair")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    eng = bench_sub.add_parser("engine", help="batch-1 engine benchmark against target-only and HF assisted")
+    eng.add_argument("--quick", action="store_true", help="3 prompts, 32 new tokens")
+    eng.add_argument("--prompts", type=int, default=20)
+    eng.add_argument("--max-new-tokens", type=int, default=64)
+    eng.add_argument("--cache-dir", default=str(models.default_cache_dir()))
+    eng.add_argument("--out", default="bench/results")
+    eng.set_defaults(func=_cmd_bench_engine)
     return parser
 
 

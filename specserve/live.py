@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from specserve.background import Background
 from specserve.errors import InvalidArgument
 from specserve.strategy import MODES, STRATEGY_KEY, UPDATES_CHANNEL, Strategy
 
@@ -84,21 +85,12 @@ class LiveConfig:
         return base.with_overrides(**overrides) if overrides else base
 
 
-class LiveReader:
+class LiveReader(Background):
     """Follows the strategy key, its notices and the ops keys; `on_change` gets the LiveConfig."""
 
     def __init__(self, redis, live: LiveConfig, on_change: Callable[[LiveConfig], None], poll_s: float = 1.0):
         self.redis, self.live, self.on_change, self.poll_s = redis, live, on_change, poll_s
         self._bad_seen: set[tuple[str, str]] = set()
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     async def refresh(self) -> None:
         raw = await self.redis.get(STRATEGY_KEY)

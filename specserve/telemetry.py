@@ -14,6 +14,8 @@ import logging
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
+from specserve.background import Background
+
 log = logging.getLogger(__name__)
 
 STREAM = "specserve:telemetry"
@@ -39,7 +41,7 @@ def decode(fields: dict[bytes | str, bytes | str]) -> dict[str, Any]:
     return out
 
 
-class TelemetryEmitter:
+class TelemetryEmitter(Background):
     """Buffers records and appends them to the stream from a background task."""
 
     def __init__(self, redis, component: str, instance: str, maxlen: int = 100_000, buffer: int = 10_000):
@@ -48,7 +50,6 @@ class TelemetryEmitter:
         self.sent = 0
         self.dropped = 0
         self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
 
     def emit(self, record: Any) -> None:
         if len(self.buffer) == self.buffer.maxlen:
@@ -56,15 +57,7 @@ class TelemetryEmitter:
         self.buffer.append(encode(record, component=self.component, instance=self.instance))
         self._wake.set()
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._drain_forever())
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _drain_forever(self) -> None:
+    async def _run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
