@@ -8,6 +8,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+from pathlib import Path
+
+import grpc
 import redis.asyncio
 from prometheus_client import start_http_server
 
@@ -21,7 +24,7 @@ from specserve import models
 from specserve.config import doc
 from specserve.errors import FailedPrecondition, InvalidArgument, SpecServeError
 from specserve.live import LiveConfig, LiveReader
-from specserve.server import Server, run_until_signalled
+from specserve.server import ApiKeyInterceptor, Server, run_until_signalled
 from specserve.telemetry import TelemetryEmitter
 from specserve.strategy import MODES, Strategy
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
@@ -55,6 +58,12 @@ class GatewayConfig:
     call_timeout_s: float = doc(120.0, "cap on every downstream call")
     startup_timeout_s: float = doc(600.0, "how long to wait for the verifier at start")
     grace_s: float = doc(10.0, "drain time on SIGTERM")
+    api_keys: str = doc("", "comma-separated API keys; when set, Generate and Info require one")
+    tls_cert: str = doc("", "PEM certificate chain; with tls_key, serve TLS only")
+    tls_key: str = doc("", "PEM private key for tls_cert")
+    max_prompt_tokens: int = doc(0, "longest prompt accepted; 0 is the context window")
+    max_streams_per_client: int = doc(64, "concurrent Generate streams per API key (or peer address)")
+    max_request_bytes: int = doc(4 << 20, "largest request message accepted")
 
     def validate(self) -> None:
         if not self.tokenizer:
@@ -65,6 +74,8 @@ class GatewayConfig:
             raise InvalidArgument("admission", f"must be one of {', '.join(ADMISSION_MODES)}")
         if self.max_batch_size < 1:
             raise InvalidArgument("max_batch_size", "must be >= 1")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InvalidArgument("tls_cert", "tls_cert and tls_key go together")
 
 
 async def wait_for(backend, name: str, timeout_s: float):
@@ -84,8 +95,14 @@ async def serve(config: GatewayConfig) -> None:
     fingerprint = models.tokenizer_fingerprint(tokenizer)
     verifier = connect_verifier(config.verifier)
     drafter = connect_drafter(config.drafter) if config.drafter else None
-    server = Server([NAME])
-    port = server.bind(f"{config.host}:{config.port}")
+    keys = {k.strip() for k in config.api_keys.split(",") if k.strip()}
+    server = Server([NAME], options=[("grpc.max_receive_message_length", config.max_request_bytes)],
+                    interceptors=[ApiKeyInterceptor(keys, f"/{NAME}/")] if keys else None)
+    credentials = None
+    if config.tls_cert:
+        credentials = grpc.ssl_server_credentials(
+            [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+    port = server.bind(f"{config.host}:{config.port}", credentials)
     print(f"gateway listening on {config.host}:{port}", flush=True)
     metrics = GatewayMetrics()
     redis_client = redis.asyncio.Redis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2) \
@@ -119,7 +136,8 @@ async def serve(config: GatewayConfig) -> None:
                               on_step=on_step, on_finish=metrics.observe_finish)
         admission = Admission(scheduler, config.admission, on_reject=lambda seq: metrics.rejected.inc())
         limits = Limits(vinfo.max_context, config.max_new_tokens, config.default_max_new_tokens,
-                        default_ttft_ms=config.default_ttft_ms, default_tpot_ms=config.default_tpot_ms)
+                        config.max_prompt_tokens, default_ttft_ms=config.default_ttft_ms,
+                        default_tpot_ms=config.default_tpot_ms, max_streams_per_client=config.max_streams_per_client)
 
         def on_change(live: LiveConfig) -> None:
             scheduler.planner.set_strategy(live.strategy())

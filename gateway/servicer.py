@@ -10,7 +10,7 @@ from gateway.admission import Admission, attainment
 from gateway.scheduler import Scheduler
 from gateway.sequence import Finish, Sequence, Slo
 from specserve import __version__, codec
-from specserve.errors import InvalidArgument, Unavailable
+from specserve.errors import InvalidArgument, ResourceExhausted, Unavailable
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -32,6 +32,7 @@ class Limits:
     max_stop_strings: int = 16
     default_ttft_ms: float = 0.0
     default_tpot_ms: float = 0.0
+    max_streams_per_client: int = 64
 
 
 def prompt_tokens(request: gateway_pb2.GenerateRequest, tokenizer, vocab: int) -> list[int]:
@@ -102,10 +103,20 @@ def stats_to_pb(seq: Sequence) -> gateway_pb2.GenerateStats:
         best_effort=seq.unattainable, total_ms=((seq.last_token_at or seq.arrival) - seq.arrival) * 1000)
 
 
+def _client_id(context) -> str:
+    """The API key when one was sent, else the peer's address without its port."""
+    metadata = dict(context.invocation_metadata() or ())
+    key = metadata.get("x-api-key") or metadata.get("authorization", "")
+    return key or context.peer().rsplit(":", 1)[0]
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """Registered before the server starts; answers UNAVAILABLE until `attach` (models ready)."""
 
     scheduler: Scheduler | None = None
+
+    def __init__(self):
+        self.streams: dict[str, int] = {}  # open Generate streams per client
 
     def attach(self, scheduler: Scheduler, tokenizer, vocab: int, limits: Limits, info: gateway_pb2.GatewayInfo,
                admission: Admission) -> None:
@@ -120,9 +131,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def Generate(self, request, context):
         self._ready()
+        client = _client_id(context)
+        if self.streams.get(client, 0) >= self.limits.max_streams_per_client:
+            raise ResourceExhausted(f"at most {self.limits.max_streams_per_client} concurrent streams per client",
+                                    retry_after_ms=500)
         seq = to_sequence(request, self.tokenizer, self.vocab, self.limits)
         self.admission.admit(seq)
         self.scheduler.submit(seq)
+        self.streams[client] = self.streams.get(client, 0) + 1
         try:
             while True:
                 delta = await seq.out.get()
@@ -141,6 +157,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except asyncio.CancelledError:
             self.scheduler.cancel(seq)
             raise
+        finally:
+            self.streams[client] -= 1
+            if not self.streams[client]:
+                del self.streams[client]
 
     async def Info(self, request, context):
         self._ready()

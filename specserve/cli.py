@@ -122,6 +122,14 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_health(args: argparse.Namespace) -> int:
+    from specserve.server import check_health
+
+    healthy = check_health(args.address)
+    print("SERVING" if healthy else "NOT_SERVING")
+    return 0 if healthy else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specserve", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -161,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     setp.add_argument("name")
     setp.add_argument("value")
     ops.set_defaults(func=_cmd_ops)
+
+    health = sub.add_parser("health", help="exit 0 when a service reports SERVING (for container health checks)")
+    health.add_argument("address")
+    health.set_defaults(func=_cmd_health)
 
     bench = sub.add_parser("bench", help="benchmarks on the real model pair")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

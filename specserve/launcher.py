@@ -18,8 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from specserve.server import check_health
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +32,12 @@ def free_port() -> int:
 def wait_healthy(address: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
     """Poll the standard gRPC health service until it says SERVING."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"process for {address} exited with code {proc.returncode}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{address} not healthy after {timeout_s:.0f}s")
-            time.sleep(0.3)
+    while not check_health(address, timeout_s=2):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {address} exited with code {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{address} not healthy after {timeout_s:.0f}s")
+        time.sleep(0.3)
 
 
 def redis_reachable(url: str) -> bool:

@@ -87,6 +87,44 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <key>` (or `x-api-key: <key>`) on the methods under
+    `prefix`; health and reflection stay open for probes."""
+
+    def __init__(self, keys: set[str], prefix: str):
+        self.keys, self.prefix = keys, prefix
+
+    async def intercept_service(self, continuation, details):
+        if not details.method.startswith(self.prefix):
+            return await continuation(details)
+        metadata = dict(details.invocation_metadata or ())
+        given = metadata.get("x-api-key") or metadata.get("authorization", "").removeprefix("Bearer ").strip()
+        if given in self.keys:
+            return await continuation(details)
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (authorization: Bearer KEY)")
+
+        handler = await continuation(details)
+        if handler is not None and handler.unary_stream:
+            async def deny_stream(request, context):
+                await deny(request, context)
+                yield  # pragma: no cover - abort raises first
+            return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer if handler else None,
+                                                   handler.response_serializer if handler else None)
+
+
+def check_health(address: str, timeout_s: float = 3.0) -> bool:
+    """Whether the server at `address` reports SERVING on the standard health service."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
 class Server:
     """Owns the grpc.aio server and its health state."""
 
