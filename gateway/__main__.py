@@ -55,6 +55,7 @@ class GatewayConfig:
     default_ttft_ms: float = doc(0.0, "TTFT SLO of requests that set none; 0 is none")
     default_tpot_ms: float = doc(0.0, "TPOT SLO of requests that set none; 0 is none")
     admission: str = doc("reject", "reject, best_effort or off")
+    admission_margin: float = doc(1.25, "admit only if predicted TTFT times this fits the TTFT SLO")
     call_timeout_s: float = doc(120.0, "cap on every downstream call")
     startup_timeout_s: float = doc(600.0, "how long to wait for the verifier at start")
     grace_s: float = doc(10.0, "drain time on SIGTERM")
@@ -134,7 +135,8 @@ async def serve(config: GatewayConfig) -> None:
 
         scheduler = Scheduler(verifier, drafter, tokenizer, vinfo.eos_token_ids, scheduler_config, strategy,
                               on_step=on_step, on_finish=metrics.observe_finish)
-        admission = Admission(scheduler, config.admission, on_reject=lambda seq: metrics.rejected.inc())
+        admission = Admission(scheduler, config.admission, on_reject=lambda seq: metrics.rejected.inc(),
+                              margin=config.admission_margin, on_admit=lambda seq: metrics.admitted.inc())
         limits = Limits(vinfo.max_context, config.max_new_tokens, config.default_max_new_tokens,
                         config.max_prompt_tokens, default_ttft_ms=config.default_ttft_ms,
                         default_tpot_ms=config.default_tpot_ms, max_streams_per_client=config.max_streams_per_client)

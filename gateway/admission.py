@@ -8,7 +8,7 @@ effort, queued and marked unattainable.
 
 from __future__ import annotations
 
-import math
+import heapq
 from dataclasses import dataclass
 
 from gateway.planner import SessionView
@@ -41,40 +41,52 @@ def attainment(seq: Sequence) -> Attainment:
 
 
 class Admission:
-    def __init__(self, scheduler: Scheduler, mode: str = "reject", on_reject=None):
+    def __init__(self, scheduler: Scheduler, mode: str = "reject", on_reject=None, margin: float = 1.25,
+                 on_admit=None):
         self.scheduler = scheduler
+        self.on_admit = on_admit or (lambda seq: None)
         self.mode = mode
+        self.margin = margin  # predicted TTFT times this must fit the SLO: step times vary
         self.on_reject = on_reject or (lambda seq: None)
 
     def predict_ttft_ms(self, seq: Sequence) -> float:
-        """Prefill of everything queued ahead plus this prompt, in rounds of at most
-        max_prefill_tokens, each round also running one decode step of the running batch; plus,
-        when the batch is full, the decode steps until enough running requests finish."""
+        """Simulate the batch slots: each running request frees its slot after its remaining
+        tokens, each request queued ahead (deadline order) takes the first free slot for its
+        prefill and all its tokens, then this request takes the next one. Steps are priced as
+        plain decoding of a full batch and prefills one by one, so the estimate errs long."""
         sch = self.scheduler
         cost = sch.planner.strategy.cost
         key = seq.sort_key()
-        ahead = [s for s in sch.waiting if s.sort_key() <= key]
-        tokens = sum(len(s.prompt) for s in ahead) + len(seq.prompt)
-        rounds = max(1, math.ceil(tokens / sch.config.max_prefill_tokens))
-        views = [SessionView(s.id, s.position) for s in sch.running.values()]
-        decode_ms = sch.planner.step_ms(views, [0] * len(views)) if views else 0.0
-        prefill_ms = cost.verify_fixed * rounds + cost.verify_per_pos * tokens
-        wait_ms = 0.0
-        free = sch.config.max_batch_size - len(sch.running)
-        if len(ahead) >= free and sch.running:
-            remaining = sorted(s.params.max_new_tokens - len(s.generated) for s in sch.running.values())
-            needed = min(len(ahead) - free + 1, len(remaining))
-            wait_ms = remaining[needed - 1] * decode_ms
-        return prefill_ms + rounds * decode_ms + wait_ms
+        ahead = sorted((s for s in sch.waiting if s is not seq and s.sort_key() <= key), key=Sequence.sort_key)
+        batch = max(1, min(sch.config.max_batch_size, len(sch.running) + len(ahead) + 1))
+        contexts = [s.position for s in sch.running.values()] + [len(s.prompt) for s in ahead] + [len(seq.prompt)]
+        mean_ctx = sum(contexts) // len(contexts)
+        step_ms = sch.planner.step_ms([SessionView("", mean_ctx)] * batch, [0] * batch)
+
+        def prefill_ms(s: Sequence) -> float:
+            return cost.t_verify(len(s.prompt), len(s.prompt)) * sch.planner.time_scale
+
+        slots = [max(0, s.params.max_new_tokens - len(s.generated)) * step_ms for s in sch.running.values()]
+        slots += [0.0] * max(0, sch.config.max_batch_size - len(slots))
+        heapq.heapify(slots)
+        for s in ahead:
+            free_at = heapq.heappop(slots)
+            heapq.heappush(slots, free_at + prefill_ms(s) + s.params.max_new_tokens * step_ms)
+        return slots[0] + prefill_ms(seq) + (step_ms if sch.running else 0.0)
+
+    def can_admit(self, seq: Sequence) -> bool:
+        """Whether the request's TTFT SLO is predicted to hold (always, without one)."""
+        return self.mode == "off" or not seq.slo.ttft_ms or self.predict_ttft_ms(seq) * self.margin <= seq.slo.ttft_ms
 
     def admit(self, seq: Sequence) -> None:
-        if self.mode == "off" or not seq.slo.ttft_ms:
+        """Admit (possibly marked unattainable) or raise ResourceExhausted with a retry hint."""
+        if self.can_admit(seq):
+            self.on_admit(seq)
             return
-        predicted = self.predict_ttft_ms(seq)
-        if predicted <= seq.slo.ttft_ms:
-            return
+        predicted = self.predict_ttft_ms(seq) * self.margin
         if seq.slo.best_effort or self.mode == "best_effort":
             seq.unattainable = True
+            self.on_admit(seq)
             return
         self.on_reject(seq)
         raise ResourceExhausted(

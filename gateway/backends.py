@@ -35,8 +35,8 @@ class VerifierBackend(Protocol):
 class _Local:
     """A worker in this process, on its own compute thread."""
 
-    def __init__(self, worker, info: WorkerInfo):
-        self.worker, self._info, self.compute = worker, info, ComputeThread()
+    def __init__(self, worker, info: WorkerInfo, delay_ms: float = 0.0):
+        self.worker, self._info, self.compute = worker, info, ComputeThread(delay_ms)
 
     async def info(self, timeout=None) -> WorkerInfo:
         return self._info

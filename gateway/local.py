@@ -12,10 +12,10 @@ from specserve.target import TargetWorker
 
 def local_scheduler(target, draft, tokenizer, eos_ids: list[int], max_context: int,
                     config: SchedulerConfig | None = None, strategy: Strategy | None = None,
-                    proposer: str = "draft_model", **hooks) -> Scheduler:
+                    proposer: str = "draft_model", verify_delay_ms: float = 0.0, **hooks) -> Scheduler:
     """target, draft: loaded causal LMs (draft may be None for target-only decoding)."""
     info = WorkerInfo("local", "", max_context, str(target.device), str(target.dtype), eos_ids, 0, 0)
-    verifier = LocalVerifier(TargetWorker(target, max_context), info)
+    verifier = LocalVerifier(TargetWorker(target, max_context), info, verify_delay_ms)
     drafter = None
     if proposer == "ngram":
         drafter = LocalDrafter(make_proposer("ngram"), info)

@@ -61,6 +61,14 @@ class Planner:
     def __init__(self, strategy: Strategy):
         self.strategy = strategy
         self.running_confidence = strategy.mean_confidence
+        self.time_scale = 1.0  # measured / predicted step time, tracked online
+
+    def observe_step(self, predicted_ms: float, measured_ms: float) -> None:
+        """Correct the cost model online: an exponential mean of measured over predicted step time
+        (the policy refits the coefficients; this keeps predictions honest between publications)."""
+        if predicted_ms > 0 and measured_ms > 0:
+            ratio = min(max(measured_ms / (predicted_ms / self.time_scale), 0.1), 10.0)
+            self.time_scale = 0.7 * self.time_scale + 0.3 * ratio
 
     def set_strategy(self, strategy: Strategy) -> None:
         if strategy.mean_confidence != self.strategy.mean_confidence:
@@ -72,7 +80,7 @@ class Planner:
         cost = self.strategy.cost
         ctx = sum(s.context for s in sessions)
         drafting = max(ks, default=0)
-        return cost.t_draft(len(sessions), drafting) + cost.t_verify(sum(k + 1 for k in ks), ctx)
+        return (cost.t_draft(len(sessions), drafting) + cost.t_verify(sum(k + 1 for k in ks), ctx)) * self.time_scale
 
     def slo_cap_k(self, sessions: list[SessionView]) -> int:
         """The largest uniform k whose predicted step time fits the tightest TPOT SLO (0 always fits)."""
@@ -203,6 +211,7 @@ class Planner:
             if mode == "adaptive":
                 cums = [[self.strategy.calibration(c) for c in cs] for cs in cums]
             return expected_tokens(cums) / (draft_ms + cost.t_verify(sum(plan.values()) + n, ctx))
+
 
         if mode == "specserve":
             total = sum(keep.values()) + n

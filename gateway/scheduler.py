@@ -245,10 +245,12 @@ class Scheduler(Background):
                     pos_draft[j] += 1
                     pos_acc[j] += int(j < result.accepted)
             self._commit(seq, result.tokens, now)
+        step_ms = (time.perf_counter() - started) * 1000
+        self.planner.observe_step(predicted, step_ms)
         self.on_step(StepRecord(
             self.step_id, len(seqs), out.verified_positions, draft_steps, [len(i.drafts) for i in items], accepted,
             pos_acc, pos_draft, confidences, outcomes, predicted, draft_ns / 1e6, out.forward_ns / 1e6,
-            (time.perf_counter() - started) * 1000, planner_s * 1000, len(self.waiting), len(self.running),
+            step_ms, planner_s * 1000, len(self.waiting), len(self.running),
             sum(v.context for v in views), self.planner.strategy.version, self.planner.strategy.mode))
 
     # --- output ------------------------------------------------------------------------------

@@ -1,0 +1,121 @@
+"""Per-request SLOs with the tiny pair and a verifier slowed by a fixed per-call delay."""
+
+import asyncio
+
+import pytest
+
+from gateway.admission import Admission, attainment
+from gateway.local import local_scheduler
+from gateway.metrics import GatewayMetrics
+from gateway.scheduler import SchedulerConfig
+from gateway.sequence import Sequence, Slo
+from specserve.errors import ResourceExhausted
+from specserve.sampling import SamplingParams
+from specserve.strategy import CostModel, Strategy
+from tests.helpers import collect
+
+DELAY_MS = 40
+# The cost model a policy would have fitted for this slowed verifier (drafting is ~free here).
+COST = CostModel(draft_fixed=2, draft_per_seq=0.5, verify_fixed=DELAY_MS + 5, verify_per_pos=0.2, verify_per_ctx=0)
+
+
+def _scheduler(tiny_models, mode="off", max_batch=2, **kw):
+    target, draft, tokenizer = tiny_models
+    return local_scheduler(target, draft, tokenizer, [10**6], 1024, SchedulerConfig(max_batch_size=max_batch),
+                           Strategy(mode=mode, cost=COST), verify_delay_ms=DELAY_MS, **kw)
+
+
+def test_burst_beyond_capacity_is_rejected_not_violated(tiny_models):
+    async def main():
+        metrics = GatewayMetrics()
+        sch = _scheduler(tiny_models, on_finish=metrics.observe_finish)
+        admission = Admission(sch, "reject", on_reject=lambda s: metrics.rejected.inc(), margin=1.5)
+        sch.start()
+        warm = Sequence("warm", [5, 6, 7], SamplingParams(max_new_tokens=6))
+        sch.submit(warm)
+        await collect(warm)  # a few measured steps correct the cost model online
+        admitted, rejected = [], 0
+        for i in range(12):
+            seq = Sequence(f"r{i}", [5, 6, 7, i + 8], SamplingParams(max_new_tokens=8), Slo(ttft_ms=600))
+            try:
+                admission.admit(seq)
+            except ResourceExhausted as exc:
+                rejected += 1
+                assert exc.retry_after_ms > 0
+                continue
+            sch.submit(seq)
+            admitted.append(seq)
+        await asyncio.gather(*(collect(s) for s in admitted))
+        await sch.stop()
+        return admitted, rejected, metrics
+
+    admitted, rejected, metrics = asyncio.run(main())
+    assert rejected > 0 and len(admitted) >= 2
+    assert all(attainment(s).ttft for s in admitted), [s.ttft_ms for s in admitted]
+    # The counters agree with the per-request accounting.
+    assert metrics.attained._value.get() == sum(attainment(s).slo for s in admitted) + 1
+    assert metrics.attained._value.get() + metrics.violated._value.get() == len(admitted) + 1
+    assert metrics.rejected._value.get() == rejected
+
+
+def test_best_effort_is_queued_and_marked(tiny_models):
+    async def main():
+        sch = _scheduler(tiny_models)
+        admission = Admission(sch, "reject")
+        seqs = [Sequence(f"r{i}", [5, 6, 7], SamplingParams(max_new_tokens=20), Slo(ttft_ms=1, best_effort=True))
+                for i in range(3)]
+        for s in seqs:
+            admission.admit(s)
+            sch.submit(s)
+        sch.start()
+        await asyncio.gather(*(collect(s) for s in seqs))
+        await sch.stop()
+        return seqs
+
+    seqs = asyncio.run(main())
+    assert all(s.unattainable for s in seqs) and all(len(s.generated) == 20 for s in seqs)
+
+
+def test_queue_orders_by_deadline_then_priority(tiny_models):
+    async def main():
+        sch = _scheduler(tiny_models, max_batch=1)
+        seqs = [
+            Sequence("none-low", [5, 6], SamplingParams(max_new_tokens=2), Slo(), priority=0),
+            Sequence("ttft-1000", [5, 6], SamplingParams(max_new_tokens=2), Slo(ttft_ms=1000)),
+            Sequence("ttft-500", [5, 6], SamplingParams(max_new_tokens=2), Slo(ttft_ms=500)),
+            Sequence("none-high", [5, 6], SamplingParams(max_new_tokens=2), Slo(), priority=5),
+        ]
+        for s in seqs:
+            sch.submit(s)
+        sch.start()
+        await asyncio.gather(*(collect(s) for s in seqs))
+        await sch.stop()
+        return sorted(seqs, key=lambda s: s.first_token_at)
+
+    order = [s.id for s in asyncio.run(main())]
+    assert order == ["ttft-500", "ttft-1000", "none-high", "none-low"]
+
+
+def test_tight_tpot_caps_the_step(tiny_models):
+    """Next to loose requests, a tight-TPOT request keeps every speculative step it runs in under
+    its TPOT by the cost model (k shrinks, down to plain decoding)."""
+    records = []
+
+    async def main():
+        sch = _scheduler(tiny_models, mode="static", max_batch=4, on_step=records.append)
+        sch.planner.set_strategy(Strategy(mode="adaptive", cost=COST, mean_confidence=0.9))
+        tight = Sequence("tight", [5, 6, 7], SamplingParams(max_new_tokens=12), Slo(tpot_ms=DELAY_MS + 8))
+        loose = [Sequence(f"l{i}", [8, 9, i + 3], SamplingParams(max_new_tokens=12)) for i in range(3)]
+        for s in [tight, *loose]:
+            sch.submit(s)
+        sch.start()
+        await asyncio.gather(*(collect(s) for s in [tight, *loose]))
+        await sch.stop()
+
+    asyncio.run(main())
+    with_tight = records[: min(len(records), 11)]
+    assert with_tight and all(r.predicted_step_ms <= DELAY_MS + 8 or max(r.drafted) == 0 for r in with_tight)
+    # Without the tight request the same batch speculates more deeply.
+    loose_only = records[11:]
+    if loose_only:
+        assert max(max(r.drafted) for r in loose_only) >= max(max(r.drafted) for r in with_tight)
