@@ -117,6 +117,16 @@ class ModelServicer:
         self.model_id, self.compute = model_id, compute
         self.worker: Any = None
         self.loaded: LoadedModel | None = None
+        self.telemetry: Any = None  # a TelemetryEmitter when Redis is configured
+        self.steps = 0
+
+    def record(self, call: str, batch: int, **fields: Any) -> None:
+        """One telemetry record per model call (raw counts and times), never blocking."""
+        self.steps += 1
+        if self.telemetry is not None:
+            self.telemetry.emit({"call": call, "step_id": self.steps, "batch_size": batch,
+                                 "sessions": len(self.worker.sessions), "kv_tokens": getattr(self.worker, "kv_tokens", 0),
+                                 **fields})
 
     def attach(self, worker: Any, loaded: LoadedModel) -> None:
         self.worker, self.loaded = worker, loaded
@@ -139,6 +149,14 @@ async def serve_model(config: ModelServiceConfig, name: str, servicer: ModelServ
     add_to_server(servicer, server.grpc)
     port = server.bind(f"{config.host}:{config.port}")
     print(f"{name} listening on {config.host}:{port}", flush=True)
+    if config.redis_url:
+        import redis.asyncio
+
+        from specserve.telemetry import TelemetryEmitter
+
+        client = redis.asyncio.Redis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        component = name.rsplit(".", 1)[-1].lower()
+        servicer.telemetry = TelemetryEmitter(client, component, config.instance or f"{config.host}:{port}")
 
     async def warm_up() -> None:
         loaded = await asyncio.to_thread(load, config)
@@ -146,9 +164,13 @@ async def serve_model(config: ModelServiceConfig, name: str, servicer: ModelServ
         await servicer.compute.run(warm, worker)
         servicer.attach(worker, loaded)
         asyncio.create_task(_evict_forever(servicer.compute, worker.sessions))
+        if servicer.telemetry is not None:
+            servicer.telemetry.start()
 
     async def stop() -> None:
         await asyncio.to_thread(servicer.compute.shutdown)
+        if servicer.telemetry is not None:
+            await servicer.telemetry.stop()
 
     await run_until_signalled(server, warm_up, config.grace_s, on_stop=stop)
 

@@ -29,7 +29,10 @@ class DrafterServicer(ModelServicer, drafter_pb2_grpc.DrafterServicer):
                 raise InvalidArgument("items.max_draft_tokens", f"must be >= 0, got {it.max_draft_tokens}")
             if it.position < 0:
                 raise InvalidArgument("items.position", f"must be >= 0, got {it.position}")
-        return codec.propose_output_to_pb(await self.compute.run(worker.propose, items))
+        out = await self.compute.run(worker.propose, items)
+        self.record("propose", len(items), draft_steps=out.draft_steps, draft_ms=out.draft_ns / 1e6,
+                    drafted=[len(d.tokens) for d in out.drafts])
+        return codec.propose_output_to_pb(out)
 
     async def Release(self, request, context):
         released = await self.compute.run(self.ready().release, list(request.session_ids))

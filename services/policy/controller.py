@@ -38,7 +38,11 @@ class PolicyState:
     applied: int = 0
 
     def observe(self, record: dict) -> None:
-        """Apply one gateway step record (raises KeyError/TypeError/ValueError when malformed)."""
+        """Apply one step record (raises KeyError/TypeError/ValueError when malformed). The
+        gateway's records carry the whole step, the model services' timings included; the model
+        services' own records are for dashboards and are not applied twice."""
+        if record["component"] != "gateway":
+            return
         n, positions = int(record["batch_size"]), int(record["verified_positions"])
         self.cost.observe(n, int(record["draft_steps"]), float(record["draft_ms"]), positions,
                           int(record["context_tokens"]), float(record["verify_ms"]))

@@ -19,13 +19,19 @@ class VerifierServicer(ModelServicer, verifier_pb2_grpc.VerifierServicer):
         unique_ids([it.session_id for it in items], "items.session_id")
         for it in items:
             it.params.validate("items.sampling", max_new_tokens_limit=self.loaded.max_context)
-        return codec.prefill_output_to_pb(await self.compute.run(worker.prefill, items))
+        out = await self.compute.run(worker.prefill, items)
+        self.record("prefill", len(items), prompt_tokens=sum(len(it.prompt) for it in items),
+                    forward_ms=out.forward_ns / 1e6)
+        return codec.prefill_output_to_pb(out)
 
     async def Verify(self, request, context):
         worker = self.ready()
         items = codec.verify_request_from_pb(request)
         unique_ids([it.session_id for it in items], "items.session_id")
-        return codec.verify_output_to_pb(await self.compute.run(worker.verify, items))
+        out = await self.compute.run(worker.verify, items)
+        self.record("verify", len(items), verified_positions=out.verified_positions, forward_ms=out.forward_ns / 1e6,
+                    drafted=[len(it.drafts) for it in items], accepted=[r.accepted for r in out.results])
+        return codec.verify_output_to_pb(out)
 
     async def Release(self, request, context):
         released = await self.compute.run(self.ready().release, list(request.session_ids))

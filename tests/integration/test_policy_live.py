@@ -45,8 +45,18 @@ def _wait(predicate, timeout_s: float = 10.0) -> bool:
 
 
 def _last_mode(client) -> str:
-    entries = client.xrevrange(STREAM, count=1)
-    return entries[0][1][b"mode"].decode() if entries else ""
+    """The strategy mode of the gateway's latest step record."""
+    for _, fields in client.xrevrange(STREAM, count=50):
+        if fields.get(b"component") == b"gateway":
+            return fields[b"mode"].decode()
+    return ""
+
+
+def test_every_component_emits_step_records(live_stack):
+    stack, client = live_stack
+    _generate(stack.gateway_address, [1, 2, 3])
+    assert _wait(lambda: {f[b"component"] for _, f in client.xrevrange(STREAM, count=200)}
+                 >= {b"gateway", b"verifier", b"drafter"})
 
 
 def test_telemetry_flows_and_the_policy_publishes(live_stack):

@@ -46,7 +46,7 @@ def test_calibration_converges_to_observed_survival():
 def _record(i: int) -> dict:
     return encode({"batch_size": 2, "verified_positions": 6, "draft_steps": 2, "draft_ms": 20.0 + i % 3,
                    "context_tokens": 100, "verify_ms": 50.0, "confidences": [0.9, 0.5], "outcomes": [1, 0],
-                   "drafted": [2, 2], "accepted": [1, 1], "running": 2, "queue_depth": 0})
+                   "drafted": [2, 2], "accepted": [1, 1], "running": 2, "queue_depth": 0}, component="gateway")
 
 
 def test_consumer_dies_mid_batch_and_every_entry_is_applied_exactly_once(redis_client):
