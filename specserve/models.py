@@ -180,7 +180,38 @@ def load_causal_lm(path: str, device: str = "cpu", dtype: str = "auto"):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device))
     model.to(torch.device(device)).eval()
+    if device == "cpu":
+        use_weight_major_matmul(model)
     return model
+
+
+SMALL_ROWS = 16
+
+
+def use_weight_major_matmul(model) -> None:
+    """On the CPU, compute linear layers over a few rows as W @ x^T instead of x @ W^T.
+
+    BLAS runs x @ W^T for 2 to 16 rows two to three times slower than for one row, while W @ x^T
+    stays close to the one-row cost: it streams the weights once, as a matrix-vector product does.
+    Verifying k drafts costs k + 1 rows, so this is what makes verification nearly free here.
+    """
+    import types
+
+    import torch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows == 1 or rows > SMALL_ROWS:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, x.shape[-1])
+        out = (self.weight @ flat.T).T
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.weight.shape[0])
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.forward = types.MethodType(forward, module)
 
 
 def load_tokenizer(path: str):
