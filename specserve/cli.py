@@ -27,11 +27,7 @@ def _interrupt(*_) -> None:
 def _cmd_up(args: argparse.Namespace) -> int:
     from specserve import launcher
 
-    if args.target_model and args.draft_model:
-        target, draft = args.target_model, args.draft_model
-    else:
-        paths = models.prepare(Path(args.cache_dir))
-        target, draft = str(paths["target"]), str(paths["draft"])
+    target, draft = _pair(args)
     redis_url, redis_proc = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), None
     if not launcher.redis_reachable(redis_url):
         redis_url, redis_proc = launcher.start_redis()
@@ -112,13 +108,39 @@ def _cmd_ops(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench_engine(args: argparse.Namespace) -> int:
-    from bench import engine
+SHARED_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 
+
+def _pair(args: argparse.Namespace) -> tuple[str, str]:
+    if args.target_model and args.draft_model:
+        return args.target_model, args.draft_model
     paths = models.prepare(Path(args.cache_dir))
-    prompts, tokens = (3, 32) if args.quick else (args.prompts, args.max_new_tokens)
-    report = engine.main(str(paths["target"]), str(paths["draft"]), prompts, tokens, Path(args.out))
-    print(engine.markdown(report))
+    return str(paths["target"]), str(paths["draft"])
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    target, draft = _pair(args)
+    if args.which == "engine":
+        from bench import engine
+
+        prompts, tokens = (3, 32) if args.quick else (args.prompts, args.max_new_tokens)
+        print(engine.markdown(engine.main(target, draft, prompts, tokens, Path(args.out))))
+        return 0
+    from bench import report, system
+    from specserve import launcher
+
+    redis_url, redis_proc = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), None
+    if not launcher.redis_reachable(redis_url):
+        redis_url, redis_proc = launcher.start_redis()
+    cfg = system.BenchConfig(target, draft, {"code": Path(args.code_trace), "chat": Path(args.chat_trace)},
+                             redis_url, Path(args.out))
+    if args.quick:
+        cfg.load_factors, cfg.requests_per_level = (0.8,), 8
+    try:
+        print(report.markdown(system.run(cfg)))
+    finally:
+        if redis_proc:
+            redis_proc.terminate()
     return 0
 
 
@@ -174,15 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("address")
     health.set_defaults(func=_cmd_health)
 
-    bench = sub.add_parser("bench", help="benchmarks on the real model pair")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    eng = bench_sub.add_parser("engine", help="batch-1 engine benchmark against target-only and HF assisted")
-    eng.add_argument("--quick", action="store_true", help="3 prompts, 32 new tokens")
-    eng.add_argument("--prompts", type=int, default=20)
-    eng.add_argument("--max-new-tokens", type=int, default=64)
-    eng.add_argument("--cache-dir", default=str(models.default_cache_dir()))
-    eng.add_argument("--out", default="bench/results")
-    eng.set_defaults(func=_cmd_bench_engine)
+    bench = sub.add_parser("bench", help="benchmarks: the trace replay of the whole system (default) or the engine")
+    bench.add_argument("which", nargs="?", choices=["system", "engine"], default="system")
+    bench.add_argument("--quick", action="store_true", help="one load level, a few requests (a few minutes)")
+    bench.add_argument("--target-model", default="", help="default: the built-in pair")
+    bench.add_argument("--draft-model", default="")
+    bench.add_argument("--code-trace", default=str(SHARED_TRACES / "azure_llm_2023_code.csv"))
+    bench.add_argument("--chat-trace", default=str(SHARED_TRACES / "azure_llm_2023_conv.csv"))
+    bench.add_argument("--prompts", type=int, default=20, help="engine: prompts")
+    bench.add_argument("--max-new-tokens", type=int, default=64, help="engine: new tokens per prompt")
+    bench.add_argument("--cache-dir", default=str(models.default_cache_dir()))
+    bench.add_argument("--out", default="bench/results")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -1,0 +1,79 @@
+"""The benchmark's replay logic and report builder on a small synthetic trace, and a smoke run of
+the whole bench on the tiny pair."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.replay import fit_prompt, plan, read_trace, window
+from bench.report import markdown, targets
+
+
+def _trace(path: Path, rows: list[tuple[str, int, int]]) -> Path:
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(f"{t},{c},{g}\n" for t, c, g in rows))
+    return path
+
+
+SYNTH = [(f"2023-11-16 18:17:0{i}.{i}000000", 1000 * (i + 1), 10 * (i + 1)) for i in range(6)]
+
+
+def test_read_and_window_keep_the_arrival_pattern(tmp_path):
+    rows = read_trace(_trace(tmp_path / "t.csv", SYNTH))
+    assert [round(r.t, 3) for r in rows] == [0.0, 1.1, 2.2, 3.3, 4.4, 5.5]
+    cut = window(rows, 2, 3)
+    assert [round(r.t, 3) for r in cut] == [0.0, 1.1, 2.2] and cut[0].context == 3000
+
+
+def test_plan_scales_time_to_the_rate_and_lengths_with_caps(tmp_path):
+    rows = window(read_trace(_trace(tmp_path / "t.csv", SYNTH)), 0, 6)
+    planned = plan(rows, rate=2.0, context_scale=0.1, output_scale=0.5, max_context=450, max_output=20)
+    # 5 gaps over 5.5 s is 0.909 req/s naturally; at 2 req/s the same pattern spans 2.5 s.
+    assert planned[-1].at == pytest.approx(2.5)
+    assert [p.prompt_tokens for p in planned] == [100, 200, 300, 400, 450, 450]
+    assert [p.max_new_tokens for p in planned] == [5, 10, 15, 20, 20, 20]
+
+
+def test_fit_prompt_cuts_or_repeats():
+    assert fit_prompt([1, 2, 3], 2) == [1, 2]
+    assert fit_prompt([1, 2, 3], 7) == [1, 2, 3, 1, 2, 3, 1]
+
+
+def _run(level, policy, tps, attain):
+    return {"level": level, "policy": policy, "requests": 4, "completed": 4, "rejected": 0,
+            "ttft_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0}, "tpot_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0},
+            "slo_attainment": attain, "goodput_rps": 1.0, "goodput_tokens_per_s": 1.0, "tokens_per_s": tps,
+            "mean_accepted_length": 2.0, "acceptance_by_position": [0.8, 0.5], "controller_ms_per_step": 0.1,
+            "duration_s": 1.0}
+
+
+def test_report_checks_targets_as_ratios(tmp_path):
+    runs = [_run(1.0, "off", 10.0, 0.5), _run(1.0, "static:1", 11.0, 0.6), _run(1.0, "static:3", 14.0, 0.7),
+            _run(1.0, "adaptive", 13.9, 0.7)]
+    checks = {what: ok for what, _, ok in targets(runs, {"split_cost_fraction": 0.02})}
+    assert checks["load 1.0: adaptive / best static tokens/s >= 0.97"]
+    assert checks["load 1.0: adaptive / worst static tokens/s >= 1.1"]
+    assert checks["load 1.0: adaptive SLO attainment >= every other policy"]
+    assert checks["service split costs <= 5% of step time"]
+    runs[-1]["tokens_per_s"] = 12.0
+    assert not dict((w, ok) for w, _, ok in targets(runs, None))["load 1.0: adaptive / best static tokens/s >= 0.97"]
+    text = markdown({"runs": runs, "baseline": {}, "config": {}})
+    assert "| adaptive |" in text and "## Targets" in text
+
+
+def test_smoke_run_of_the_whole_bench_on_tiny_models(tiny_dir, redis_url, tmp_path):
+    from bench import system
+
+    code = _trace(tmp_path / "code.csv", SYNTH)
+    chat = _trace(tmp_path / "chat.csv", SYNTH)
+    cfg = system.BenchConfig(str(tiny_dir[0]), str(tiny_dir[1]), {"code": code, "chat": chat}, redis_url,
+                             tmp_path / "out", load_factors=(0.8,), requests_per_level=4, context_tokens=24,
+                             max_context_tokens=48, output_tokens=6, max_output_tokens=8, window_start=0,
+                             hf_prompts=1, settle_s=1.1, max_batch_size=4)
+    report = system.run(cfg)
+    assert {r["policy"] for r in report["runs"]} == set(system.POLICIES)
+    assert all(r["completed"] + r["rejected"] == r["requests"] == 4 for r in report["runs"])
+    saved = json.loads((tmp_path / "out" / "system.json").read_text())
+    assert len(saved["requests"]) == 4 * len(system.POLICIES)
+    for name in ("system.md", "attainment.png", "tpot_p99.png", "speedup_vs_k.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
