@@ -67,7 +67,7 @@ class Planner:
         """Correct the cost model online: an exponential mean of measured over predicted step time
         (the policy refits the coefficients; this keeps predictions honest between publications)."""
         if predicted_ms > 0 and measured_ms > 0:
-            ratio = min(max(measured_ms / (predicted_ms / self.time_scale), 0.1), 10.0)
+            ratio = min(max(measured_ms / (predicted_ms / self.time_scale), 0.01), 100.0)
             self.time_scale = 0.7 * self.time_scale + 0.3 * ratio
 
     def set_strategy(self, strategy: Strategy) -> None:

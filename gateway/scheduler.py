@@ -69,6 +69,7 @@ class Scheduler(Background):
         self.waiting: list[Sequence] = []
         self.running: dict[str, Sequence] = {}
         self.resync: list[Sequence] = []  # running sessions the verifier lost; prefilled again
+        self.prefilling: list[Sequence] = []  # in the middle of a chunked prefill
         self.streams: dict[str, TextStream] = {}
         self.wake = asyncio.Event()
         self.drafter_down_until = 0.0
@@ -101,13 +102,13 @@ class Scheduler(Background):
     # --- the loop ----------------------------------------------------------------------------
     async def stop(self) -> None:
         await super().stop()
-        for seq in [*self.waiting, *self.running.values()]:
+        for seq in [*self.waiting, *self.prefilling, *self.resync, *self.running.values()]:
             self._finish(seq, Finish.ERROR, Unavailable("gateway is shutting down"))
         await self._release()
 
     async def _run(self) -> None:
         while True:
-            if not self.waiting and not self.running and not self.resync:
+            if not self.waiting and not self.running and not self.resync and not self.prefilling:
                 self.wake.clear()
                 await self._release()
                 await self.wake.wait()
@@ -126,7 +127,7 @@ class Scheduler(Background):
 
     def _reap(self) -> None:
         now = time.monotonic()
-        for seq in [*self.waiting, *self.running.values()]:
+        for seq in [*self.waiting, *self.prefilling, *self.resync, *self.running.values()]:
             if seq.cancelled:
                 self._finish(seq, Finish.CANCELLED)
             elif seq.deadline is not None and now > seq.deadline:
@@ -142,27 +143,40 @@ class Scheduler(Background):
 
     # --- prefill -----------------------------------------------------------------------------
     async def _prefill(self) -> None:
+        """Prefill in chunks of at most max_prefill_tokens per step: a long prompt is spread over
+        several steps, so the running sessions keep getting decode steps in between. Sessions in
+        the middle of a chunked prefill go first, then sessions the verifier lost, then the queue
+        in deadline order."""
         room = self.config.max_batch_size - len(self.running)
-        batch, budget = list(self.resync), self.config.max_prefill_tokens
-        self.resync.clear()
+        budget = self.config.max_prefill_tokens
         self.waiting.sort(key=Sequence.sort_key)
-        while self.waiting and len(batch) < room:
-            seq = self.waiting[0]
-            if batch and len(seq.prompt) > budget:
+        batch: list[tuple[Sequence, int]] = []
+        for seq in [*self.prefilling, *self.resync, *self.waiting]:
+            if budget <= 0 or len(batch) >= room:
                 break
-            budget -= len(seq.prompt)
-            batch.append(self.waiting.pop(0))
+            chunk = min(len(seq.tokens) - seq.prefilled, budget)
+            batch.append((seq, chunk))
+            budget -= chunk
         if not batch:
             return
-        items = [PrefillItem(s.id, s.tokens, s.params) for s in batch]
+        for seq, _ in batch:
+            for queue in (self.prefilling, self.resync, self.waiting):
+                if seq in queue:
+                    queue.remove(seq)
+        items = [PrefillItem(s.id, s.tokens[s.prefilled : s.prefilled + n], s.params,
+                             partial=s.prefilled + n < len(s.tokens), append=s.prefilled > 0) for s, n in batch]
         try:
-            out = await self.verifier.prefill(items, timeout=self._timeout(batch))
+            out = await self.verifier.prefill(items, timeout=self._timeout([s for s, _ in batch]))
         except SpecServeError as exc:
-            for seq in batch:
+            for seq, _ in batch:
                 self._finish(seq, Finish.ERROR, _as_unavailable(exc, "verifier"))
             return
         now = time.monotonic()
-        for seq, result in zip(batch, out.results):
+        for (seq, n), item, result in zip(batch, items, out.results):
+            seq.prefilled += n
+            if item.partial:
+                self.prefilling.append(seq)
+                continue
             if seq.status is Status.WAITING:
                 seq.first_token_at = now
             seq.status = Status.RUNNING
@@ -230,6 +244,7 @@ class Scheduler(Background):
         for seq, item, result in zip(seqs, items, out.results):
             if result.status is SessionStatus.NOT_FOUND:
                 del self.running[seq.id]
+                seq.prefilled = 0
                 self.resync.append(seq)
                 accepted.append(0)
                 continue
@@ -273,14 +288,13 @@ class Scheduler(Background):
                 final_tokens: list[int] | None = None) -> None:
         if seq.status is Status.FINISHED:
             return
-        if seq.status is Status.RUNNING:
+        if seq.status is Status.RUNNING or seq.prefilled:
             self._to_release.append(seq.id)
         seq.status, seq.finish = Status.FINISHED, finish
         self.running.pop(seq.id, None)
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        if seq in self.resync:
-            self.resync.remove(seq)
+        for queue in (self.waiting, self.resync, self.prefilling):
+            if seq in queue:
+                queue.remove(seq)
         stream = self.streams.pop(seq.id, None)
         text = stream.take_text(final=True) if stream else ""
         seq.out.put_nowait(Delta(final_tokens or [], text, finish, error))

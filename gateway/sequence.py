@@ -61,6 +61,8 @@ class Sequence:
     unattainable: bool = False  # admitted best-effort although its SLO was predicted to fail
     # The drafter's view: committed tokens it has seen (0: it must start the session again).
     drafter_position: int = 0
+    # Tokens of the current prefill already sent to the verifier (chunked prefill).
+    prefilled: int = 0
     # Timings (monotonic seconds) and counters.
     first_token_at: float | None = None
     last_token_at: float | None = None

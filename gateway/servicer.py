@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from dataclasses import dataclass
 
@@ -82,8 +83,8 @@ def to_sequence(request: gateway_pb2.GenerateRequest, tokenizer, vocab: int, lim
     max_prompt = min(limits.max_prompt_tokens or limits.max_context, limits.max_context - 1)
     if len(prompt) > max_prompt:
         raise InvalidArgument("prompt", f"{len(prompt)} tokens exceed the limit of {max_prompt}")
-    params = params if len(prompt) + params.max_new_tokens <= limits.max_context else \
-        params.__class__(**{**params.__dict__, "max_new_tokens": limits.max_context - len(prompt)})
+    if len(prompt) + params.max_new_tokens > limits.max_context:
+        params = dataclasses.replace(params, max_new_tokens=limits.max_context - len(prompt))
     spec = request.speculation
     mode = {gateway_pb2.SPECULATION_MODE_OFF: "off", gateway_pb2.SPECULATION_MODE_STATIC: "static"}.get(spec.mode, "")
     if mode == "static" and not 0 <= spec.static_k <= 64:

@@ -86,11 +86,13 @@ def propose_output_from_pb(pb: drafter_pb2.ProposeResponse) -> c.ProposeOutput:
 def prefill_request_to_pb(items: list[c.PrefillItem]) -> verifier_pb2.PrefillRequest:
     return verifier_pb2.PrefillRequest(items=[
         verifier_pb2.PrefillItem(session_id=it.session_id, prompt_token_ids=it.prompt,
-                                 sampling=sampling_to_pb(it.params)) for it in items])
+                                 sampling=sampling_to_pb(it.params), partial=it.partial, append=it.append)
+        for it in items])
 
 
 def prefill_request_from_pb(pb: verifier_pb2.PrefillRequest) -> list[c.PrefillItem]:
-    return [c.PrefillItem(it.session_id, list(it.prompt_token_ids), sampling_from_pb(it.sampling)) for it in pb.items]
+    return [c.PrefillItem(it.session_id, list(it.prompt_token_ids), sampling_from_pb(it.sampling), it.partial, it.append)
+            for it in pb.items]
 
 
 def prefill_output_to_pb(out: c.PrefillOutput) -> verifier_pb2.PrefillResponse:

@@ -23,14 +23,16 @@ class SessionStatus(enum.Enum):
 @dataclass
 class PrefillItem:
     session_id: str
-    prompt: list[int]  # [L] token ids
+    prompt: list[int]  # [L] token ids: the prompt, or its next chunk
     params: SamplingParams
+    partial: bool = False  # more chunks follow: extend the cache only
+    append: bool = False  # continue the session's earlier partial prefill
 
 
 @dataclass
 class PrefillResult:
     session_id: str
-    token_id: int  # the first generated token
+    token_id: int  # the first generated token; -1 after a partial chunk
 
 
 @dataclass

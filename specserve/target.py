@@ -22,9 +22,10 @@ VERIFIER_SALT = 1
 @dataclass
 class TargetSession:
     tokens: list[int]  # committed tokens; the last one is not in the cache yet
-    kv: SessionKV  # covers tokens[:-1]
+    kv: SessionKV  # covers tokens[:-1] (all of tokens while a chunked prefill is partial)
     params: SamplingParams
     generator: torch.Generator
+    partial: bool = False  # a chunked prefill is under way; no token generated yet
 
 
 class TargetWorker:
@@ -52,14 +53,27 @@ class TargetWorker:
                     f"in the context window of {self.max_context}")
             if any(not 0 <= t < self.vocab for t in item.prompt):
                 raise InvalidArgument("prompt_token_ids", f"session {item.session_id}: token id outside [0, {self.vocab})")
+        earlier = []
+        for item in items:
+            session = self.sessions.get(item.session_id) if item.append else None
+            if item.append and (session is None or not session.partial):
+                raise InvalidArgument("append", f"session {item.session_id} has no partial prefill to continue")
+            earlier.append(session)
+            if session is not None and len(session.tokens) + len(item.prompt) >= self.max_context:
+                raise InvalidArgument("prompt_token_ids", f"session {item.session_id}: prompt exceeds the context window")
         start = time.perf_counter_ns()
-        batch = BatchForward(self.model, [SessionKV() for _ in items])
+        batch = BatchForward(self.model, [s.kv if s else SessionKV() for s in earlier])
         logits = batch.step([it.prompt for it in items], keep=[[len(it.prompt) - 1] for it in items])
         results = []
-        for item, kv, row in zip(items, batch.split(), logits):
-            gen = make_generator(item.params.seed, VERIFIER_SALT, self.device)
+        for item, session, kv, row in zip(items, earlier, batch.split(), logits):
+            gen = session.generator if session else make_generator(item.params.seed, VERIFIER_SALT, self.device)
+            tokens = (session.tokens if session else []) + item.prompt
+            if item.partial:
+                self.sessions.put(item.session_id, TargetSession(tokens, kv, item.params, gen, partial=True))
+                results.append(PrefillResult(item.session_id, -1))
+                continue
             first = _choose(row, item.params, gen)
-            self.sessions.put(item.session_id, TargetSession([*item.prompt, first], kv, item.params, gen))
+            self.sessions.put(item.session_id, TargetSession([*tokens, first], kv, item.params, gen))
             results.append(PrefillResult(item.session_id, first))
         return PrefillOutput(results, time.perf_counter_ns() - start)
 
@@ -70,7 +84,7 @@ class TargetWorker:
         live: list[tuple[VerifyItem, TargetSession]] = []
         for item in items:
             session = self.sessions.get(item.session_id)
-            if session is None or len(session.tokens) != item.position:
+            if session is None or session.partial or len(session.tokens) != item.position:
                 results[item.session_id] = VerifyResult(item.session_id, SessionStatus.NOT_FOUND)
                 continue
             if not session.params.greedy and len(item.distributions) != len(item.drafts):

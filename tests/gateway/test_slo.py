@@ -1,6 +1,7 @@
 """Per-request SLOs with the tiny pair and a verifier slowed by a fixed per-call delay."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -119,3 +120,34 @@ def test_tight_tpot_caps_the_step(tiny_models):
     loose_only = records[11:]
     if loose_only:
         assert max(max(r.drafted) for r in loose_only) >= max(max(r.drafted) for r in with_tight)
+
+
+def test_long_prefill_is_chunked_and_running_sessions_keep_decoding(tiny_models):
+    """A 600-token prompt prefilled 64 tokens per step: the running request keeps getting decode
+    steps meanwhile, and both outputs equal target-only decoding."""
+    from gateway.scheduler import SchedulerConfig
+    from gateway.local import local_scheduler
+    from tests.helpers import target_only
+
+    target, draft, tokenizer = tiny_models
+    long_prompt = [(i * 7) % 300 + 3 for i in range(600)]
+    records = []
+
+    async def main():
+        sch = local_scheduler(target, draft, tokenizer, [10**6], 1024, SchedulerConfig(max_prefill_tokens=64),
+                              Strategy(mode="static", static_k=2), on_step=lambda r: records.append(time.monotonic()))
+        short = Sequence("short", [5, 6, 7], SamplingParams(max_new_tokens=30))
+        sch.submit(short)
+        sch.start()
+        await short.out.get()
+        longer = Sequence("long", long_prompt, SamplingParams(max_new_tokens=5))
+        sch.submit(longer)
+        outs = await asyncio.gather(collect(short), collect(longer))
+        await sch.stop()
+        return short, longer, outs
+
+    short, longer, outs = asyncio.run(main())
+    assert longer.generated == target_only(target, long_prompt, 5)
+    assert short.generated == target_only(target, [5, 6, 7], 30)
+    # While the long prompt was being prefilled (10 chunks), the short one kept decoding.
+    assert sum(longer.arrival < t < longer.first_token_at for t in records) >= 5
