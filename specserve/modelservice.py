@@ -141,8 +141,9 @@ class ModelServicer:
 
 async def serve_model(config: ModelServiceConfig, name: str, servicer: ModelServicer,
                       add_to_server: Callable[[Any, Any], None],
-                      build: Callable[[LoadedModel], Any], warm: Callable[[Any], None]) -> None:
-    """Bind, load the model (health NOT_SERVING meanwhile), warm it, serve until signalled, drain."""
+                      build: Callable[[LoadedModel], Any], warm: Callable[[Any], list[dict]]) -> None:
+    """Bind, load the model (health NOT_SERVING meanwhile), warm and profile it, serve until
+    signalled, drain. The profile records go to telemetry, where the policy seeds its cost model."""
     from specserve.server import Server, run_until_signalled
 
     server = Server([name])
@@ -161,8 +162,10 @@ async def serve_model(config: ModelServiceConfig, name: str, servicer: ModelServ
     async def warm_up() -> None:
         loaded = await asyncio.to_thread(load, config)
         worker = build(loaded)
-        await servicer.compute.run(warm, worker)
+        profile = await servicer.compute.run(warm, worker)
         servicer.attach(worker, loaded)
+        for record in profile if servicer.telemetry is not None else []:
+            servicer.telemetry.emit(record)
         asyncio.create_task(_evict_forever(servicer.compute, worker.sessions))
         if servicer.telemetry is not None:
             servicer.telemetry.start()

@@ -23,10 +23,22 @@ def build(config: modelservice.ModelServiceConfig, loaded: modelservice.LoadedMo
                          session_ttl_s=config.session_ttl_s)
 
 
-def warm(proposer: Proposer) -> None:
-    """One short draft loop, so the first request does not pay for lazy initialisation."""
+def warm(proposer: Proposer) -> list[dict]:
+    """Warm up, then profile draft loops of a few lengths and batch sizes: the policy seeds its
+    cost model with these records."""
     proposer.propose([ProposeItem.make_dummy("warm-up")])
     proposer.release(["warm-up"])
+    records = []
+    for batch, k in ((1, 1), (1, 4), (2, 2), (4, 3), (1, 2), (2, 4), (4, 1), (1, 3)):
+        ids = [f"profile-{i}" for i in range(batch)]
+        items = [ProposeItem.make_dummy(sid, [(5 * j + i) % 500 + 3 for j in range(32)], k) for i, sid in enumerate(ids)]
+        for item in items:
+            item.min_token_confidence = item.stop_confidence = 0.0
+        out = proposer.propose(items)
+        records.append({"call": "profile", "batch_size": batch, "draft_steps": out.draft_steps,
+                        "draft_ms": out.draft_ns / 1e6})
+        proposer.release(ids)
+    return records
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,10 +38,19 @@ class PolicyState:
     applied: int = 0
 
     def observe(self, record: dict) -> None:
-        """Apply one step record (raises KeyError/TypeError/ValueError when malformed). The
-        gateway's records carry the whole step, the model services' timings included; the model
-        services' own records are for dashboards and are not applied twice."""
-        if record["component"] != "gateway":
+        """Apply one record (raises KeyError/TypeError/ValueError when malformed). The gateway's
+        step records carry the whole step, the model services' timings included, so the model
+        services' per-call records are for dashboards; only their start-up profiles are applied."""
+        component = record["component"]
+        if record.get("call") == "profile":  # a model service's start-up profile seeds the cost model
+            if component == "verifier":
+                self.cost.observe(0, 0, 0.0, int(record["verified_positions"]), int(record["context_tokens"]),
+                                  float(record["forward_ms"]))
+            elif component == "drafter":
+                self.cost.observe(int(record["batch_size"]), int(record["draft_steps"]), float(record["draft_ms"]),
+                                  0, 0, 0.0)
+            return
+        if component != "gateway":
             return
         n, positions = int(record["batch_size"]), int(record["verified_positions"])
         self.cost.observe(n, int(record["draft_steps"]), float(record["draft_ms"]), positions,

@@ -17,11 +17,24 @@ from services.verifier.servicer import VerifierServicer
 NAME = verifier_pb2.DESCRIPTOR.services_by_name["Verifier"].full_name
 
 
-def warm(worker: TargetWorker) -> None:
-    """One prefill and one verify, so the first request does not pay for lazy initialisation."""
+def warm(worker: TargetWorker) -> list[dict]:
+    """Warm up (the first request must not pay for lazy initialisation), then profile verify
+    times at a few shapes: the policy seeds its cost model with these records."""
     worker.prefill([PrefillItem("warm-up", [1, 2, 3], SamplingParams())])
     worker.verify([VerifyItem("warm-up", 4, [5, 6])])
     worker.release(["warm-up"])
+    prompt = [(7 * i) % 1000 + 3 for i in range(PROFILE_CONTEXT)]
+    records = []
+    for drafts in (0, 1, 3, 7, 0, 1, 3, 7):
+        worker.prefill([PrefillItem("profile", prompt, SamplingParams())])
+        out = worker.verify([VerifyItem("profile", len(prompt) + 1, [5] * drafts)])
+        records.append({"call": "profile", "verified_positions": out.verified_positions,
+                        "context_tokens": len(prompt) + 1, "forward_ms": out.forward_ns / 1e6})
+    worker.release(["profile"])
+    return records
+
+
+PROFILE_CONTEXT = 64
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -115,3 +115,30 @@ def test_fuzzed_ops_values_are_accepted_or_rejected_cleanly(name, raw):
         parse_op(name, raw)
     except InvalidArgument as exc:
         assert exc.field == name
+
+
+async def test_tls_only_when_configured(tiny_models, tmp_path):
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    target, draft, tokenizer = tiny_models
+    scheduler = local_scheduler(target, draft, tokenizer, [tokenizer.eos_token_id], 256)
+    servicer = GatewayServicer()
+    servicer.attach(scheduler, tokenizer, len(tokenizer), Limits(256), gateway_pb2.GatewayInfo(), Admission(scheduler))
+    scheduler.start()
+    server = Server([NAME])
+    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server.grpc)
+    port = server.bind("127.0.0.1:0", grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]))
+    await server.start()
+    creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    secure = gateway_pb2_grpc.GatewayStub(grpc.aio.secure_channel(f"localhost:{port}", creds))
+    request = gateway_pb2.GenerateRequest(prompt="hi", sampling={"max_new_tokens": 2})
+    assert (await _drain(secure.Generate(request)))[-1].stats.output_tokens >= 1
+    plain = gateway_pb2_grpc.GatewayStub(grpc.aio.insecure_channel(f"localhost:{port}"))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await _drain(plain.Generate(request, timeout=5))
+    await scheduler.stop()
+    await server.stop(0)

@@ -119,3 +119,17 @@ def test_algorithm_names():
 def test_policy_service_starts_without_torch():
     code = "import sys, services.policy.__main__; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_start_up_profiles_seed_the_cost_model():
+    state = PolicyState()
+    for n, k in ((1, 1), (1, 4), (2, 2), (4, 3), (1, 2), (2, 4), (4, 1), (1, 3)):
+        state.observe({"component": "drafter", "call": "profile", "batch_size": n, "draft_steps": k,
+                       "draft_ms": k * (50 + 5 * n)})
+    for positions in (1, 2, 4, 8, 1, 2, 4, 8):
+        state.observe({"component": "verifier", "call": "profile", "verified_positions": positions,
+                       "context_tokens": 65, "forward_ms": 100 + 10 * positions})
+    cost = state.decide().cost
+    assert cost.draft_fixed == pytest.approx(50, rel=0.01) and cost.draft_per_seq == pytest.approx(5, rel=0.01)
+    assert cost.verify_per_pos == pytest.approx(10, rel=0.01)
+    assert cost.verify_fixed + cost.verify_per_ctx * 65 == pytest.approx(100, rel=0.01)
