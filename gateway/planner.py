@@ -144,7 +144,7 @@ class Planner:
         session behind its TPOT schedule gets a lower bar (it needs tokens more than the batch
         needs throughput); the tightest TPOT SLO caps every budget.
         """
-        s, cal, cost = self.strategy, self.strategy.calibration, self.strategy.cost
+        cal, cost = self.strategy.calibration, self.strategy.cost
         n = len(sessions)
         c_bar = self.running_confidence  # observed per-token survival, from the policy
         k_cap = self.slo_cap_k(sessions)

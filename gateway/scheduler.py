@@ -240,7 +240,8 @@ class Scheduler(Background):
         now = time.monotonic()
         self.step_id += 1
         accepted, confidences, outcomes = [], [], []
-        pos_acc, pos_draft = [0] * self.planner.strategy.max_draft_tokens, [0] * self.planner.strategy.max_draft_tokens
+        longest = max((len(i.drafts) for i in items), default=0)
+        pos_acc, pos_draft = [0] * longest, [0] * longest
         for seq, item, result in zip(seqs, items, out.results):
             if result.status is SessionStatus.NOT_FOUND:
                 del self.running[seq.id]
@@ -256,9 +257,8 @@ class Scheduler(Background):
             for j, c in enumerate(drafted[seq.id].cumulative()[:k]):
                 confidences.append(c)
                 outcomes.append(int(j < result.accepted))
-                if j < len(pos_draft):
-                    pos_draft[j] += 1
-                    pos_acc[j] += int(j < result.accepted)
+                pos_draft[j] += 1
+                pos_acc[j] += int(j < result.accepted)
             self._commit(seq, result.tokens, now)
         step_ms = (time.perf_counter() - started) * 1000
         self.planner.observe_step(predicted, step_ms)

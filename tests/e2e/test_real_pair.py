@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from specserve.models import load_causal_lm, load_tokenizer
 from tests.helpers import target_only

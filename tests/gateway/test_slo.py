@@ -3,7 +3,6 @@
 import asyncio
 import time
 
-import pytest
 
 from gateway.admission import Admission, attainment
 from gateway.local import local_scheduler
