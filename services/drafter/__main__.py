@@ -31,7 +31,7 @@ def warm(proposer: Proposer) -> list[dict]:
     records = []
     for batch, k in ((1, 1), (1, 4), (2, 2), (4, 3), (1, 2), (2, 4), (4, 1), (1, 3)):
         ids = [f"profile-{i}" for i in range(batch)]
-        items = [ProposeItem.make_dummy(sid, [(5 * j + i) % 500 + 3 for j in range(32)], k) for i, sid in enumerate(ids)]
+        items = [ProposeItem.make_dummy(sid, [(5 * j + i) % 64 + 3 for j in range(32)], k) for i, sid in enumerate(ids)]
         for item in items:
             item.min_token_confidence = item.stop_confidence = 0.0
         out = proposer.propose(items)
