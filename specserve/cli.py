@@ -129,9 +129,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from bench import report, system
     from specserve import launcher
 
-    redis_url, redis_proc = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), None
-    if not launcher.redis_reachable(redis_url):
-        redis_url, redis_proc = launcher.start_redis()
+    # A Redis of its own, so telemetry from earlier runs never feeds this run's policy.
+    redis_url, redis_proc = (args.redis_url, None) if args.redis_url else launcher.start_redis()
     cfg = system.BenchConfig(target, draft, {"code": Path(args.code_trace), "chat": Path(args.chat_trace)},
                              redis_url, Path(args.out))
     if args.quick:
@@ -207,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=64, help="engine: new tokens per prompt")
     bench.add_argument("--cache-dir", default=str(models.default_cache_dir()))
     bench.add_argument("--out", default="bench/results")
+    bench.add_argument("--redis-url", default="", help="default: a fresh redis-server for the run")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -10,6 +10,7 @@ from specserve import config as cfg
 from specserve import modelservice
 from specserve.contracts import ProposeItem
 from specserve.proposers import Proposer, make_proposer
+from specserve.sampling import SamplingParams
 from specserve.v1 import drafter_pb2, drafter_pb2_grpc
 from services.drafter.servicer import DrafterServicer
 
@@ -24,17 +25,16 @@ def build(config: modelservice.ModelServiceConfig, loaded: modelservice.LoadedMo
 
 
 def warm(proposer: Proposer) -> list[dict]:
-    """Warm up, then profile draft loops of a few lengths and batch sizes: the policy seeds its
-    cost model with these records."""
+    """Warm up, then profile steady-state draft loops (one newly committed token, then k drafts)
+    at a few lengths and batch sizes: the policy seeds its cost model with these records."""
     proposer.propose([ProposeItem.make_dummy("warm-up")])
     proposer.release(["warm-up"])
     records = []
     for batch, k in ((1, 1), (1, 4), (2, 2), (4, 3), (1, 2), (2, 4), (4, 1), (1, 3)):
         ids = [f"profile-{i}" for i in range(batch)]
-        items = [ProposeItem.make_dummy(sid, [(5 * j + i) % 64 + 3 for j in range(32)], k) for i, sid in enumerate(ids)]
-        for item in items:
-            item.min_token_confidence = item.stop_confidence = 0.0
-        out = proposer.propose(items)
+        prompts = [[(5 * j + i) % 64 + 3 for j in range(32)] for i in range(batch)]
+        proposer.propose([ProposeItem.make_dummy(sid, p, 0) for sid, p in zip(ids, prompts)])
+        out = proposer.propose([ProposeItem(sid, len(p), [7], k, SamplingParams()) for sid, p in zip(ids, prompts)])
         records.append({"call": "profile", "batch_size": batch, "draft_steps": out.draft_steps,
                         "draft_ms": out.draft_ns / 1e6})
         proposer.release(ids)

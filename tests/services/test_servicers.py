@@ -122,3 +122,15 @@ async def test_gateway_streams_text_and_stats(gateway_stub):
     assert last.finish_reason in (gateway_pb2.FINISH_REASON_LENGTH, gateway_pb2.FINISH_REASON_EOS)
     assert sum(len(m.token_ids) for m in messages) == last.stats.output_tokens
     assert last.stats.prompt_tokens > 0 and last.stats.slo_attained
+
+
+def test_start_up_profiles_measure_steady_state_steps(tiny_models):
+    from services.drafter.__main__ import warm as warm_drafter
+    from services.verifier.__main__ import warm as warm_verifier
+
+    target, draft, _ = tiny_models
+    drafts = warm_drafter(make_proposer("draft_model", model=draft, max_context=1024))
+    assert [r["draft_steps"] for r in drafts] == [1, 4, 2, 3, 2, 4, 1, 3]
+    assert all(r["draft_ms"] > 0 for r in drafts)
+    verifies = warm_verifier(TargetWorker(target, 1024))
+    assert [r["verified_positions"] for r in verifies] == [1, 2, 4, 8] * 2
