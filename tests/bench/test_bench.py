@@ -39,24 +39,26 @@ def test_fit_prompt_cuts_or_repeats():
     assert fit_prompt([1, 2, 3], 7) == [1, 2, 3, 1, 2, 3, 1]
 
 
-def _run(level, policy, tps, attain):
+def _run(level, policy, tpot, attain):
     return {"level": level, "policy": policy, "requests": 4, "completed": 4, "rejected": 0,
-            "ttft_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0}, "tpot_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0},
-            "slo_attainment": attain, "goodput_rps": 1.0, "goodput_tokens_per_s": 1.0, "tokens_per_s": tps,
+            "ttft_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0}, "tpot_ms": {"p50": tpot, "p90": 2.0, "p99": 3.0},
+            "slo_attainment": attain, "goodput_rps": 1.0, "goodput_tokens_per_s": 1.0, "tokens_per_s": 1.0,
             "mean_accepted_length": 2.0, "acceptance_by_position": [0.8, 0.5], "controller_ms_per_step": 0.1,
             "duration_s": 1.0}
 
 
 def test_report_checks_targets_as_ratios(tmp_path):
-    runs = [_run(1.0, "off", 10.0, 0.5), _run(1.0, "static:1", 11.0, 0.6), _run(1.0, "static:3", 14.0, 0.7),
-            _run(1.0, "adaptive", 13.9, 0.7)]
-    checks = {what: ok for what, _, ok in targets(runs, {"split_cost_fraction": 0.02})}
-    assert checks["load 1.0: adaptive / best static tokens/s >= 0.97"]
-    assert checks["load 1.0: adaptive / worst static tokens/s >= 1.1"]
+    # TPOT p50 in ms: lower is faster.
+    runs = [_run(1.0, "off", 100.0, 0.5), _run(1.0, "static:1", 90.0, 0.6), _run(1.0, "static:3", 70.0, 0.7),
+            _run(1.0, "adaptive", 71.0, 0.7)]
+    checks = {what.rsplit(" (", 1)[0]: ok for what, _, ok in targets(runs, {"split_cost_fraction": 0.02})}
+    assert checks["load 1.0: speed vs best static k >= 0.97"]
+    assert checks["load 1.0: speed vs worst static k >= 1.1"]
     assert checks["load 1.0: adaptive SLO attainment >= every other policy"]
+    assert checks["load 1.0 (highest): speed vs off >= 0.97"]
     assert checks["service split costs <= 5% of step time"]
-    runs[-1]["tokens_per_s"] = 12.0
-    assert not dict((w, ok) for w, _, ok in targets(runs, None))["load 1.0: adaptive / best static tokens/s >= 0.97"]
+    runs[-1]["tpot_ms"]["p50"] = 80.0
+    assert not {w.rsplit(" (", 1)[0]: ok for w, _, ok in targets(runs, None)}["load 1.0: speed vs best static k >= 0.97"]
     text = markdown({"runs": runs, "baseline": {}, "config": {}})
     assert "| adaptive |" in text and "## Targets" in text
 
