@@ -69,17 +69,14 @@ def run_ours(target, draft, tokenizer, eos, prompt: list[int], config: str, max_
 @torch.inference_mode()
 def run_hf(target, draft, prompt: list[int], config: str, max_new: int, eos) -> Run:
     ids = torch.tensor([prompt])
-    kwargs = {}
-    if config.endswith(":4"):
-        draft.generation_config.num_assistant_tokens = 4
-        draft.generation_config.num_assistant_tokens_schedule = "constant"
-    else:
-        draft.generation_config.num_assistant_tokens = 20
-        draft.generation_config.num_assistant_tokens_schedule = "constant"
-        draft.generation_config.assistant_confidence_threshold = 0.4
+    # Hugging Face's defaults (20 tokens, constant schedule, confidence threshold 0.4), or the same
+    # with num_assistant_tokens=4; set in full every time, since generation_config is shared state.
+    draft.generation_config.num_assistant_tokens = 4 if config.endswith(":4") else 20
+    draft.generation_config.num_assistant_tokens_schedule = "constant"
+    draft.generation_config.assistant_confidence_threshold = 0.4
     started = time.perf_counter()
     out = target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=draft, max_new_tokens=max_new,
-                          do_sample=False, eos_token_id=eos, pad_token_id=eos[0], **kwargs)
+                          do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
     return Run(config, 0, out[0, len(prompt):].tolist(), time.perf_counter() - started)
 
 
@@ -92,7 +89,8 @@ def main(target_dir: str, draft_dir: str, prompts: int, max_new: int, out_dir: P
     with tqdm(total=len(texts) * len(CONFIGS), desc="engine bench") as bar:
         for i, text in enumerate(texts):
             ids = tokenizer.encode(text, add_special_tokens=False)
-            for config in CONFIGS:
+            # Rotate the order per prompt so no configuration always runs first (warm caches, drift).
+            for config in CONFIGS[i % len(CONFIGS):] + CONFIGS[: i % len(CONFIGS)]:
                 run = run_hf(target, draft, ids, config, max_new, eos) if config.startswith("hf") else \
                     run_ours(target, draft, tokenizer, eos, ids, config, max_new)
                 run.prompt = i
