@@ -74,21 +74,27 @@ class Admission:
             heapq.heappush(slots, free_at + prefill_ms(s) + s.params.max_new_tokens * step_ms)
         return slots[0] + prefill_ms(seq) + (step_ms if sch.running else 0.0)
 
+    def shortfall_ms(self, seq: Sequence) -> float:
+        """How far the predicted TTFT (with the margin) overshoots the SLO; <= 0 means it fits."""
+        if self.mode == "off" or not seq.slo.ttft_ms:
+            return 0.0
+        return self.predict_ttft_ms(seq) * self.margin - seq.slo.ttft_ms
+
     def can_admit(self, seq: Sequence) -> bool:
         """Whether the request's TTFT SLO is predicted to hold (always, without one)."""
-        return self.mode == "off" or not seq.slo.ttft_ms or self.predict_ttft_ms(seq) * self.margin <= seq.slo.ttft_ms
+        return self.shortfall_ms(seq) <= 0
 
     def admit(self, seq: Sequence) -> None:
         """Admit (possibly marked unattainable) or raise ResourceExhausted with a retry hint."""
-        if self.can_admit(seq):
+        over = self.shortfall_ms(seq)
+        if over <= 0:
             self.on_admit(seq)
             return
-        predicted = self.predict_ttft_ms(seq) * self.margin
         if seq.slo.best_effort or self.mode == "best_effort":
             seq.unattainable = True
             self.on_admit(seq)
             return
         self.on_reject(seq)
         raise ResourceExhausted(
-            f"predicted time to first token {predicted:.0f} ms exceeds the SLO of {seq.slo.ttft_ms:.0f} ms; "
-            "retry later or set slo.best_effort", retry_after_ms=int(predicted - seq.slo.ttft_ms) + 1)
+            f"predicted time to first token {over + seq.slo.ttft_ms:.0f} ms exceeds the SLO of {seq.slo.ttft_ms:.0f} ms; "
+            "retry later or set slo.best_effort", retry_after_ms=int(over) + 1)

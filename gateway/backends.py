@@ -59,13 +59,13 @@ class LocalDrafter(_Local):
 
 
 def _translate(exc: grpc.aio.AioRpcError, service: str) -> Exception:
-    code = exc.code()
+    code, details = exc.code(), exc.details() or ""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument(exc.details().split(":", 1)[0] if exc.details() else service,
-                               exc.details().split(":", 1)[-1].strip() if exc.details() else "invalid")
+        field, _, message = details.partition(":")
+        return InvalidArgument(field or service, message.strip() or "invalid")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"{service} did not answer in time")
-    return Unavailable(f"{service} is unavailable ({code.name}: {exc.details()})")
+    return Unavailable(f"{service} is unavailable ({code.name}: {details})")
 
 
 class _GrpcClient:

@@ -12,6 +12,7 @@ from gateway.scheduler import Scheduler
 from gateway.sequence import Finish, Sequence, Slo
 from specserve import __version__, codec
 from specserve.errors import InvalidArgument, ResourceExhausted, Unavailable
+from specserve.server import api_key
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -106,9 +107,7 @@ def stats_to_pb(seq: Sequence) -> gateway_pb2.GenerateStats:
 
 def _client_id(context) -> str:
     """The API key when one was sent, else the peer's address without its port."""
-    metadata = dict(context.invocation_metadata() or ())
-    key = metadata.get("x-api-key") or metadata.get("authorization", "")
-    return key or context.peer().rsplit(":", 1)[0]
+    return api_key(context.invocation_metadata()) or context.peer().rsplit(":", 1)[0]
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):

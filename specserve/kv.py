@@ -28,9 +28,6 @@ class SessionKV:
         assert 0 <= length <= self.length, (length, self.length)
         self.layers = [(k[:, :, :length], v[:, :, :length]) for k, v in self.layers]
 
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self.layers)
-
 
 class BatchForward:
     """A batch of sessions run together for one or more forward steps.

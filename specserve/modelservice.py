@@ -111,7 +111,8 @@ def unique_ids(ids: list[str], field: str) -> None:
 
 
 class ModelServicer:
-    """Base of the drafter and verifier servicers: registered before start, usable once attached."""
+    """Base of the drafter and verifier servicers: registered before start, usable once attached;
+    Info and Release are the same for both."""
 
     def __init__(self, model_id: str, compute: ComputeThread):
         self.model_id, self.compute = model_id, compute
@@ -137,6 +138,19 @@ class ModelServicer:
         if self.worker is None:
             raise Unavailable(f"{self.model_id} is still loading")
         return self.worker
+
+    async def Info(self, request, context):
+        from specserve import __version__, codec
+
+        worker = self.ready()
+        info = self.loaded.info(self.model_id, len(worker.sessions), getattr(worker, "kv_tokens", 0))
+        return codec.info_to_pb(info, __version__)
+
+    async def Release(self, request, context):
+        from specserve.v1 import common_pb2
+
+        released = await self.compute.run(self.ready().release, list(request.session_ids))
+        return common_pb2.ReleaseResponse(released=released)
 
 
 async def serve_model(config: ModelServiceConfig, name: str, servicer: ModelServicer,

@@ -87,6 +87,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+def api_key(metadata) -> str:
+    """The key sent as `x-api-key: KEY` or `authorization: Bearer KEY`; "" when none."""
+    pairs = dict(metadata or ())
+    return pairs.get("x-api-key") or pairs.get("authorization", "").removeprefix("Bearer ").strip()
+
+
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Requires `authorization: Bearer <key>` (or `x-api-key: <key>`) on the methods under
     `prefix`; health and reflection stay open for probes."""
@@ -97,9 +103,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details):
         if not details.method.startswith(self.prefix):
             return await continuation(details)
-        metadata = dict(details.invocation_metadata or ())
-        given = metadata.get("x-api-key") or metadata.get("authorization", "").removeprefix("Bearer ").strip()
-        if given in self.keys:
+        if api_key(details.invocation_metadata) in self.keys:
             return await continuation(details)
 
         async def deny(request, context):

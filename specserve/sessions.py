@@ -18,9 +18,6 @@ class SessionTable(Generic[S]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def __contains__(self, session_id: str) -> bool:
-        return session_id in self._items
-
     def values(self) -> list[S]:
         return [s for s, _ in self._items.values()]
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from specserve import __version__, codec
+from specserve import codec
 from specserve.errors import InvalidArgument
 from specserve.modelservice import ModelServicer, unique_ids
-from specserve.v1 import common_pb2, drafter_pb2_grpc
+from specserve.v1 import drafter_pb2_grpc
 
 
 class DrafterServicer(ModelServicer, drafter_pb2_grpc.DrafterServicer):
@@ -13,10 +13,6 @@ class DrafterServicer(ModelServicer, drafter_pb2_grpc.DrafterServicer):
         super().__init__(model_id, compute)
         self.proposer_name = proposer_name
 
-    async def Info(self, request, context):
-        worker = self.ready()
-        info = self.loaded.info(self.model_id, worker.session_count, getattr(worker, "kv_tokens", 0))
-        return codec.info_to_pb(info, __version__)
 
     async def Propose(self, request, context):
         worker = self.ready()
@@ -33,7 +29,3 @@ class DrafterServicer(ModelServicer, drafter_pb2_grpc.DrafterServicer):
         self.record("propose", len(items), draft_steps=out.draft_steps, draft_ms=out.draft_ns / 1e6,
                     drafted=[len(d.tokens) for d in out.drafts])
         return codec.propose_output_to_pb(out)
-
-    async def Release(self, request, context):
-        released = await self.compute.run(self.ready().release, list(request.session_ids))
-        return common_pb2.ReleaseResponse(released=released)

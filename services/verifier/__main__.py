@@ -21,7 +21,7 @@ def warm(worker: TargetWorker) -> list[dict]:
     """Warm up (the first request must not pay for lazy initialisation), then profile verify
     times at a few shapes: the policy seeds its cost model with these records."""
     worker.prefill([PrefillItem("warm-up", [1, 2, 3], SamplingParams())])
-    worker.verify([VerifyItem("warm-up", 4, [5, 6])])
+    worker.verify([VerifyItem.make_dummy("warm-up", 4, [5, 6])])
     worker.release(["warm-up"])
     prompt = [(7 * i) % 64 + 3 for i in range(PROFILE_CONTEXT)]  # ids every vocabulary has
     records = []

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from specserve import __version__, codec
+from specserve import codec
 from specserve.modelservice import ModelServicer, unique_ids
-from specserve.v1 import common_pb2, verifier_pb2_grpc
+from specserve.v1 import verifier_pb2_grpc
 
 
 class VerifierServicer(ModelServicer, verifier_pb2_grpc.VerifierServicer):
-    async def Info(self, request, context):
-        worker = self.ready()
-        info = self.loaded.info(self.model_id, len(worker.sessions), worker.kv_tokens)
-        return codec.info_to_pb(info, __version__)
 
     async def Prefill(self, request, context):
         worker = self.ready()
@@ -32,7 +28,3 @@ class VerifierServicer(ModelServicer, verifier_pb2_grpc.VerifierServicer):
         self.record("verify", len(items), verified_positions=out.verified_positions, forward_ms=out.forward_ns / 1e6,
                     drafted=[len(it.drafts) for it in items], accepted=[r.accepted for r in out.results])
         return codec.verify_output_to_pb(out)
-
-    async def Release(self, request, context):
-        released = await self.compute.run(self.ready().release, list(request.session_ids))
-        return common_pb2.ReleaseResponse(released=released)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal, Protocol
 
 from specserve.contracts import ProposeItem, ProposeOutput
+from specserve.sessions import SessionTable
 
 ProposerName = Literal["draft_model", "ngram"]
 
@@ -16,8 +17,7 @@ class Proposer(Protocol):
     def release(self, session_ids: list[str]) -> int:
         """Free sessions; returns how many were held."""
 
-    @property
-    def session_count(self) -> int: ...
+    sessions: SessionTable  # the sessions held, for Info and telemetry
 
 
 def make_proposer(name: ProposerName, **kwargs) -> Proposer:

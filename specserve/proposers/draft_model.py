@@ -56,10 +56,6 @@ class DraftModelProposer:
         self.sessions: SessionTable[DraftSession] = SessionTable(session_ttl_s)
 
     @property
-    def session_count(self) -> int:
-        return len(self.sessions)
-
-    @property
     def kv_tokens(self) -> int:
         return sum(s.kv.length for s in self.sessions.values())
 

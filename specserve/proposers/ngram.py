@@ -32,10 +32,6 @@ class NgramProposer:
         self.sessions: SessionTable[list[int]] = SessionTable(session_ttl_s)
         self.pending: dict[str, list[int]] = {}  # drafts of the last call, per session
 
-    @property
-    def session_count(self) -> int:
-        return len(self.sessions)
-
     def propose(self, items: list[ProposeItem]) -> ProposeOutput:
         start = time.perf_counter_ns()
         drafts = []
