@@ -4,6 +4,12 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 GEN := specserve/v1
+# llama.cpp is compiled for the CPU it is built on, so its wheel is cached per CPU feature set and
+# never reused on a machine whose CPU differs.
+LLAMA_CPP := llama-cpp-python==0.3.36
+CPU_KEY := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' | sort | sha256sum | cut -c1-12)
+LLAMA_WHEELS := $(HOME)/.cache/specserve/wheels/$(subst ==,-,$(LLAMA_CPP))-cpu-$(CPU_KEY)
+LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 
 .PHONY: run test proto install models bench clean
 
@@ -18,6 +24,9 @@ install: $(STAMP) proto
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
+	ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE)" \
+		$(PIP) wheel --no-deps --no-cache-dir --wheel-dir $(LLAMA_WHEELS) $(LLAMA_CPP)
+	$(PIP) install --quiet --no-deps $(LLAMA_WHEELS)/*.whl
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps flexeval==0.18.3
 	touch $(STAMP)

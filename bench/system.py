@@ -184,7 +184,7 @@ def split_overhead(cfg: BenchConfig, address: str, client: redis.Redis, tokenize
     in-process engine, so each measures its own steps' overhead: step time minus model time."""
     from gateway.local import local_scheduler
     from gateway.sequence import Sequence
-    from specserve.models import load_causal_lm
+    from specserve.runtime import open_runtime
     from specserve.sampling import SamplingParams
     from specserve.strategy import Strategy
 
@@ -204,10 +204,10 @@ def split_overhead(cfg: BenchConfig, address: str, client: redis.Redis, tokenize
     time.sleep(0.5)
     split = step_records(client, since)
     records = []
-    target, draft = load_causal_lm(cfg.target), load_causal_lm(cfg.draft)
+    target, draft = open_runtime(cfg.target), open_runtime(cfg.draft)
 
     async def in_process():
-        sch = local_scheduler(target, draft, tokenizer, [tokenizer.eos_token_id], 32768,
+        sch = local_scheduler(target, draft, tokenizer, [tokenizer.eos_token_id],
                               strategy=Strategy(mode="static", static_k=3), on_step=records.append)
         sch.start()
         seq = Sequence("s", ids, SamplingParams(max_new_tokens=24))

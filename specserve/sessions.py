@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import time
-from typing import Generic, TypeVar
+from typing import Callable, Generic, TypeVar
 
 S = TypeVar("S")
 
 
 class SessionTable(Generic[S]):
-    """Sessions by id with their last use; those idle past `ttl_s` are evicted on the next sweep."""
+    """Sessions by id with their last use; those idle past `ttl_s` are evicted on the next sweep.
+    `on_release` is called with each session id that leaves the table (to free its KV)."""
 
-    def __init__(self, ttl_s: float = 600.0):
+    def __init__(self, ttl_s: float = 600.0, on_release: Callable[[str], None] | None = None):
         self.ttl_s = ttl_s
+        self.on_release = on_release
         self._items: dict[str, tuple[S, float]] = {}
 
     def __len__(self) -> int:
@@ -32,7 +34,11 @@ class SessionTable(Generic[S]):
         self._items[session_id] = (session, time.monotonic())
 
     def release(self, session_ids: list[str]) -> int:
-        return sum(self._items.pop(sid, None) is not None for sid in session_ids)
+        released = [sid for sid in session_ids if self._items.pop(sid, None) is not None]
+        if self.on_release is not None:
+            for sid in released:
+                self.on_release(sid)
+        return len(released)
 
     def evict_idle(self) -> int:
         cutoff = time.monotonic() - self.ttl_s

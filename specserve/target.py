@@ -12,7 +12,7 @@ from specserve.contracts import (
     PrefillItem, PrefillOutput, PrefillResult, SessionStatus, VerifyItem, VerifyOutput, VerifyResult,
 )
 from specserve.errors import InvalidArgument
-from specserve.kv import BatchForward, SessionKV
+from specserve.runtime import Row, Runtime
 from specserve.sampling import SamplingParams, make_generator, processed_probs
 from specserve.sessions import SessionTable
 
@@ -21,8 +21,7 @@ VERIFIER_SALT = 1
 
 @dataclass
 class TargetSession:
-    tokens: list[int]  # committed tokens; the last one is not in the cache yet
-    kv: SessionKV  # covers tokens[:-1] (all of tokens while a chunked prefill is partial)
+    tokens: list[int]  # committed tokens; the runtime caches all but the last (all while partial)
     params: SamplingParams
     generator: torch.Generator
     partial: bool = False  # a chunked prefill is under way; no token generated yet
@@ -31,16 +30,16 @@ class TargetSession:
 class TargetWorker:
     """Holds the target model and its sessions. Not thread-safe: call from one worker thread."""
 
-    def __init__(self, model: torch.nn.Module, max_context: int, session_ttl_s: float = 600.0):
-        self.model = model
-        self.max_context = max_context
-        self.vocab = model.get_output_embeddings().weight.shape[0]
-        self.device = next(model.parameters()).device
-        self.sessions: SessionTable[TargetSession] = SessionTable(session_ttl_s)
+    def __init__(self, runtime: Runtime, session_ttl_s: float = 600.0):
+        self.runtime = runtime
+        self.max_context = runtime.max_context
+        self.vocab = runtime.vocab_size
+        self.device = runtime.device
+        self.sessions: SessionTable[TargetSession] = SessionTable(session_ttl_s, runtime.release)
 
     @property
     def kv_tokens(self) -> int:
-        return sum(s.kv.length for s in self.sessions.values())
+        return self.runtime.kv_tokens
 
     @torch.inference_mode()
     def prefill(self, items: list[PrefillItem]) -> PrefillOutput:
@@ -62,18 +61,20 @@ class TargetWorker:
             if session is not None and len(session.tokens) + len(item.prompt) >= self.max_context:
                 raise InvalidArgument("prompt_token_ids", f"session {item.session_id}: prompt exceeds the context window")
         start = time.perf_counter_ns()
-        batch = BatchForward(self.model, [s.kv if s else SessionKV() for s in earlier])
-        logits = batch.step([it.prompt for it in items], keep=[[len(it.prompt) - 1] for it in items])
+        for item, session in zip(items, earlier):
+            if session is None:
+                self.sessions.release([item.session_id])  # a fresh prefill starts from an empty cache
+        logits = self.runtime.forward([Row(it.session_id, it.prompt, [len(it.prompt) - 1]) for it in items])
         results = []
-        for item, session, kv, row in zip(items, earlier, batch.split(), logits):
+        for item, session, row in zip(items, earlier, logits):
             gen = session.generator if session else make_generator(item.params.seed, VERIFIER_SALT, self.device)
             tokens = (session.tokens if session else []) + item.prompt
             if item.partial:
-                self.sessions.put(item.session_id, TargetSession(tokens, kv, item.params, gen, partial=True))
+                self.sessions.put(item.session_id, TargetSession(tokens, item.params, gen, partial=True))
                 results.append(PrefillResult(item.session_id, -1))
                 continue
             first = _choose(row, item.params, gen)
-            self.sessions.put(item.session_id, TargetSession([*tokens, first], kv, item.params, gen))
+            self.sessions.put(item.session_id, TargetSession([*tokens, first], item.params, gen))
             results.append(PrefillResult(item.session_id, first))
         return PrefillOutput(results, time.perf_counter_ns() - start)
 
@@ -100,14 +101,12 @@ class TargetWorker:
             live.append((item, session))
         positions = 0
         if live:
-            batch = BatchForward(self.model, [s.kv for _, s in live])
-            rows = [[s.tokens[-1], *it.drafts] for it, s in live]
-            logits = batch.step(rows, keep=[list(range(len(r))) for r in rows])
-            positions = sum(len(r) for r in rows)
-            for (item, session), kv, row in zip(live, batch.split(), logits):
+            rows = [Row(it.session_id, [s.tokens[-1], *it.drafts], list(range(len(it.drafts) + 1))) for it, s in live]
+            logits = self.runtime.forward(rows)
+            positions = sum(len(r.tokens) for r in rows)
+            for (item, session), row in zip(live, logits):
                 accepted, emitted = self._accept(item, session, row)
-                kv.crop(len(session.tokens) + accepted)
-                session.kv = kv
+                self.runtime.truncate(item.session_id, len(session.tokens) + accepted)
                 session.tokens.extend(emitted)
                 results[item.session_id] = VerifyResult(item.session_id, SessionStatus.OK, emitted, accepted)
         return VerifyOutput([results[it.session_id] for it in items], positions, time.perf_counter_ns() - start)

@@ -13,20 +13,29 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> tuple[Path, Path]:
-    """(target, draft) folders of the tiny pair, saved once per session."""
-    from specserve.tiny import save_pair
+    """(target, draft) folders of the tiny pair (safetensors, tokenizer and GGUF), saved once."""
+    from tests.tiny import save_pair
 
     return save_pair(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")
-def tiny_models():
-    """(target, draft, tokenizer) of the tiny pair, in memory."""
-    from specserve.tiny import build_pair, build_tokenizer
+def tiny_models(tiny_dir):
+    """The tiny pair in memory, on the torch runtime."""
+    from tests.helpers import TinyPair
+    from tests.tiny import build_pair, build_tokenizer
 
     tokenizer = build_tokenizer()
     target, draft = build_pair(len(tokenizer))
-    return target, draft, tokenizer
+    return TinyPair("torch", target, draft, tokenizer, tuple(d / "model.gguf" for d in tiny_dir))
+
+
+@pytest.fixture(scope="session", params=["torch", "llama.cpp"])
+def tiny_pair(request, tiny_models):
+    """The tiny pair on each runtime in turn: the same weights, served by torch and by llama.cpp."""
+    from dataclasses import replace
+
+    return replace(tiny_models, runtime=request.param)
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,7 @@ NAME = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"].full_name
 def build(config: modelservice.ModelServiceConfig, loaded: modelservice.LoadedModel) -> Proposer:
     if config.proposer == "ngram":
         return make_proposer("ngram", session_ttl_s=config.session_ttl_s)
-    return make_proposer("draft_model", model=loaded.model, max_context=loaded.max_context,
-                         session_ttl_s=config.session_ttl_s)
+    return make_proposer("draft_model", runtime=loaded.runtime, session_ttl_s=config.session_ttl_s)
 
 
 def warm(proposer: Proposer) -> list[dict]:

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     servicer = VerifierServicer(config.model, modelservice.ComputeThread(config.step_delay_ms))
     asyncio.run(modelservice.serve_model(
         config, NAME, servicer, verifier_pb2_grpc.add_VerifierServicer_to_server,
-        lambda loaded: TargetWorker(loaded.model, loaded.max_context, config.session_ttl_s), warm))
+        lambda loaded: TargetWorker(loaded.runtime, config.session_ttl_s), warm))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ class VerifierServicer(ModelServicer, verifier_pb2_grpc.VerifierServicer):
         items = codec.prefill_request_from_pb(request)
         unique_ids([it.session_id for it in items], "items.session_id")
         for it in items:
-            it.params.validate("items.sampling", max_new_tokens_limit=self.loaded.max_context)
+            it.params.validate("items.sampling", max_new_tokens_limit=self.loaded.runtime.max_context)
         out = await self.compute.run(worker.prefill, items)
         self.record("prefill", len(items), prompt_tokens=sum(len(it.prompt) for it in items),
                     forward_ms=out.forward_ns / 1e6)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specserve.contracts import Draft, ProposeItem, ProposeOutput, SessionStatus, Sparse
-from specserve.kv import BatchForward, SessionKV
+from specserve.runtime import Row, Runtime
 from specserve.sampling import SamplingParams, make_generator, processed_probs
 from specserve.sessions import SessionTable
 
@@ -18,8 +18,7 @@ DRAFTER_SALT = 2
 @dataclass
 class DraftSession:
     tokens: list[int]  # every committed token
-    cached: list[int]  # the tokens whose keys and values `kv` holds (a committed prefix plus drafts)
-    kv: SessionKV
+    cached: list[int]  # the tokens the runtime caches for it (a committed prefix plus drafts)
     generator: torch.Generator
     pending: list[int] = field(default_factory=list)  # drafts of the last call; `cached` ends with all but the last
 
@@ -48,16 +47,16 @@ def stop_drafting(item: ProposeItem, drafted: int, cumulative: float, latest: fl
 class DraftModelProposer:
     """Not thread-safe: call from one worker thread."""
 
-    def __init__(self, model: torch.nn.Module, max_context: int, support_cap: int = 64, session_ttl_s: float = 600.0):
-        self.model = model
-        self.max_context = max_context
+    def __init__(self, runtime: Runtime, support_cap: int = 64, session_ttl_s: float = 600.0):
+        self.runtime = runtime
+        self.max_context = runtime.max_context
         self.support_cap = support_cap  # sampled drafts come from at most this many tokens
-        self.device = next(model.parameters()).device
-        self.sessions: SessionTable[DraftSession] = SessionTable(session_ttl_s)
+        self.device = runtime.device
+        self.sessions: SessionTable[DraftSession] = SessionTable(session_ttl_s, runtime.release)
 
     @property
     def kv_tokens(self) -> int:
-        return sum(s.kv.length for s in self.sessions.values())
+        return self.runtime.kv_tokens
 
     @torch.inference_mode()
     def propose(self, items: list[ProposeItem]) -> ProposeOutput:
@@ -74,7 +73,7 @@ class DraftModelProposer:
                 continue
             n = _common_prefix(session.cached, session.tokens)
             n = min(n, len(session.tokens) - 1)  # always run at least one token
-            session.kv.crop(n)
+            self.runtime.truncate(item.session_id, n)
             session.cached = session.tokens[:n]
             session.pending = []
             rows.append(_Row(item, session, session.tokens[n:], draft))
@@ -87,7 +86,8 @@ class DraftModelProposer:
             ok = session is not None and len(session.tokens) == item.position and not item.new_tokens
             return session if ok else None
         if item.position == 0:
-            session = DraftSession([], [], SessionKV(), make_generator(item.params.seed, DRAFTER_SALT, self.device))
+            self.sessions.release([item.session_id])
+            session = DraftSession([], [], make_generator(item.params.seed, DRAFTER_SALT, self.device))
             self.sessions.put(item.session_id, session)
         else:
             session = self.sessions.get(item.session_id)
@@ -97,12 +97,11 @@ class DraftModelProposer:
         return session if session.tokens else None
 
     def _draft(self, rows: list[_Row]) -> int:
-        batch = BatchForward(self.model, [r.session.kv for r in rows])
         live = list(rows)
         feeds = [r.feed for r in rows]
         steps = 0
         while True:
-            logits = batch.step(feeds, keep=[[len(f) - 1] for f in feeds])
+            logits = self.runtime.forward([Row(r.item.session_id, f, [len(f) - 1]) for r, f in zip(live, feeds)])
             steps += 1
             for r, f, row_logits in zip(live, feeds, logits):
                 r.session.cached.extend(f)
@@ -118,16 +117,12 @@ class DraftModelProposer:
                 r.cumulative *= conf
                 r.done = stop_drafting(r.item, len(r.draft.tokens), r.cumulative, conf) \
                     or room <= len(r.draft.tokens)
-            keep = [i for i, r in enumerate(live) if not r.done]
-            finished = [i for i, r in enumerate(live) if r.done]
-            for i, kv in zip(finished, batch.split(finished)):
-                live[i].session.kv = kv
-                live[i].session.pending.extend(live[i].draft.tokens)
-            if not keep:
+            for r in live:
+                if r.done:
+                    r.session.pending.extend(r.draft.tokens)
+            live = [r for r in live if not r.done]
+            if not live:
                 return steps
-            if len(keep) < len(live):
-                batch.select(keep)
-                live = [live[i] for i in keep]
             feeds = [[r.draft.tokens[-1]] for r in live]
 
     def release(self, session_ids: list[str]) -> int:

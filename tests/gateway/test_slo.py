@@ -5,7 +5,6 @@ import time
 
 
 from gateway.admission import Admission, attainment
-from gateway.local import local_scheduler
 from gateway.metrics import GatewayMetrics
 from gateway.scheduler import SchedulerConfig
 from gateway.sequence import Sequence, Slo
@@ -20,9 +19,8 @@ COST = CostModel(draft_fixed=2, draft_per_seq=0.5, verify_fixed=DELAY_MS + 5, ve
 
 
 def _scheduler(tiny_models, mode="off", max_batch=2, **kw):
-    target, draft, tokenizer = tiny_models
-    return local_scheduler(target, draft, tokenizer, [10**6], 1024, SchedulerConfig(max_batch_size=max_batch),
-                           Strategy(mode=mode, cost=COST), verify_delay_ms=DELAY_MS, **kw)
+    return tiny_models.scheduler(SchedulerConfig(max_batch_size=max_batch), Strategy(mode=mode, cost=COST),
+                                 eos_ids=[10**6], verify_delay_ms=DELAY_MS, **kw)
 
 
 def test_burst_beyond_capacity_is_rejected_not_violated(tiny_models):
@@ -124,17 +122,15 @@ def test_tight_tpot_caps_the_step(tiny_models):
 def test_long_prefill_is_chunked_and_running_sessions_keep_decoding(tiny_models):
     """A 600-token prompt prefilled 64 tokens per step: the running request keeps getting decode
     steps meanwhile, and both outputs equal target-only decoding."""
-    from gateway.scheduler import SchedulerConfig
-    from gateway.local import local_scheduler
     from tests.helpers import target_only
 
-    target, draft, tokenizer = tiny_models
+    target = tiny_models.target
     long_prompt = [(i * 7) % 300 + 3 for i in range(600)]
     records = []
 
     async def main():
-        sch = local_scheduler(target, draft, tokenizer, [10**6], 1024, SchedulerConfig(max_prefill_tokens=64),
-                              Strategy(mode="static", static_k=2), on_step=lambda r: records.append(time.monotonic()))
+        sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=64), Strategy(mode="static", static_k=2),
+                                    eos_ids=[10**6], on_step=lambda r: records.append(time.monotonic()))
         short = Sequence("short", [5, 6, 7], SamplingParams(max_new_tokens=30))
         sch.submit(short)
         sch.start()

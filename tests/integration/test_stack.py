@@ -4,28 +4,33 @@ import random
 import threading
 import time
 
+from dataclasses import replace
+
 import grpc
 import pytest
-import torch
 
 from specserve.launcher import Stack
 from specserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, verifier_pb2_grpc
-from tests.helpers import target_only
+from tests.helpers import assert_lossless
 
 
-@pytest.fixture(scope="module")
-def stack(tiny_dir):
+@pytest.fixture(scope="module", params=["torch", "llama.cpp"])
+def stack(request, tiny_dir):
     target, draft = tiny_dir
-    s = Stack(str(target), str(draft), extra_env={"SPECSERVE_THREADS": "1"}).start(timeout_s=120)
+    env = {"SPECSERVE_THREADS": "1", "SPECSERVE_RUNTIME": request.param}
+    s = Stack(str(target), str(draft), extra_env=env).start(timeout_s=120)
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="module")
-def reference_model(tiny_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_dir[0], dtype=torch.float32).eval()
+def reference(stack, tiny_models):
+    """Target-only greedy output (and top-2 gaps) on the stack's runtime, stopping where the
+    verifier says a sequence ends."""
+    with grpc.insecure_channel(stack.services["verifier"].address) as channel:
+        eos = list(verifier_pb2_grpc.VerifierStub(channel).Info(common_pb2.InfoRequest()).eos_token_ids)
+    pair = replace(tiny_models, runtime=stack.extra_env["SPECSERVE_RUNTIME"])
+    return lambda prompt, n: pair.reference(prompt, n, eos)
 
 
 def _generate(address: str, request: gateway_pb2.GenerateRequest) -> tuple[list[int], gateway_pb2.GenerateResponse]:
@@ -63,14 +68,13 @@ def _requests(n: int, seed: int):
     return reqs
 
 
-def test_concurrent_streams_match_target_only(stack, reference_model):
+def test_concurrent_streams_match_target_only(stack, reference):
     reqs = _requests(9, seed=3)
     results = _run_concurrently(_generate, [(stack.gateway_address, r) for r in reqs])
     for req, (tokens, last) in zip(reqs, results):
         assert last.stats.output_tokens == len(tokens) > 0
         if req.sampling.temperature == 0:
-            expect = target_only(reference_model, list(req.prompt_token_ids.ids), req.sampling.max_new_tokens, 0)
-            assert tokens == expect
+            assert_lossless(tokens, reference(list(req.prompt_token_ids.ids), req.sampling.max_new_tokens))
 
 
 def _verifier_sessions(stack) -> int:
@@ -92,7 +96,7 @@ def test_cancelled_streams_release_their_sessions(stack):
     assert _verifier_sessions(stack) <= before
 
 
-def test_killing_the_drafter_loses_nothing(stack, reference_model):
+def test_killing_the_drafter_loses_nothing(stack, reference):
     reqs = [r for r in _requests(8, seed=5) if r.sampling.temperature == 0]
     for r in reqs:
         r.sampling.max_new_tokens = 60
@@ -100,7 +104,7 @@ def test_killing_the_drafter_loses_nothing(stack, reference_model):
     killer.start()
     results = _run_concurrently(_generate, [(stack.gateway_address, r) for r in reqs])
     for req, (tokens, _) in zip(reqs, results):
-        assert tokens == target_only(reference_model, list(req.prompt_token_ids.ids), 60, 0)
+        assert_lossless(tokens, reference(list(req.prompt_token_ids.ids), 60))
     stack.restart("drafter", timeout_s=120)
     tokens, last = _generate(stack.gateway_address, reqs[0])
     assert tokens == results[0][0]

@@ -6,7 +6,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.admission import Admission
-from gateway.local import local_scheduler
 from gateway.servicer import GatewayServicer, Limits
 from specserve.errors import InvalidArgument
 from specserve.live import OPS_KEYS, parse_op
@@ -17,8 +16,8 @@ NAME = "specserve.v1.Gateway"
 
 
 async def _gateway(tiny_models, keys=None, limits=None):
-    target, draft, tokenizer = tiny_models
-    scheduler = local_scheduler(target, draft, tokenizer, [tokenizer.eos_token_id], 256)
+    tokenizer = tiny_models.tokenizer
+    scheduler = tiny_models.scheduler(max_context=256)
     servicer = GatewayServicer()
     servicer.attach(scheduler, tokenizer, len(tokenizer), limits or Limits(256, max_new_tokens=64),
                     gateway_pb2.GatewayInfo(), Admission(scheduler))
@@ -124,8 +123,8 @@ async def test_tls_only_when_configured(tiny_models, tmp_path):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
                    check=True, capture_output=True)
-    target, draft, tokenizer = tiny_models
-    scheduler = local_scheduler(target, draft, tokenizer, [tokenizer.eos_token_id], 256)
+    tokenizer = tiny_models.tokenizer
+    scheduler = tiny_models.scheduler(max_context=256)
     servicer = GatewayServicer()
     servicer.attach(scheduler, tokenizer, len(tokenizer), Limits(256), gateway_pb2.GatewayInfo(), Admission(scheduler))
     scheduler.start()

@@ -4,7 +4,6 @@ import grpc
 import pytest
 
 from gateway.admission import Admission
-from gateway.local import local_scheduler
 from gateway.servicer import GatewayServicer, Limits
 from services.drafter.servicer import DrafterServicer
 from services.verifier.servicer import VerifierServicer
@@ -26,14 +25,14 @@ async def _serve(add, servicer):
     return server, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
 
 
-def _loaded(model, tokenizer):
-    return LoadedModel(model, tokenizer, 1024, "fp", [tokenizer.eos_token_id])
+def _loaded(runtime, tokenizer):
+    return LoadedModel(runtime, "fp", [tokenizer.eos_token_id])
 
 
-async def test_verifier_prefill_verify_release(tiny_models):
-    target, _, tokenizer = tiny_models
+async def test_verifier_prefill_verify_release(tiny_pair):
+    target, _ = tiny_pair.runtimes()
     servicer = VerifierServicer("tiny", ComputeThread())
-    servicer.attach(TargetWorker(target, 1024), _loaded(target, tokenizer))
+    servicer.attach(TargetWorker(target), _loaded(target, tiny_pair.tokenizer))
     server, channel = await _serve(verifier_pb2_grpc.add_VerifierServicer_to_server, servicer)
     stub = verifier_pb2_grpc.VerifierStub(channel)
     out = await stub.Prefill(verifier_pb2.PrefillRequest(items=[{"session_id": "a", "prompt_token_ids": [5, 6, 7]}]))
@@ -51,15 +50,15 @@ async def test_verifier_prefill_verify_release(tiny_models):
         await stub.Verify(verifier_pb2.VerifyRequest(items=[{"session_id": "a", "position": 1}] * 2))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     info = await stub.Info(common_pb2.InfoRequest())
-    assert info.sessions == 1 and info.tokenizer_fingerprint == "fp"
+    assert info.sessions == 1 and info.tokenizer_fingerprint == "fp" and info.runtime == tiny_pair.runtime
     assert (await stub.Release(common_pb2.ReleaseRequest(session_ids=["a", "x"]))).released == 1
     await server.stop(0)
 
 
-async def test_drafter_propose_and_resync(tiny_models):
-    _, draft, tokenizer = tiny_models
+async def test_drafter_propose_and_resync(tiny_pair):
+    _, draft = tiny_pair.runtimes()
     servicer = DrafterServicer("tiny", ComputeThread(), "draft_model")
-    servicer.attach(make_proposer("draft_model", model=draft, max_context=1024), _loaded(draft, tokenizer))
+    servicer.attach(make_proposer("draft_model", runtime=draft), _loaded(draft, tiny_pair.tokenizer))
     server, channel = await _serve(drafter_pb2_grpc.add_DrafterServicer_to_server, servicer)
     stub = drafter_pb2_grpc.DrafterStub(channel)
     out = await stub.Propose(drafter_pb2.ProposeRequest(items=[
@@ -95,8 +94,8 @@ BAD_REQUESTS = [
 
 @pytest.fixture
 async def gateway_stub(tiny_models):
-    target, draft, tokenizer = tiny_models
-    scheduler = local_scheduler(target, draft, tokenizer, [tokenizer.eos_token_id], 1024)
+    tokenizer = tiny_models.tokenizer
+    scheduler = tiny_models.scheduler()
     servicer = GatewayServicer()
     servicer.attach(scheduler, tokenizer, len(tokenizer), Limits(1024), gateway_pb2.GatewayInfo(), Admission(scheduler))
     scheduler.start()
@@ -124,13 +123,13 @@ async def test_gateway_streams_text_and_stats(gateway_stub):
     assert last.stats.prompt_tokens > 0 and last.stats.slo_attained
 
 
-def test_start_up_profiles_measure_steady_state_steps(tiny_models):
+def test_start_up_profiles_measure_steady_state_steps(tiny_pair):
     from services.drafter.__main__ import warm as warm_drafter
     from services.verifier.__main__ import warm as warm_verifier
 
-    target, draft, _ = tiny_models
-    drafts = warm_drafter(make_proposer("draft_model", model=draft, max_context=1024))
+    target, draft = tiny_pair.runtimes()
+    drafts = warm_drafter(make_proposer("draft_model", runtime=draft))
     assert [r["draft_steps"] for r in drafts] == [1, 4, 2, 3, 2, 4, 1, 3]
     assert all(r["draft_ms"] > 0 for r in drafts)
-    verifies = warm_verifier(TargetWorker(target, 1024))
+    verifies = warm_verifier(TargetWorker(target))
     assert [r["verified_positions"] for r in verifies] == [1, 2, 4, 8] * 2

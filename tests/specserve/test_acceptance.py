@@ -53,3 +53,18 @@ def test_bonus_token_after_all_accepted_is_sampled_from_last_row():
 
 def test_dense_places_sparse_probabilities():
     assert dense([1, 3], [0.25, 0.75], 5).tolist() == [0.0, 0.25, 0.0, 0.75, 0.0]
+
+
+def test_sampled_tokens_follow_the_target_distribution_of_each_runtime(tiny_pair):
+    """The same bound with p and q taken from the runtime's own target and draft logits."""
+    from specserve.runtime import Row
+    from specserve.sampling import SamplingParams, processed_probs
+
+    target, draft = tiny_pair.runtimes()
+    prompt = [5, 9, 11, 40]
+    params = SamplingParams(temperature=1.5, top_k=6)
+    p = processed_probs(target.forward([Row("s", prompt, [3])])[0], params)[0]
+    q = processed_probs(draft.forward([Row("s", prompt, [3])])[0], SamplingParams(temperature=1.0, top_k=4))[0]
+    assert 0.5 * float((q - p).abs().sum()) > 0.03  # the draft alone would fail the bound
+    freq = _draws(p, q, 6000, seed=2)
+    assert 0.5 * float((freq - p).abs().sum()) < 0.03

@@ -8,10 +8,11 @@ import torch
 
 from gateway.sequence import Finish
 from specserve.contracts import PrefillItem, VerifyItem
+from specserve.runtime import Row
 from specserve.sampling import SamplingParams
 from specserve.strategy import Strategy
 from specserve.target import TargetWorker
-from tests.helpers import run_local, target_only
+from tests.helpers import assert_lossless, run_local, target_only
 
 
 def _requests(seed: int, vocab: int, n: int = 6):
@@ -28,37 +29,44 @@ def _requests(seed: int, vocab: int, n: int = 6):
     Strategy(mode="static", static_k=3), Strategy(mode="threshold"), Strategy(mode="adaptive"),
     Strategy(mode="specserve", gate_margin=0.0), Strategy(mode="smartspec", acceptance_rate=0.9, smartspec_margin=0.1),
 ])
-def test_greedy_speculation_equals_target_only(tiny_models, seed, strategy):
-    target, _, tokenizer = tiny_models
+def test_greedy_speculation_equals_target_only(tiny_pair, seed, strategy):
+    tokenizer = tiny_pair.tokenizer
     requests = _requests(seed, len(tokenizer))
     # Mixed budgets in one batch, including 0 (plain decode) for some sessions.
-    seqs, outs = run_local(tiny_models, requests, strategy, overrides=[("", 0), ("static", 0), ("static", 5)])
+    seqs, outs = run_local(tiny_pair, requests, strategy, overrides=[("", 0), ("static", 0), ("static", 5)])
     for (prompt, params), (tokens, _, _) in zip(requests, outs):
-        assert tokens == target_only(target, prompt, params.max_new_tokens, tokenizer.eos_token_id)
+        assert_lossless(tokens, tiny_pair.reference(prompt, params.max_new_tokens, tokenizer.eos_token_id))
     assert sum(s.draft_tokens for s in seqs) > 0
 
 
-def test_cheap_speculation_is_used_and_accepted(tiny_models):
+def test_torch_runtime_equals_hugging_face_generate(tiny_models):
+    """The torch runtime's plain greedy decoding is Hugging Face's own."""
+    for prompt in ([5], [9, 3, 200, 17, 4, 4, 4], list(range(3, 60))):
+        tokens, _ = tiny_models.reference(prompt, 25)
+        assert tokens == target_only(tiny_models.target, prompt, 25)
+
+
+def test_cheap_speculation_is_used_and_accepted(tiny_pair):
     """With drafting priced as cheap, the adaptive controller drafts and drafts get accepted."""
     from specserve.strategy import CostModel
 
     strategy = Strategy(mode="adaptive", cost=CostModel(draft_fixed=1.0, draft_per_seq=0.1))
-    seqs, _ = run_local(tiny_models, _requests(7, len(tiny_models[2])), strategy)
+    seqs, _ = run_local(tiny_pair, _requests(7, len(tiny_pair.tokenizer)), strategy)
     assert sum(s.accepted_tokens for s in seqs) > 0
 
 
-def test_ngram_proposer_is_lossless(tiny_models):
-    target, _, tokenizer = tiny_models
+def test_ngram_proposer_is_lossless(tiny_pair):
+    tokenizer = tiny_pair.tokenizer
     prompt = tokenizer.encode("for i in range(10):\n    print(i)\nfor i in range(10):\n")
-    seqs, outs = run_local(tiny_models, [(prompt, SamplingParams(max_new_tokens=30))],
+    seqs, outs = run_local(tiny_pair, [(prompt, SamplingParams(max_new_tokens=30))],
                            Strategy(mode="static", static_k=4), proposer="ngram")
-    assert outs[0][0] == target_only(target, prompt, 30, tokenizer.eos_token_id)
+    assert_lossless(outs[0][0], tiny_pair.reference(prompt, 30, tokenizer.eos_token_id))
 
 
 def test_stop_conditions_cut_at_the_same_token(tiny_models):
-    target, _, tokenizer = tiny_models
+    tokenizer = tiny_models.tokenizer
     prompt = tokenizer.encode("def add(a, b):")
-    reference = target_only(target, prompt, 30, tokenizer.eos_token_id)
+    reference = target_only(tiny_models.target, prompt, 30, tokenizer.eos_token_id)
     text = tokenizer.decode(reference, skip_special_tokens=True)
     stop = text[len(text) // 2 : len(text) // 2 + 2] or "x"
     params = SamplingParams(max_new_tokens=30, stop=(stop,))
@@ -70,13 +78,10 @@ def test_stop_conditions_cut_at_the_same_token(tiny_models):
 
 
 def test_eos_finishes_the_request(tiny_models):
-    target, _, tokenizer = tiny_models
-    eos = tokenizer.eos_token_id
+    eos = tiny_models.tokenizer.eos_token_id
     prompt = [5, 6, 7]
-    reference = target_only(target, prompt, 20)
-    # Make the 4th generated token the EOS id by treating it as EOS for this run.
-    tiny = (target, tiny_models[1], tokenizer)
-    seqs, outs = run_local(tiny, [(prompt, SamplingParams(max_new_tokens=20))], Strategy(mode="static", static_k=3))
+    reference = target_only(tiny_models.target, prompt, 20)
+    seqs, outs = run_local(tiny_models, [(prompt, SamplingParams(max_new_tokens=20))], Strategy(mode="static", static_k=3))
     tokens, _, finish = outs[0]
     if eos in reference:
         assert tokens == reference[: reference.index(eos) + 1] and finish is Finish.EOS
@@ -85,23 +90,19 @@ def test_eos_finishes_the_request(tiny_models):
 
 
 @torch.inference_mode()
-def test_rollback_matches_fresh_prefill(tiny_models):
+def test_rollback_matches_fresh_prefill(tiny_pair):
     """After a step with rejected drafts, the next step's target logits equal those of a fresh
-    prefill of the committed prefix."""
-    target, _, _ = tiny_models
-    worker = TargetWorker(target, 1024)
+    prefill of the committed prefix, on the same runtime."""
+    runtime, _ = tiny_pair.runtimes()
+    worker = TargetWorker(runtime)
     prompt = [5, 9, 11, 40, 2]
     first = worker.prefill([PrefillItem("s", prompt, SamplingParams())]).results[0].token_id
     bad = [(first + 1) % 300 + 3, 7, 8, 9]  # almost surely rejected at once
     result = worker.verify([VerifyItem("s", len(prompt) + 1, bad)]).results[0]
     assert result.accepted < len(bad)
-    session = worker.sessions.get("s")
-    committed = session.tokens
-    assert session.kv.length == len(committed) - 1
-    ids = torch.tensor([committed])
-    fresh = target(ids).logits[0, -1]
-    from specserve.kv import BatchForward
-
-    batch = BatchForward(target, [session.kv])
-    cached = batch.step([[committed[-1]]], keep=[[0]])[0][0]
+    committed = worker.sessions.get("s").tokens
+    assert runtime.length("s") == len(committed) - 1
+    cached = runtime.forward([Row("s", [committed[-1]], [0])])[0][0]
+    fresh_runtime, _ = tiny_pair.runtimes()
+    fresh = fresh_runtime.forward([Row("f", committed, [len(committed) - 1])])[0][0]
     assert torch.allclose(fresh, cached, atol=1e-4)
