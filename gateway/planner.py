@@ -151,7 +151,11 @@ class Planner:
         if k_cap == 0 or not self.gate(sessions, c_bar):
             return {v.key: DraftPlan() for v in sessions}
         efficiency = (n + n * c_bar) / self.step_ms(sessions, [1] * n)  # tokens per ms at k = 1
-        marginal_ms = cost.draft_per_seq + cost.verify_per_pos + cost.draft_fixed / n
+        # One more draft row and one more verified position, both in measured (scaled) time, as
+        # the efficiency is: the slower the measured steps, the higher the bar.
+        ctx = sum(v.context for v in sessions)
+        verify_ms = cost.t_verify(2 * n + 1, ctx) - cost.t_verify(2 * n, ctx)
+        marginal_ms = (cost.draft_per_seq + cost.draft_fixed / n + max(verify_ms, 0.0)) * self.time_scale
         bar = efficiency * marginal_ms / max(c_bar, 1e-6)
         plans = {}
         for v in sessions:

@@ -120,15 +120,31 @@ def _cmd_ops(args: argparse.Namespace) -> int:
 SHARED_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 
 
-def _pair(args: argparse.Namespace) -> tuple[str, str]:
+def _pair(args: argparse.Namespace, torch_weights: bool = False) -> tuple[str, str]:
     if args.target_model and args.draft_model:
         return args.target_model, args.draft_model
-    paths = models.prepare(Path(args.cache_dir), torch_weights=getattr(args, "runtime", "auto") == "torch")
+    torch_weights = torch_weights or getattr(args, "runtime", "auto") == "torch"
+    paths = models.prepare(Path(args.cache_dir), torch_weights=torch_weights)
     return str(paths["target"]), str(paths["draft"])
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    target, draft = _pair(args)
+    from specserve import launcher
+
+    target, draft = _pair(args, torch_weights=args.which in ("runtime", "engine"))
+    if args.which == "runtime":
+        from bench import runtime
+
+        redis_url, redis_proc = (args.redis_url, None) if args.redis_url else launcher.start_redis()
+        rcfg = runtime.RuntimeBenchConfig(target, draft, redis_url, Path(args.out))
+        if args.quick:
+            rcfg.contexts, rcfg.sessions, rcfg.prompts_per_set, rcfg.decode_rounds = (200,), (1, 4), 2, 1
+        try:
+            print(runtime.markdown(runtime.run(rcfg)))
+        finally:
+            if redis_proc:
+                redis_proc.terminate()
+        return 0
     if args.which == "engine":
         from bench import engine
 
@@ -136,7 +152,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(engine.markdown(engine.main(target, draft, prompts, tokens, Path(args.out))))
         return 0
     from bench import report, system
-    from specserve import launcher
 
     # A Redis of its own, so telemetry from earlier runs never feeds this run's policy.
     redis_url, redis_proc = (args.redis_url, None) if args.redis_url else launcher.start_redis()
@@ -208,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.set_defaults(func=_cmd_health)
 
     bench = sub.add_parser("bench", help="benchmarks: the trace replay of the whole system (default) or the engine")
-    bench.add_argument("which", nargs="?", choices=["system", "engine"], default="system")
+    bench.add_argument("which", nargs="?", choices=["system", "engine", "runtime"], default="system")
     bench.add_argument("--quick", action="store_true", help="one load level, a few requests (a few minutes)")
     bench.add_argument("--target-model", default="", help="default: the built-in pair")
     bench.add_argument("--draft-model", default="")

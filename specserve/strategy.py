@@ -21,14 +21,21 @@ Mode = Literal["off", "static", "threshold", "smartspec", "specserve", "adaptive
 MODES: tuple[str, ...] = ("off", "static", "threshold", "smartspec", "specserve", "adaptive")
 
 
+# A verify shape ends where one more position costs this much more (kernels change shape there).
+SHAPE_STEP = 0.10
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Step-time model in milliseconds.
 
     T_draft(n, k) = k * (draft_fixed + draft_per_seq * n)          (k draft forward passes)
-    T_verify(N, ctx) = verify_fixed + verify_per_pos * pad(N) + verify_per_ctx * ctx
-    where N is the verified positions, ctx the summed context of the batch and pad(N) the
-    smallest verify shape bucket holding N (N itself when there are no buckets).
+    T_verify(N, ctx) = table(pad(N)) + verify_per_ctx * ctx, where N is the verified positions and
+    ctx the summed context of the batch. `verify_table` holds measured (N, ms at ctx 0) points;
+    between them the time is interpolated, and a larger shape that measured cheaper than a smaller
+    one sets the smaller one's time too (more positions can be cheaper: kernel shapes). Without a
+    table, T is the line verify_fixed + verify_per_pos * N. pad(N) is the smallest shape bucket
+    holding N (N itself when there are no buckets).
     """
 
     draft_fixed: float = 78.0
@@ -37,6 +44,7 @@ class CostModel:
     verify_per_pos: float = 6.0
     verify_per_ctx: float = 0.01
     shape_buckets: tuple[int, ...] = ()
+    verify_table: tuple[tuple[int, float], ...] = ()  # (positions, ms), positions increasing
 
     def pad(self, positions: int) -> int:
         if not self.shape_buckets or positions > self.shape_buckets[-1]:
@@ -47,7 +55,27 @@ class CostModel:
         return k * (self.draft_fixed + self.draft_per_seq * n) if k > 0 and n > 0 else 0.0
 
     def t_verify(self, positions: int, ctx: int) -> float:
-        return self.verify_fixed + self.verify_per_pos * self.pad(positions) + self.verify_per_ctx * ctx
+        return self.t_positions(self.pad(positions)) + self.verify_per_ctx * ctx
+
+    def t_positions(self, n: int) -> float:
+        """Verify time of n positions at context 0: the table's lower envelope, interpolated."""
+        if not self.verify_table:
+            return self.verify_fixed + self.verify_per_pos * n
+        xs = [p for p, _ in self.verify_table]
+        env = [min(t for _, t in self.verify_table[i:]) for i in range(len(xs))]
+        if n <= xs[0]:
+            return env[0]
+        if n >= xs[-1]:
+            slope = (env[-1] - env[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else self.verify_per_pos
+            return env[-1] + max(slope, 0.0) * (n - xs[-1])
+        i = bisect.bisect_left(xs, n)
+        return env[i - 1] + (env[i] - env[i - 1]) * (n - xs[i - 1]) / (xs[i] - xs[i - 1])
+
+    def buckets_from_table(self) -> tuple[int, ...]:
+        """The verify shapes: table positions after which one more position costs SHAPE_STEP more."""
+        xs = [p for p, _ in self.verify_table]
+        return tuple(p for p, q in zip(xs, xs[1:])
+                     if self.t_positions(p + 1) > self.t_positions(p) * (1 + SHAPE_STEP) and q == p + 1)
 
 
 @dataclass(frozen=True)
@@ -128,7 +156,8 @@ class Strategy:
         try:
             doc = json.loads(text)
             cost = CostModel(**{**doc.pop("cost", {})})
-            cost = replace(cost, shape_buckets=tuple(cost.shape_buckets))
+            cost = replace(cost, shape_buckets=tuple(cost.shape_buckets),
+                           verify_table=tuple((int(p), float(t)) for p, t in cost.verify_table))
             cal_doc = doc.pop("calibration", {})
             cal = Calibration(tuple(cal_doc.get("raw", (0.0, 1.0))), tuple(cal_doc.get("survival", (0.0, 1.0))))
             return cls(**doc, cost=cost, calibration=cal).validate()

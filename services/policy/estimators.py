@@ -1,8 +1,9 @@
 """Estimators fitted from step records (pure numpy; no torch).
 
-- CostEstimator: T_draft = steps * (draft_fixed + draft_per_seq * n) and
-  T_verify = verify_fixed + verify_per_pos * N + verify_per_ctx * ctx, least squares over a window
-  of recent steps, coefficients kept non-negative.
+- CostEstimator: T_draft = steps * (draft_fixed + draft_per_seq * n), least squares; T_verify as a
+  measured table by verified positions N (median time of each N seen, brought to context 0 by the
+  fitted per-context slope), with the shape buckets where its cost steps up; coefficients kept
+  non-negative, over a window of recent steps.
 - CalibrationEstimator: observed survival of draft positions against their raw cumulative
   confidence, in bins, made monotone; the map Ĉ = f(C).
 - AcceptanceEstimator: the global accepted / drafted ratio α and the mean per-token acceptance.
@@ -31,12 +32,15 @@ def _nonneg_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(coef, 0, None)
 
 
+WINDOW = 500  # recent observations kept per part: a few minutes of steps, enough for every shape
+TABLE_MIN_SAMPLES = 2  # observations of one shape before its time enters the table
+
+
 @dataclass
 class CostEstimator:
     prior: CostModel = field(default_factory=CostModel)
-    window: int = 500
-    draft: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
-    verify: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
+    draft: collections.deque = field(default_factory=lambda: collections.deque(maxlen=WINDOW))
+    verify: collections.deque = field(default_factory=lambda: collections.deque(maxlen=WINDOW))
 
     def observe(self, batch: int, draft_steps: int, draft_ms: float, positions: int, context: int, verify_ms: float) -> None:
         if draft_steps > 0 and draft_ms > 0:
@@ -59,7 +63,22 @@ class CostEstimator:
             cols = [0] + [i for i in (1, 2) if len(np.unique(v[:, i])) >= 2]
             coef = dict(zip(cols, _nonneg_lstsq(v[:, cols], v[:, 3])))
             c = CostModel(c.draft_fixed, c.draft_per_seq, coef[0], coef.get(1, 0.0), coef.get(2, 0.0), c.shape_buckets)
+        table = self._table(v, c.verify_per_ctx)
+        if len(table) >= 2:
+            c = CostModel(c.draft_fixed, c.draft_per_seq, c.verify_fixed, c.verify_per_pos, c.verify_per_ctx,
+                          (), table)
+            c = CostModel(**{**c.__dict__, "shape_buckets": c.buckets_from_table()})
         return c
+
+    @staticmethod
+    def _table(v: np.ndarray, per_ctx: float) -> tuple[tuple[int, float], ...]:
+        """Median verify time per number of positions, at context 0."""
+        out = []
+        for n in np.unique(v[:, 1]):
+            rows = v[v[:, 1] == n]
+            if len(rows) >= TABLE_MIN_SAMPLES:
+                out.append((int(n), float(np.median(rows[:, 3] - per_ctx * rows[:, 2]))))
+        return tuple(out)
 
 
 @dataclass

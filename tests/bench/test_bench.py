@@ -79,3 +79,29 @@ def test_smoke_run_of_the_whole_bench_on_tiny_models(tiny_dir, redis_url, tmp_pa
     assert len(saved["requests"]) == 4 * len(system.POLICIES)
     for name in ("system.md", "attainment.png", "tpot_p99.png", "speedup_vs_k.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+def test_ratio_interval_calls_a_tie_a_tie():
+    from bench.stats import ratio_ci
+
+    clear = ratio_ci([2.0, 2.1, 1.9, 2.05] * 5, [1.0, 1.02, 0.98, 1.01] * 5)
+    assert clear["verdict"] == "win" and clear["low"] > 1.8
+    noisy = ratio_ci([1.0, 1.5, 0.6, 1.2, 0.8], [1.0, 1.0, 1.0, 1.0, 1.0])
+    assert noisy["verdict"] == "tie" and noisy["low"] < 1 < noisy["high"]
+
+
+def test_smoke_run_of_the_runtime_bench_on_tiny_models(tiny_dir, redis_url, tmp_path):
+    from bench import runtime
+
+    cfg = runtime.RuntimeBenchConfig(str(tiny_dir[0]), str(tiny_dir[1]), redis_url, tmp_path / "out", threads=1,
+                                     positions=(1, 2), sessions=(1, 2), contexts=(20,), repeats=1, decode_tokens=4,
+                                     decode_rounds=1, prompts_per_set=2, new_tokens=4, concurrency=(1, 2),
+                                     policies=("off", "adaptive"), settle_s=1.1)
+    report = runtime.run(cfg)
+    costs = [c for c in report["costs"] if "positions" in c]
+    assert {c["runtime"] for c in costs} == {"torch", "llama.cpp"} and len(costs) == 2 * 2 * 2
+    assert 0 <= next(c for c in report["costs"] if "outside_forward_share" in c)["outside_forward_share"] < 1
+    assert [d["concurrency"] for d in report["decode"]] == [1, 2] and all(d["ratio"] > 0 for d in report["decode"])
+    assert {(p["prompt_set"], p["concurrency"], p["policy"]) for p in report["policies"]} == {
+        (s, n, p) for s in ("humaneval", "mt-bench") for n in (1, 2) for p in ("off", "adaptive")}
+    assert "## Cost of one forward" in (tmp_path / "out" / "runtime.md").read_text()

@@ -133,3 +133,17 @@ def test_start_up_profiles_seed_the_cost_model():
     assert cost.draft_fixed == pytest.approx(50, rel=0.01) and cost.draft_per_seq == pytest.approx(5, rel=0.01)
     assert cost.verify_per_pos == pytest.approx(10, rel=0.01)
     assert cost.verify_fixed + cost.verify_per_ctx * 65 == pytest.approx(100, rel=0.01)
+
+
+def test_verify_cost_is_a_measured_table_with_its_shape_steps():
+    """Verify times that step (flat for 1-3 positions, then double, and 4 cheaper than 3, as
+    measured on real kernels) are kept as a table, not a line, and the steps become buckets."""
+    measured = {1: 100.0, 2: 102.0, 3: 140.0, 4: 120.0, 5: 240.0, 6: 245.0}
+    est = CostEstimator()
+    for _ in range(3):
+        for n, ms in measured.items():
+            est.observe(1, 0, 0.0, n, 0, ms)
+    cost = est.fit()
+    assert [round(cost.t_positions(n)) for n in range(1, 7)] == [100, 102, 120, 120, 240, 245]
+    assert cost.shape_buckets == (2, 4)  # one more position past 2 or 4 costs over 10% more
+    assert cost.pad(3) == 4 and cost.pad(1) == 2

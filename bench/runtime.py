@@ -1,0 +1,313 @@
+"""`specserve bench runtime`: what the model runtimes cost, and what the whole stack makes of them.
+
+1. Cost table: one forward of 1, 2, 4 and 8 positions per session over 1, 4 and 8 sessions at
+   context 200 and 2,000, on each runtime (the same measurement the model services make at start-up
+   to seed the policy's cost model, over more shapes); and, on the torch runtime, the share of a
+   verify step spent outside the model forward at batch 8 and context 2,000.
+2. Plain decoding through the whole stack (`off`, verifier on llama.cpp) against a bare
+   llama-cpp-python decode loop on the same GGUF file and thread count, at 1 and 4 concurrent
+   requests, interleaved.
+3. Policies through the stack on HumanEval and MT-Bench prompts at 1 and 4 concurrent requests:
+   time per output token of each policy against `off` on the same prompts, policies in rotated
+   order, ratios with bootstrap 95% intervals.
+
+Writes bench/results/runtime.json and runtime.md, with the CPU flags of the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import redis
+from tqdm import tqdm
+
+from bench import prompts as prompt_sets
+from bench.replay import fit_prompt
+from bench.stats import ratio_ci
+from bench.system import machine_facts, set_policy
+from specserve.launcher import Stack
+from specserve.runtime import Row, open_runtime
+from specserve.v1 import gateway_pb2, gateway_pb2_grpc
+
+
+@dataclass
+class RuntimeBenchConfig:
+    target: str
+    draft: str
+    redis_url: str
+    out: Path
+    runtimes: tuple[str, ...] = ("llama.cpp", "torch")
+    threads: int = 2
+    positions: tuple[int, ...] = (1, 2, 4, 8)
+    sessions: tuple[int, ...] = (1, 4, 8)
+    contexts: tuple[int, ...] = (200, 2000)
+    repeats: int = 3
+    decode_tokens: int = 48
+    decode_rounds: int = 3
+    prompts_per_set: int = 6
+    new_tokens: int = 48
+    policies: tuple[str, ...] = ("off", "adaptive", "static:1", "static:2", "static:3")
+    concurrency: tuple[int, ...] = (1, 4)
+    settle_s: float = 1.5
+    parts: tuple[str, ...] = ("costs", "decode", "policies")
+
+
+def _tokens(n: int, salt: int = 0) -> list[int]:
+    return [(7 * i + 13 * salt) % 5000 + 100 for i in range(n)]  # ids every real vocabulary has
+
+
+def cost_table(cfg: RuntimeBenchConfig) -> list[dict]:
+    """Per runtime and context, the largest batch of sessions is prefilled once (in chunks, through
+    the target worker, as the verifier does); each measured forward rolls back afterwards."""
+    from specserve.contracts import PrefillItem
+    from specserve.sampling import SamplingParams
+    from specserve.target import TargetWorker
+
+    rows = []
+    for name in cfg.runtimes:
+        runtime = open_runtime(cfg.target, name, threads=cfg.threads, max_sessions=max(cfg.sessions),
+                               kv_tokens=max(cfg.sessions) * (max(cfg.contexts) + 64), max_context=max(cfg.contexts) + 64)
+        worker = TargetWorker(runtime)
+        for ctx in cfg.contexts:
+            ids = [f"c{i}" for i in range(max(cfg.sessions))]
+            for i, sid in enumerate(tqdm(ids, desc=f"prefill {name} x{ctx}")):
+                prompt = _tokens(ctx, i)
+                for start in range(0, ctx, 512):
+                    worker.prefill([PrefillItem(sid, prompt[start : start + 512], SamplingParams(),
+                                                partial=start + 512 < ctx, append=start > 0)])
+            for n in cfg.sessions:
+                for p in cfg.positions:
+                    samples = []
+                    for _ in range(cfg.repeats):
+                        started = time.perf_counter()
+                        runtime.forward([Row(sid, [5] * p, list(range(p))) for sid in ids[:n]])
+                        samples.append((time.perf_counter() - started) * 1000)
+                        for sid in ids[:n]:
+                            runtime.truncate(sid, ctx)
+                    rows.append({"runtime": name, "context": ctx, "sessions": n, "positions": p,
+                                 "ms": statistics.median(samples)})
+            if name == "torch" and ctx == max(cfg.contexts):
+                rows.append({"runtime": name, **torch_step_overhead(worker, ids, cfg.repeats)})
+            worker.release(ids)
+        del worker, runtime
+    return rows
+
+
+def torch_step_overhead(worker, ids: list[str], repeats: int, drafts: int = 3) -> dict:
+    """A verify step (TargetWorker.verify: rows, forward, acceptance, rollback) over the prefilled
+    sessions: the share of its time spent outside the model forward."""
+    from specserve.contracts import VerifyItem
+
+    runtime = worker.runtime
+    shares = []
+    for _ in range(repeats):
+        runtime.forward_ns = 0
+        started = time.perf_counter_ns()
+        worker.verify([VerifyItem(sid, len(worker.sessions.get(sid).tokens), [5] * drafts) for sid in ids])
+        step = time.perf_counter_ns() - started
+        shares.append((step - runtime.forward_ns) / step)
+    context = runtime.length(ids[0])
+    return {"overhead_batch": len(ids), "overhead_context": context, "outside_forward_share": statistics.median(shares)}
+
+
+def bare_decode(gguf: Path, threads: int, prompts: list[list[int]], tokens: int) -> float:
+    """Tokens per second per request of a bare llama-cpp-python greedy loop: prefill each prompt,
+    then one `llama_decode` per step over all sequences."""
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_seq_max = 4096, 512, len(prompts)
+    params.n_threads = params.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+
+    def decode(items: list[tuple[int, list[int], int]]) -> list[int]:  # (seq, tokens, first pos) -> argmax per seq
+        n = 0
+        last = []
+        for seq, toks, pos in items:
+            for i, t in enumerate(toks):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = t, pos + i, 1
+                batch.seq_id[n][0] = seq
+                batch.logits[n] = i == len(toks) - 1
+                n += 1
+            last.append(n - 1)
+        batch.n_tokens = n
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        return [int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(vocab,)).argmax())
+                for i in last]
+
+    nxt = [decode([(s, p, 0)])[0] for s, p in enumerate(prompts)]
+    pos = [len(p) for p in prompts]
+    started = time.perf_counter()
+    for _ in range(tokens):
+        nxt = decode([(s, [t], pos[s]) for s, t in enumerate(nxt)])
+        pos = [p + 1 for p in pos]
+    elapsed = time.perf_counter() - started
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
+    return tokens / elapsed
+
+
+async def _generate(stub, ids: list[int], tokens: int) -> gateway_pb2.GenerationStats:
+    last = None
+    request = gateway_pb2.GenerateRequest(prompt_token_ids={"ids": ids}, sampling={"max_new_tokens": tokens})
+    async for message in stub.Generate(request, timeout=600):
+        last = message
+    return last.stats
+
+
+async def _round(address: str, prompts: list[list[int]], tokens: int) -> list[gateway_pb2.GenerationStats]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        return list(await asyncio.gather(*(_generate(stub, p, tokens) for p in prompts)))
+
+
+@dataclass
+class Sample:
+    part: str
+    policy: str
+    prompt_set: str
+    concurrency: int
+    prompt: int
+    tpot_ms: float
+    drafted: int = 0
+    accepted: int = 0
+
+
+def stack_parts(cfg: RuntimeBenchConfig, tokenizer, results: dict) -> None:
+    from specserve.runtime import find_gguf
+
+    client = redis.Redis.from_url(cfg.redis_url)
+    env = {"SPECSERVE_RUNTIME": "llama.cpp", "SPECSERVE_THREADS": str(cfg.threads)}
+    stack = Stack(cfg.target, cfg.draft, cfg.redis_url, extra_env=env).start()
+    samples: list[Sample] = []
+    code = [fit_prompt(tokenizer.encode(t), 96) for t in prompt_sets.humaneval()[: cfg.prompts_per_set]]
+    chat = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
+            for t in prompt_sets.mt_bench()[: cfg.prompts_per_set]]
+    chat = [list(c["input_ids"] if isinstance(c, dict) or hasattr(c, "keys") else c) for c in chat]
+    try:
+        if "decode" in cfg.parts:
+            gguf = find_gguf(cfg.target)
+            for n in cfg.concurrency:
+                for r in range(cfg.decode_rounds):
+                    prompts = code[:n]
+                    set_policy(client, "off")
+                    time.sleep(cfg.settle_s)
+                    stats = asyncio.run(_round(stack.gateway_address, prompts, cfg.decode_tokens))
+                    stack_rate = statistics.mean(1000 / s.tpot_ms for s in stats)
+                    bare_rate = bare_decode(gguf, cfg.threads, prompts, cfg.decode_tokens)
+                    samples.append(Sample("decode-stack", "off", "code", n, r, 1000 / stack_rate))
+                    samples.append(Sample("decode-bare", "bare", "code", n, r, 1000 / bare_rate))
+        if "policies" in cfg.parts:
+            sets = {"humaneval": code, "mt-bench": chat}
+            total = len(sets) * len(cfg.concurrency) * len(cfg.policies)
+            with tqdm(total=total * cfg.prompts_per_set, desc="policies") as bar:
+                for set_name, prompts in sets.items():
+                    for n in cfg.concurrency:
+                        for g in range(0, len(prompts), n):
+                            group = prompts[g : g + n]
+                            turn = g // n
+                            order = cfg.policies[turn % len(cfg.policies):] + cfg.policies[: turn % len(cfg.policies)]
+                            for policy in order:
+                                set_policy(client, policy)
+                                time.sleep(cfg.settle_s)
+                                for i, s in enumerate(asyncio.run(_round(stack.gateway_address, group, cfg.new_tokens))):
+                                    samples.append(Sample("policy", policy, set_name, n, g + i, s.tpot_ms,
+                                                          s.draft_tokens, s.accepted_tokens))
+                                bar.update(len(group))
+    finally:
+        stack.stop()
+    results["samples"] = [s.__dict__ for s in samples]
+    results["decode"] = _decode_summary(samples, cfg)
+    results["policies"] = _policy_summary(samples, cfg)
+
+
+def _decode_summary(samples: list[Sample], cfg: RuntimeBenchConfig) -> list[dict]:
+    out = []
+    for n in cfg.concurrency:
+        stack = [s.tpot_ms for s in samples if s.part == "decode-stack" and s.concurrency == n]
+        bare = [s.tpot_ms for s in samples if s.part == "decode-bare" and s.concurrency == n]
+        if stack:
+            # Throughput ratio = bare time per token / stack time per token.
+            out.append({"concurrency": n, "stack_tokens_per_s": 1000 / statistics.mean(stack),
+                        "bare_tokens_per_s": 1000 / statistics.mean(bare), **ratio_ci(bare, stack)})
+    return out
+
+
+def _policy_summary(samples: list[Sample], cfg: RuntimeBenchConfig) -> list[dict]:
+    out = []
+    pol = [s for s in samples if s.part == "policy"]
+    for set_name in ("humaneval", "mt-bench"):
+        for n in cfg.concurrency:
+            base = {s.prompt: s.tpot_ms for s in pol if s.policy == "off" and s.prompt_set == set_name and s.concurrency == n}
+            for policy in cfg.policies:
+                mine = [s for s in pol if s.policy == policy and s.prompt_set == set_name and s.concurrency == n]
+                if not mine:
+                    continue
+                # Speed against off = off's time per token / this policy's, per prompt.
+                ci = ratio_ci([base[s.prompt] for s in mine], [s.tpot_ms for s in mine])
+                drafted, accepted = sum(s.drafted for s in mine), sum(s.accepted for s in mine)
+                out.append({"prompt_set": set_name, "concurrency": n, "policy": policy,
+                            "tpot_ms": statistics.mean(s.tpot_ms for s in mine),
+                            "acceptance": accepted / drafted if drafted else None, "drafted": drafted, **ci})
+    return out
+
+
+def run(cfg: RuntimeBenchConfig) -> dict:
+    from specserve.models import load_tokenizer
+
+    results: dict = {"machine": machine_facts(), "threads": cfg.threads}
+    if "costs" in cfg.parts:
+        results["costs"] = cost_table(cfg)
+    if "decode" in cfg.parts or "policies" in cfg.parts:
+        stack_parts(cfg, load_tokenizer(cfg.target), results)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "runtime.json").write_text(json.dumps(results, indent=1))
+    (cfg.out / "runtime.md").write_text(markdown(results))
+    return results
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [f"# Runtime benchmark", "",
+             f"CPU {m['cpu']}, {m['cores']} cores, flags {' '.join(m['cpu_flags'])}; {r['threads']} threads; "
+             f"torch {m['torch']}", ""]
+    costs = [c for c in r.get("costs", []) if "positions" in c]
+    if costs:
+        lines += ["## Cost of one forward (ms)", "", "| runtime | context | sessions | " +
+                  " | ".join(f"{p} pos" for p in sorted({c['positions'] for c in costs})) + " |",
+                  "| --- | --- | --- |" + " --- |" * len({c['positions'] for c in costs})]
+        keys = sorted({(c["runtime"], c["context"], c["sessions"]) for c in costs})
+        for key in keys:
+            row = [c for c in costs if (c["runtime"], c["context"], c["sessions"]) == key]
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(f"{c['ms']:.0f}" for c in row) + " |")
+        for c in r["costs"]:
+            if "outside_forward_share" in c:
+                lines += ["", f"torch verify step at batch {c['overhead_batch']}, context {c['overhead_context']}: "
+                              f"{c['outside_forward_share']:.1%} of the step outside the model forward"]
+    if r.get("decode"):
+        lines += ["", "## Plain decoding: whole stack vs bare llama-cpp-python", "",
+                  "| concurrent | stack tokens/s per request | bare tokens/s | stack / bare (95% CI) |", "| --- | --- | --- | --- |"]
+        for d in r["decode"]:
+            lines.append(f"| {d['concurrency']} | {d['stack_tokens_per_s']:.2f} | {d['bare_tokens_per_s']:.2f} | "
+                         f"{d['ratio']:.3f} ({d['low']:.3f}-{d['high']:.3f}) |")
+    if r.get("policies"):
+        lines += ["", "## Policies on llama.cpp: speed against `off` (off's time per token / the policy's)", "",
+                  "| prompts | concurrent | policy | TPOT ms | acceptance | speed vs off (95% CI) | verdict |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for p in r["policies"]:
+            acc = f"{p['acceptance']:.2f}" if p["acceptance"] is not None else "-"
+            lines.append(f"| {p['prompt_set']} | {p['concurrency']} | {p['policy']} | {p['tpot_ms']:.0f} | {acc} | "
+                         f"{p['ratio']:.3f} ({p['low']:.3f}-{p['high']:.3f}) | {p['verdict']} |")
+    return "\n".join(lines) + "\n"
