@@ -14,6 +14,7 @@ import grpc
 import redis.asyncio
 from prometheus_client import start_http_server
 
+from gateway import http
 from gateway.admission import ADMISSION_MODES, Admission
 from gateway.backends import connect_drafter, connect_verifier
 from gateway.metrics import GatewayMetrics
@@ -42,6 +43,9 @@ class GatewayConfig:
     drafter: str = doc("", "drafter address; empty runs without speculation")
     host: str = doc("0.0.0.0", "interface to bind")
     port: int = doc(50051, "port to bind; 0 picks a free one")
+    http_port: int = doc(8000, "OpenAI-compatible HTTP API port (also serves /metrics and /health); "
+                               "0 picks a free one, -1 disables")
+    served_model_name: str = doc("", "the model name HTTP clients send; empty uses the target model's folder name")
     metrics_port: int = doc(0, "Prometheus /metrics port; 0 disables")
     redis_url: str = doc("", "Redis for telemetry, strategy and ops keys; empty disables them")
     mode: str = doc("adaptive", "speculation mode used until a policy publishes a strategy")
@@ -105,6 +109,9 @@ async def serve(config: GatewayConfig) -> None:
             [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
     port = server.bind(f"{config.host}:{config.port}", credentials)
     print(f"gateway listening on {config.host}:{port}", flush=True)
+    http_sock = http.bind(config.host, config.http_port) if config.http_port >= 0 else None
+    if http_sock is not None:
+        print(f"gateway HTTP (OpenAI API) listening on {config.host}:{http_sock.getsockname()[1]}", flush=True)
     metrics = GatewayMetrics()
     redis_client = redis.asyncio.Redis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2) \
         if config.redis_url else None
@@ -164,6 +171,8 @@ async def serve(config: GatewayConfig) -> None:
         state["scheduler"] = scheduler
 
     async def stop() -> None:
+        if "http" in state:
+            state["http"].should_exit = True
         if "scheduler" in state:
             await state["scheduler"].stop()
         for task in state.get("background", []):
@@ -171,6 +180,9 @@ async def serve(config: GatewayConfig) -> None:
 
     servicer = GatewayServicer()
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server.grpc)
+    if http_sock is not None:
+        api = http.HttpApi(servicer, server, metrics.registry, keys, config.served_model_name)
+        state["http"] = await http.serve_http(api, http_sock, config.tls_cert, config.tls_key)
     await run_until_signalled(server, warm_up, config.grace_s, on_stop=stop)
 
 

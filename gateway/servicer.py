@@ -114,6 +114,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """Registered before the server starts; answers UNAVAILABLE until `attach` (models ready)."""
 
     scheduler: Scheduler | None = None
+    info: gateway_pb2.GatewayInfo | None = None
 
     def __init__(self):
         self.streams: dict[str, int] = {}  # open Generate streams per client
@@ -129,9 +130,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise Unavailable("the gateway is starting; its model services are not ready yet")
         return self.scheduler
 
-    async def Generate(self, request, context):
+    def open_stream(self, request: gateway_pb2.GenerateRequest, client: str) -> Sequence:
+        """Validate, admit and submit a request from `client` (any front: gRPC or HTTP); pair with
+        `close_stream`."""
         self._ready()
-        client = _client_id(context)
         if self.streams.get(client, 0) >= self.limits.max_streams_per_client:
             raise ResourceExhausted(f"at most {self.limits.max_streams_per_client} concurrent streams per client",
                                     retry_after_ms=500)
@@ -139,6 +141,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.admission.admit(seq)
         self.scheduler.submit(seq)
         self.streams[client] = self.streams.get(client, 0) + 1
+        return seq
+
+    def close_stream(self, seq: Sequence, client: str, cancelled: bool) -> None:
+        """The stream is over; a cancelled one frees its sessions on both model services."""
+        if cancelled:
+            self.scheduler.cancel(seq)
+        self.streams[client] -= 1
+        if not self.streams[client]:
+            del self.streams[client]
+
+    async def Generate(self, request, context):
+        client = _client_id(context)
+        seq = self.open_stream(request, client)
+        cancelled = False
         try:
             while True:
                 delta = await seq.out.get()
@@ -155,12 +171,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 if delta.token_ids or delta.text:
                     yield message
         except asyncio.CancelledError:
-            self.scheduler.cancel(seq)
+            cancelled = True
             raise
         finally:
-            self.streams[client] -= 1
-            if not self.streams[client]:
-                del self.streams[client]
+            self.close_stream(seq, client, cancelled)
 
     async def Info(self, request, context):
         self._ready()

@@ -39,13 +39,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
         redis_url, redis_proc = launcher.start_redis()
         print(f"started redis-server at {redis_url}")
     stack = launcher.Stack(target, draft, redis_url, gateway_port=args.port, metrics_port=args.metrics_port,
+                           http_port=args.http_port,
                            extra_env={"SPECSERVE_RUNTIME": args.runtime})
     print(f"starting verifier ({target}), drafter ({draft}), policy and gateway; logs in {stack.log_dir}")
     try:
         stack.start()
         for name, info in stack.model_infos().items():
             print(f"{name}: {info.model_file}, runtime {info.runtime}, {info.dtype} on {info.device}")
-        print(f"SpecServe is up: gateway at {stack.gateway_address}"
+        print(f"SpecServe is up: gateway at {stack.gateway_address} (gRPC), {stack.http_address}/v1 (OpenAI HTTP)"
               + (f", metrics at http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else ""))
         print(f"try: specserve generate --address {stack.gateway_address} 'def fibonacci(n):'")
         if args.smoke:
@@ -139,6 +140,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         rcfg = runtime.RuntimeBenchConfig(target, draft, redis_url, Path(args.out))
         if args.quick:
             rcfg.contexts, rcfg.sessions, rcfg.prompts_per_set, rcfg.decode_rounds = (200,), (1, 4), 2, 1
+        if args.parts:
+            rcfg.parts = tuple(args.parts.split(","))
         try:
             print(runtime.markdown(runtime.run(rcfg)))
         finally:
@@ -196,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="model runtime of verifier and drafter (auto: llama.cpp for GGUF models off CUDA)")
     up.add_argument("--port", type=int, default=50051, help="gateway port")
     up.add_argument("--metrics-port", type=int, default=9464)
+    up.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API port (0: a free one)")
     up.add_argument("--smoke", default="", help="send this prompt once the system is up, print, and stop")
     up.set_defaults(func=_cmd_up)
 
@@ -234,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-dir", default=str(models.default_cache_dir()))
     bench.add_argument("--out", default="bench/results")
     bench.add_argument("--redis-url", default="", help="default: a fresh redis-server for the run")
+    bench.add_argument("--parts", default="", help="runtime: comma-separated parts (costs,decode,policies,http)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

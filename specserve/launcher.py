@@ -89,6 +89,7 @@ class Stack:
     redis_url: str = ""
     gateway_port: int = 0
     metrics_port: int = 0
+    http_port: int = 0  # the OpenAI-compatible HTTP API; 0 picks a free one
     extra_env: dict[str, str] = field(default_factory=dict)
     policy: bool = True
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="specserve-")))
@@ -98,10 +99,15 @@ class Stack:
     def gateway_address(self) -> str:
         return f"127.0.0.1:{self.gateway_port}"
 
+    @property
+    def http_address(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
     def service_specs(self) -> list[Service]:
         py = sys.executable
         vport, dport = free_port(), free_port()
         self.gateway_port = self.gateway_port or free_port()
+        self.http_port = self.http_port or free_port()
         common = {"SPECSERVE_REDIS_URL": self.redis_url, **self.extra_env}
         specs = [
             Service("verifier", [py, "-m", "services.verifier"],
@@ -115,7 +121,8 @@ class Stack:
             "gateway", [py, "-m", "gateway"],
             {**common, "SPECSERVE_TOKENIZER": self.target_model, "SPECSERVE_VERIFIER": f"127.0.0.1:{vport}",
              "SPECSERVE_DRAFTER": f"127.0.0.1:{dport}", "SPECSERVE_HOST": "127.0.0.1",
-             "SPECSERVE_PORT": str(self.gateway_port), "SPECSERVE_METRICS_PORT": str(self.metrics_port)},
+             "SPECSERVE_PORT": str(self.gateway_port), "SPECSERVE_METRICS_PORT": str(self.metrics_port),
+             "SPECSERVE_HTTP_PORT": str(self.http_port)},
             self.gateway_address))
         return specs
 

@@ -138,6 +138,7 @@ class Server:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self.service_names = service_names
+        self.serving = False
         reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)
 
     def bind(self, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
@@ -148,6 +149,7 @@ class Server:
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.serving = serving
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 

@@ -32,7 +32,7 @@ def test_specserve_up_answers_with_target_output(real_pair, tmp_path):
     target_dir, draft_dir = real_pair
     prompt = "def fibonacci(n):"
     out = subprocess.run(
-        [sys.executable, "-m", "specserve.cli", "up", "--port", "0", "--metrics-port", "0", "--smoke", prompt],
+        [sys.executable, "-m", "specserve.cli", "up", "--port", "0", "--metrics-port", "0", "--http-port", "0", "--smoke", prompt],
         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "FINISH_REASON_LENGTH] 16 tokens" in out.stdout
