@@ -10,6 +10,8 @@
 3. Policies through the stack on HumanEval and MT-Bench prompts at 1 and 4 concurrent requests:
    time per output token of each policy against `off` on the same prompts, policies in rotated
    order, ratios with bootstrap 95% intervals.
+4. The HTTP front against gRPC: the same streamed requests (plain decoding) over each, alternated,
+   time per output token measured by the client.
 
 Writes bench/results/runtime.json and runtime.md, with the CPU flags of the machine.
 """
@@ -56,7 +58,8 @@ class RuntimeBenchConfig:
     policies: tuple[str, ...] = ("off", "adaptive", "static:1", "static:2", "static:3")
     concurrency: tuple[int, ...] = (1, 4)
     settle_s: float = 1.5
-    parts: tuple[str, ...] = ("costs", "decode", "policies")
+    parts: tuple[str, ...] = ("costs", "decode", "policies", "http")
+    http_rounds: int = 4
 
 
 def _tokens(n: int, salt: int = 0) -> list[int]:
@@ -167,6 +170,47 @@ async def _generate(stub, ids: list[int], tokens: int) -> gateway_pb2.Generation
     return last.stats
 
 
+async def _client_tpot_grpc(stub, ids: list[int], tokens: int) -> float:
+    """Time per output token as the client sees it: first to last streamed token."""
+    stamps, count = [], 0
+    request = gateway_pb2.GenerateRequest(prompt_token_ids={"ids": ids}, sampling={"max_new_tokens": tokens})
+    async for message in stub.Generate(request, timeout=600):
+        if message.token_ids:
+            stamps.append(time.perf_counter())
+            count += len(message.token_ids)
+    return (stamps[-1] - stamps[0]) * 1000 / max(count - 1, 1)
+
+
+async def _client_tpot_http(http, url: str, model: str, ids: list[int], tokens: int) -> float:
+    body = {"model": model, "prompt": ids, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    stamps, count = [], 0
+    async with http.stream("POST", url, json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            doc = json.loads(line[6:])
+            if doc.get("usage"):
+                count = doc["usage"]["completion_tokens"]
+            elif doc["choices"] and doc["choices"][0]["text"]:
+                stamps.append(time.perf_counter())
+    return (stamps[-1] - stamps[0]) * 1000 / max(count - 1, 1)
+
+
+async def _http_vs_grpc(stack: Stack, prompts: list[list[int]], tokens: int, http_first: bool) -> dict[str, list[float]]:
+    import httpx
+
+    model = Path(stack.target_model).name
+    async with grpc.aio.insecure_channel(stack.gateway_address) as channel, httpx.AsyncClient(timeout=600) as http:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        out = {}
+        for front in (("http", "grpc") if http_first else ("grpc", "http")):
+            calls = [_client_tpot_http(http, f"{stack.http_address}/v1/completions", model, p, tokens) if front == "http"
+                     else _client_tpot_grpc(stub, p, tokens) for p in prompts]
+            out[front] = list(await asyncio.gather(*calls))
+        return out
+
+
 async def _round(address: str, prompts: list[list[int]], tokens: int) -> list[gateway_pb2.GenerationStats]:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -226,9 +270,18 @@ def stack_parts(cfg: RuntimeBenchConfig, tokenizer, results: dict) -> None:
                                     samples.append(Sample("policy", policy, set_name, n, g + i, s.tpot_ms,
                                                           s.draft_tokens, s.accepted_tokens))
                                 bar.update(len(group))
+        if "http" in cfg.parts:
+            set_policy(client, "off")
+            time.sleep(cfg.settle_s)
+            for n in cfg.concurrency:
+                for r in range(cfg.http_rounds):
+                    tpots = asyncio.run(_http_vs_grpc(stack, code[:n], cfg.decode_tokens, http_first=r % 2 == 1))
+                    for front, values in tpots.items():
+                        samples.extend(Sample(f"front-{front}", "off", "code", n, r * n + i, v) for i, v in enumerate(values))
     finally:
         stack.stop()
     results["samples"] = [s.__dict__ for s in samples]
+    results["http"] = _http_summary(samples, cfg)
     results["decode"] = _decode_summary(samples, cfg)
     results["policies"] = _policy_summary(samples, cfg)
 
@@ -242,6 +295,18 @@ def _decode_summary(samples: list[Sample], cfg: RuntimeBenchConfig) -> list[dict
             # Throughput ratio = bare time per token / stack time per token.
             out.append({"concurrency": n, "stack_tokens_per_s": 1000 / statistics.mean(stack),
                         "bare_tokens_per_s": 1000 / statistics.mean(bare), **ratio_ci(bare, stack)})
+    return out
+
+
+def _http_summary(samples: list[Sample], cfg: RuntimeBenchConfig) -> list[dict]:
+    out = []
+    for n in cfg.concurrency:
+        grpc_ = [s.tpot_ms for s in samples if s.part == "front-grpc" and s.concurrency == n]
+        http_ = [s.tpot_ms for s in samples if s.part == "front-http" and s.concurrency == n]
+        if grpc_:
+            # HTTP's cost over gRPC = HTTP time per token / gRPC's (1.02 is 2% more).
+            out.append({"concurrency": n, "grpc_tpot_ms": statistics.mean(grpc_), "http_tpot_ms": statistics.mean(http_),
+                        **ratio_ci(http_, grpc_)})
     return out
 
 
@@ -270,7 +335,7 @@ def run(cfg: RuntimeBenchConfig) -> dict:
     results: dict = {"machine": machine_facts(), "threads": cfg.threads}
     if "costs" in cfg.parts:
         results["costs"] = cost_table(cfg)
-    if "decode" in cfg.parts or "policies" in cfg.parts:
+    if {"decode", "policies", "http"} & set(cfg.parts):
         stack_parts(cfg, load_tokenizer(cfg.target), results)
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "runtime.json").write_text(json.dumps(results, indent=1))
@@ -302,6 +367,12 @@ def markdown(r: dict) -> str:
         for d in r["decode"]:
             lines.append(f"| {d['concurrency']} | {d['stack_tokens_per_s']:.2f} | {d['bare_tokens_per_s']:.2f} | "
                          f"{d['ratio']:.3f} ({d['low']:.3f}-{d['high']:.3f}) |")
+    if r.get("http"):
+        lines += ["", "## HTTP front vs gRPC (plain decoding, client-side time per output token)", "",
+                  "| concurrent | gRPC TPOT ms | HTTP TPOT ms | HTTP / gRPC (95% CI) |", "| --- | --- | --- | --- |"]
+        for h in r["http"]:
+            lines.append(f"| {h['concurrency']} | {h['grpc_tpot_ms']:.1f} | {h['http_tpot_ms']:.1f} | "
+                         f"{h['ratio']:.3f} ({h['low']:.3f}-{h['high']:.3f}) |")
     if r.get("policies"):
         lines += ["", "## Policies on llama.cpp: speed against `off` (off's time per token / the policy's)", "",
                   "| prompts | concurrent | policy | TPOT ms | acceptance | speed vs off (95% CI) | verdict |",

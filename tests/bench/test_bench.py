@@ -96,7 +96,7 @@ def test_smoke_run_of_the_runtime_bench_on_tiny_models(tiny_dir, redis_url, tmp_
     cfg = runtime.RuntimeBenchConfig(str(tiny_dir[0]), str(tiny_dir[1]), redis_url, tmp_path / "out", threads=1,
                                      positions=(1, 2), sessions=(1, 2), contexts=(20,), repeats=1, decode_tokens=4,
                                      decode_rounds=1, prompts_per_set=2, new_tokens=4, concurrency=(1, 2),
-                                     policies=("off", "adaptive"), settle_s=1.1)
+                                     policies=("off", "adaptive"), settle_s=1.1, http_rounds=1)
     report = runtime.run(cfg)
     costs = [c for c in report["costs"] if "positions" in c]
     assert {c["runtime"] for c in costs} == {"torch", "llama.cpp"} and len(costs) == 2 * 2 * 2
@@ -104,4 +104,5 @@ def test_smoke_run_of_the_runtime_bench_on_tiny_models(tiny_dir, redis_url, tmp_
     assert [d["concurrency"] for d in report["decode"]] == [1, 2] and all(d["ratio"] > 0 for d in report["decode"])
     assert {(p["prompt_set"], p["concurrency"], p["policy"]) for p in report["policies"]} == {
         (s, n, p) for s in ("humaneval", "mt-bench") for n in (1, 2) for p in ("off", "adaptive")}
+    assert [h["concurrency"] for h in report["http"]] == [1, 2] and all(h["ratio"] > 0 for h in report["http"])
     assert "## Cost of one forward" in (tmp_path / "out" / "runtime.md").read_text()

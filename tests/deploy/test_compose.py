@@ -63,7 +63,7 @@ def test_every_compose_service_starts_locally_and_becomes_healthy(tiny_dir, redi
     names mapped to this machine (model folders to the tiny pair, hosts to loopback, ports to free ones)."""
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     target, draft = tiny_dir
-    ports = {p: str(free_port()) for p in ("50051", "50052", "50053", "9464")}
+    ports = {p: str(free_port()) for p in ("50051", "50052", "50053", "9464", "8000")}
     subst = [
         ("/models/specserve/models/qwen2.5-coder-1.5b-instruct", str(target)),
         ("/models/specserve/models/qwen2.5-coder-0.5b-instruct", str(draft)),
@@ -76,7 +76,7 @@ def test_every_compose_service_starts_locally_and_becomes_healthy(tiny_dir, redi
         for a, b in subst:
             value = value.replace(a, b)
         value = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: m.group(2), value)
-        return re.sub(r"\b(50051|50052|50053|9464)\b", lambda m: ports[m.group(1)], value)
+        return re.sub(r"\b(50051|50052|50053|9464|8000)\b", lambda m: ports[m.group(1)], value)
 
     started = []
     try:
