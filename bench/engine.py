@@ -17,10 +17,11 @@ from tqdm import tqdm
 
 from bench import prompts as prompt_sets
 from bench.report import position_sums
-from gateway.local import local_scheduler
+from bench.local import local_scheduler
 from gateway.sequence import Sequence
-from specserve.models import cpu_has_native_bf16, load_causal_lm, load_tokenizer
-from specserve.sampling import SamplingParams
+from specserve.models import cpu_has_native_bf16, load_causal_lm
+from specserve.tokenizer import load_tokenizer
+from specserve.contracts import SamplingParams
 from specserve.strategy import Strategy
 
 CONFIGS = ["off", *(f"static:{k}" for k in range(1, 6)), "ngram:4", "hf-assisted", "hf-assisted:4"]

@@ -70,7 +70,7 @@ def cost_table(cfg: RuntimeBenchConfig) -> list[dict]:
     """Per runtime and context, the largest batch of sessions is prefilled once (in chunks, through
     the target worker, as the verifier does); each measured forward rolls back afterwards."""
     from specserve.contracts import PrefillItem
-    from specserve.sampling import SamplingParams
+    from specserve.contracts import SamplingParams
     from specserve.target import TargetWorker
 
     rows = []
@@ -330,7 +330,7 @@ def _policy_summary(samples: list[Sample], cfg: RuntimeBenchConfig) -> list[dict
 
 
 def run(cfg: RuntimeBenchConfig) -> dict:
-    from specserve.models import load_tokenizer
+    from specserve.tokenizer import load_tokenizer
 
     results: dict = {"machine": machine_facts(), "threads": cfg.threads}
     if "costs" in cfg.parts:

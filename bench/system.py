@@ -182,10 +182,10 @@ def split_overhead(cfg: BenchConfig, address: str, client: redis.Redis, tokenize
     """Per-step time outside the models (scheduling, gRPC, serialization): through the services
     vs the same steps with the engine core in one process. The services run while this runs the
     in-process engine, so each measures its own steps' overhead: step time minus model time."""
-    from gateway.local import local_scheduler
+    from bench.local import local_scheduler
     from gateway.sequence import Sequence
     from specserve.runtime import open_runtime
-    from specserve.sampling import SamplingParams
+    from specserve.contracts import SamplingParams
     from specserve.strategy import Strategy
 
     ids = fit_prompt(tokenizer.encode(prompt_sets.humaneval()[1]), 96)
@@ -255,7 +255,7 @@ def hf_assisted(cfg: BenchConfig, tokenizer, workloads: list[Workload]) -> dict:
 
 
 def run(cfg: BenchConfig, quick: bool = False) -> dict:
-    from specserve.models import load_tokenizer
+    from specserve.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.target)
     client = redis.Redis.from_url(cfg.redis_url)

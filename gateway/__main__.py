@@ -21,7 +21,8 @@ from gateway.metrics import GatewayMetrics
 from gateway.scheduler import Scheduler, SchedulerConfig
 from gateway.servicer import GatewayServicer, Limits
 from specserve import config as cfg
-from specserve import models
+from specserve.tokenizer import fingerprint as fingerprint_of
+from specserve.tokenizer import load_tokenizer
 from specserve.config import doc
 from specserve.errors import FailedPrecondition, InvalidArgument, SpecServeError
 from specserve.live import LiveConfig, LiveReader
@@ -96,8 +97,8 @@ async def wait_for(backend, name: str, timeout_s: float):
 
 
 async def serve(config: GatewayConfig) -> None:
-    tokenizer = models.load_tokenizer(config.tokenizer)
-    fingerprint = models.tokenizer_fingerprint(tokenizer)
+    tokenizer = load_tokenizer(config.tokenizer)
+    fingerprint = fingerprint_of(tokenizer)
     verifier = connect_verifier(config.verifier)
     drafter = connect_drafter(config.drafter) if config.drafter else None
     keys = {k.strip() for k in config.api_keys.split(",") if k.strip()}
@@ -142,7 +143,7 @@ async def serve(config: GatewayConfig) -> None:
 
         scheduler = Scheduler(verifier, drafter, tokenizer, vinfo.eos_token_ids, scheduler_config, strategy,
                               on_step=on_step, on_finish=metrics.observe_finish)
-        admission = Admission(scheduler, config.admission, on_reject=lambda seq: metrics.rejected.inc(),
+        admission = Admission(scheduler, config.admission, on_reject=lambda seq: metrics.rejected.labels("slo").inc(),
                               margin=config.admission_margin, on_admit=lambda seq: metrics.admitted.inc())
         limits = Limits(vinfo.max_context, config.max_new_tokens, config.default_max_new_tokens,
                         config.max_prompt_tokens, default_ttft_ms=config.default_ttft_ms,
@@ -154,7 +155,7 @@ async def serve(config: GatewayConfig) -> None:
             limits.default_ttft_ms = live.ops.get("default_ttft_ms", config.default_ttft_ms)
             limits.default_tpot_ms = live.ops.get("default_tpot_ms", config.default_tpot_ms)
             admission.mode = live.ops.get("admission", config.admission)
-            metrics.invalid_ops.set(live.invalid_ops)
+            metrics.observe_invalid_ops(live.invalid_ops)
 
         if redis_client:
             telemetry.start()
@@ -165,7 +166,9 @@ async def serve(config: GatewayConfig) -> None:
         info = gateway_pb2.GatewayInfo(
             target_model=vinfo.model_id, draft_model=dinfo.model_id if dinfo else "",
             tokenizer_fingerprint=fingerprint, max_context=vinfo.max_context, max_new_tokens=config.max_new_tokens,
-            max_batch_size=config.max_batch_size, max_queued=config.max_queued)
+            default_max_new_tokens=config.default_max_new_tokens, max_batch_size=config.max_batch_size, max_queued=config.max_queued)
+        metrics.follow(scheduler, telemetry)
+        servicer.on_reject = lambda reason: metrics.rejected.labels(reason).inc()
         servicer.attach(scheduler, tokenizer, len(tokenizer), limits, info, admission)
         scheduler.start()
         state["scheduler"] = scheduler

@@ -9,6 +9,7 @@ effort, queued and marked unattainable.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 
 from gateway.planner import SessionView
@@ -53,10 +54,14 @@ class Admission:
         """Simulate the batch slots: each running request frees its slot after its remaining
         tokens, each request queued ahead (deadline order) takes the first free slot for its
         prefill and all its tokens, then this request takes the next one. Steps are priced as
-        plain decoding of a full batch and prefills one by one, so the estimate errs long."""
+        plain decoding of a full batch and prefills one by one, so the estimate errs long. The
+        prefill work ahead (prompts being prefilled or re-prefilled, and those queued ahead) also
+        shares one budget of max_prefill_tokens per step, each step paying a decode step too: the
+        prediction is the later of the two."""
         sch = self.scheduler
         cost = sch.planner.strategy.cost
         key = seq.sort_key()
+        in_prefill = [*sch.prefilling, *sch.resync]
         ahead = sorted((s for s in sch.waiting if s is not seq and s.sort_key() <= key), key=Sequence.sort_key)
         batch = max(1, min(sch.config.max_batch_size, len(sch.running) + len(ahead) + 1))
         contexts = [s.position for s in sch.running.values()] + [len(s.prompt) for s in ahead] + [len(seq.prompt)]
@@ -72,7 +77,11 @@ class Admission:
         for s in ahead:
             free_at = heapq.heappop(slots)
             heapq.heappush(slots, free_at + prefill_ms(s) + s.params.max_new_tokens * step_ms)
-        return slots[0] + prefill_ms(seq) + (step_ms if sch.running else 0.0)
+        by_slots = slots[0] + prefill_ms(seq) + (step_ms if sch.running else 0.0)
+        tokens_ahead = sum(len(s.tokens) - s.prefilled for s in in_prefill) + sum(len(s.prompt) for s in ahead)
+        chunks = math.ceil((tokens_ahead + len(seq.prompt)) / max(1, sch.config.max_prefill_tokens))
+        by_budget = sum(prefill_ms(s) for s in [*in_prefill, *ahead, seq]) + chunks * (step_ms if sch.running else 0.0)
+        return max(by_slots, by_budget)
 
     def shortfall_ms(self, seq: Sequence) -> float:
         """How far the predicted TTFT (with the margin) overshoots the SLO; <= 0 means it fits."""

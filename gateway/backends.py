@@ -15,7 +15,6 @@ from specserve.contracts import (
     PrefillItem, PrefillOutput, ProposeItem, ProposeOutput, VerifyItem, VerifyOutput, WorkerInfo,
 )
 from specserve.errors import DeadlineExceeded, InvalidArgument, Unavailable
-from specserve.modelservice import ComputeThread
 from specserve.v1 import common_pb2, drafter_pb2_grpc, verifier_pb2_grpc
 
 
@@ -30,32 +29,6 @@ class VerifierBackend(Protocol):
     async def prefill(self, items: list[PrefillItem], timeout: float | None = None) -> PrefillOutput: ...
     async def verify(self, items: list[VerifyItem], timeout: float | None = None) -> VerifyOutput: ...
     async def release(self, session_ids: list[str], timeout: float | None = None) -> int: ...
-
-
-class _Local:
-    """A worker in this process, on its own compute thread."""
-
-    def __init__(self, worker, info: WorkerInfo, delay_ms: float = 0.0):
-        self.worker, self._info, self.compute = worker, info, ComputeThread(delay_ms)
-
-    async def info(self, timeout=None) -> WorkerInfo:
-        return self._info
-
-    async def release(self, session_ids, timeout=None) -> int:
-        return await self.compute.run(self.worker.release, session_ids)
-
-
-class LocalVerifier(_Local):
-    async def prefill(self, items, timeout=None) -> PrefillOutput:
-        return await self.compute.run(self.worker.prefill, items)
-
-    async def verify(self, items, timeout=None) -> VerifyOutput:
-        return await self.compute.run(self.worker.verify, items)
-
-
-class LocalDrafter(_Local):
-    async def propose(self, items, timeout=None) -> ProposeOutput:
-        return await self.compute.run(self.worker.propose, items)
 
 
 def _translate(exc: grpc.aio.AioRpcError, service: str) -> Exception:

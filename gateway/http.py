@@ -329,7 +329,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise OSError(f"cannot bind the HTTP port {host}:{port}: {exc.strerror}") from None
+        raise SystemExit(f"error: cannot bind the HTTP port {host}:{port}: {exc.strerror}") from None
     sock.listen(2048)
     sock.setblocking(False)
     return sock

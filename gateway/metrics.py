@@ -1,7 +1,11 @@
-"""Prometheus metrics of the gateway: raw counters and histograms; rates are derived by the reader
-(for example attainment = rate(specserve_requests_attained_total) / rate(specserve_requests_finished_total))."""
+"""Prometheus metrics of the gateway: raw counters (`_total`) and histograms in seconds; rates are
+derived by the reader (for example attainment = rate(specserve_requests_attained_total) /
+rate(specserve_requests_finished_total))."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -9,7 +13,8 @@ from gateway.admission import attainment
 from gateway.scheduler import StepRecord
 from gateway.sequence import Sequence
 
-_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+REJECT_REASONS = ("slo", "queue_full", "client_limit", "invalid_argument", "unavailable")
 
 
 class GatewayMetrics:
@@ -17,24 +22,48 @@ class GatewayMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.admitted = Counter("specserve_requests_admitted", "Requests admitted", registry=r)
-        self.rejected = Counter("specserve_requests_rejected", "Requests rejected by admission control", registry=r)
+        self.rejected = Counter("specserve_requests_rejected", "Requests refused before running, by reason",
+                                ["reason"], registry=r)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
         self.finished = Counter("specserve_requests_finished", "Requests finished", ["reason"], registry=r)
         self.attained = Counter("specserve_requests_attained", "Finished requests within TTFT and TPOT SLO", registry=r)
         self.violated = Counter("specserve_requests_violated", "Finished requests outside their SLO", registry=r)
         self.output_tokens = Counter("specserve_output_tokens", "Tokens generated", registry=r)
-        self.ttft = Histogram("specserve_ttft_ms", "Time to first token", buckets=_MS, registry=r)
-        self.tpot = Histogram("specserve_tpot_ms", "Mean time per output token", buckets=_MS, registry=r)
-        self.step = Histogram("specserve_step_ms", "Step time", buckets=_MS, registry=r)
+        self.ttft = Histogram("specserve_ttft_seconds", "Time to first token", buckets=_SECONDS, registry=r)
+        self.tpot = Histogram("specserve_tpot_seconds", "Mean time per output token", buckets=_SECONDS, registry=r)
+        self.step = Histogram("specserve_step_seconds", "Step time", buckets=_SECONDS, registry=r)
         self.accepted_len = Histogram("specserve_accepted_length", "Tokens committed per session per step",
                                       buckets=tuple(range(1, 18)), registry=r)
         self.drafted = Counter("specserve_draft_tokens", "Draft tokens verified", registry=r)
         self.accepted = Counter("specserve_accepted_tokens", "Draft tokens accepted", registry=r)
         self.running = Gauge("specserve_running", "Running sessions", registry=r)
         self.queued = Gauge("specserve_queued", "Waiting requests", registry=r)
-        self.invalid_ops = Gauge("specserve_ops_invalid", "Ops key values rejected as invalid", registry=r)
+        self.invalid_ops = Counter("specserve_ops_invalid", "Ops key values rejected as invalid", registry=r)
+        self.drafter_available = Gauge("specserve_drafter_available", "1 while the drafter answers", registry=r)
+        self.strategy_version = Gauge("specserve_strategy_version", "Version of the strategy in force", registry=r)
+        self.strategy_age = Gauge("specserve_strategy_age_seconds", "Age of the strategy in force", registry=r)
+        self.telemetry_dropped = Gauge("specserve_telemetry_dropped", "Telemetry records dropped (Redis away or "
+                                       "the buffer full), since start", registry=r)
+        self._invalid_seen = 0
+
+    def follow(self, scheduler, telemetry=None) -> None:
+        """Gauges read at scrape time from the running scheduler (and telemetry emitter)."""
+        self.drafter_available.set_function(lambda: float(scheduler.drafter_available))
+        self.strategy_version.set_function(lambda: scheduler.planner.strategy.version)
+        issued: Callable[[], float] = lambda: scheduler.planner.strategy.issued_at
+        self.strategy_age.set_function(lambda: time.time() - issued() if issued() else 0.0)
+        if telemetry is not None:
+            self.telemetry_dropped.set_function(lambda: telemetry.dropped)
+
+    def observe_invalid_ops(self, total: int) -> None:
+        """`total`: the reader's running count; the counter follows it."""
+        if total > self._invalid_seen:
+            self.invalid_ops.inc(total - self._invalid_seen)
+            self._invalid_seen = total
 
     def observe_step(self, rec: StepRecord) -> None:
-        self.step.observe(rec.step_ms)
+        self.step.observe(rec.step_ms / 1000)
         self.drafted.inc(sum(rec.drafted))
         self.accepted.inc(sum(rec.accepted))
         for a in rec.accepted:
@@ -46,7 +75,7 @@ class GatewayMetrics:
         self.finished.labels(seq.finish.value if seq.finish else "unknown").inc()
         self.output_tokens.inc(len(seq.generated))
         if seq.first_token_at is not None:
-            self.ttft.observe(seq.ttft_ms)
+            self.ttft.observe(seq.ttft_ms / 1000)
         if len(seq.generated) > 1:
-            self.tpot.observe(seq.tpot_ms)
+            self.tpot.observe(seq.tpot_ms / 1000)
         (self.attained if attainment(seq).slo else self.violated).inc()

@@ -15,6 +15,12 @@ from dataclasses import dataclass, field
 
 from specserve.strategy import Strategy
 
+INITIAL_MEAN_CONFIDENCE = 0.6  # specserve's c̄ before any draft is seen (the paper's initial value)
+# The step-time correction: an exponential mean of measured / predicted time. Weight 0.3 follows a
+# change within a few steps; the clamp keeps one outlier (a GC pause, a cold cache) from swinging it.
+TIME_SCALE_WEIGHT = 0.3
+MIN_TIME_SCALE, MAX_TIME_SCALE = 0.01, 100.0
+
 
 @dataclass
 class SessionView:
@@ -60,19 +66,24 @@ class Planner:
 
     def __init__(self, strategy: Strategy):
         self.strategy = strategy
-        self.running_confidence = strategy.mean_confidence
+        self.reasons: dict[str, str] = {}  # why a session got no drafts in the last plan
+        # specserve's c̄: the running mean of the draft confidences of every draft round that did not
+        # lower G, over all steps; its prior counts as one observation.
+        self._confidence_sum, self._confidence_n = INITIAL_MEAN_CONFIDENCE, 1
         self.time_scale = 1.0  # measured / predicted step time, tracked online
 
     def observe_step(self, predicted_ms: float, measured_ms: float) -> None:
         """Correct the cost model online: an exponential mean of measured over predicted step time
         (the policy refits the coefficients; this keeps predictions honest between publications)."""
         if predicted_ms > 0 and measured_ms > 0:
-            ratio = min(max(measured_ms / (predicted_ms / self.time_scale), 0.01), 100.0)
-            self.time_scale = 0.7 * self.time_scale + 0.3 * ratio
+            ratio = min(max(measured_ms / (predicted_ms / self.time_scale), MIN_TIME_SCALE), MAX_TIME_SCALE)
+            self.time_scale = (1 - TIME_SCALE_WEIGHT) * self.time_scale + TIME_SCALE_WEIGHT * ratio
+
+    @property
+    def running_confidence(self) -> float:
+        return self._confidence_sum / self._confidence_n
 
     def set_strategy(self, strategy: Strategy) -> None:
-        if strategy.mean_confidence != self.strategy.mean_confidence:
-            self.running_confidence = strategy.mean_confidence
         self.strategy = strategy
 
     # --- the cost side -------------------------------------------------------------------------
@@ -103,6 +114,24 @@ class Planner:
 
     # --- the controllers ---------------------------------------------------------------------
     def plan(self, sessions: list[SessionView]) -> dict[str, DraftPlan]:
+        plans = self._plan(sessions)
+        mode = self.strategy.mode
+        self.reasons = {}
+        for v in sessions:
+            if plans[v.key].max_draft_tokens > 0:
+                continue
+            if v.mode:
+                self.reasons[v.key] = "speculation off for this request" if v.mode == "off" else "static k = 0 requested"
+            elif mode == "off" or self.strategy.max_draft_tokens == 0:
+                self.reasons[v.key] = f"mode {mode}" + (" (max_draft_tokens 0)" if mode != "off" else "")
+            elif mode in ("adaptive", "specserve", "smartspec"):
+                self.reasons[v.key] = (f"{mode}: the TPOT SLO leaves no time to draft" if self.slo_cap_k(sessions) == 0
+                                       else f"{mode}: the cost model predicts plain decoding is faster here")
+            else:
+                self.reasons[v.key] = f"{mode}: no draft this step"
+        return plans
+
+    def _plan(self, sessions: list[SessionView]) -> dict[str, DraftPlan]:
         s = self.strategy
         plans = {v.key: DraftPlan() for v in sessions}
         auto = [v for v in sessions if not v.mode]
@@ -146,7 +175,7 @@ class Planner:
         """
         cal, cost = self.strategy.calibration, self.strategy.cost
         n = len(sessions)
-        c_bar = self.running_confidence  # observed per-token survival, from the policy
+        c_bar = self.strategy.mean_confidence  # observed per-token survival (accepted / drafted), from the policy
         k_cap = self.slo_cap_k(sessions)
         if k_cap == 0 or not self.gate(sessions, c_bar):
             return {v.key: DraftPlan() for v in sessions}
@@ -181,7 +210,8 @@ class Planner:
         if g_now < g_before:
             return {}
         latest = [drafted[v.key].confidences[-1] for v in auto]
-        self.running_confidence = 0.9 * self.running_confidence + 0.1 * sum(latest) / n
+        self._confidence_sum += sum(latest)
+        self._confidence_n += n
         if round_ >= min(self.strategy.max_draft_tokens, self.slo_cap_k(auto)):
             return {}
         predicted = [c + [c[-1] * self.running_confidence] for c in cums]

@@ -23,6 +23,9 @@ from specserve.strategy import Strategy
 
 log = logging.getLogger(__name__)
 
+MAX_STEP_FAILURES = 3  # a step that fails this often in a row fails its requests
+STEP_RETRY_S = 0.1  # pause before retrying a failed step (a transient fault may clear)
+
 
 @dataclass
 class SchedulerConfig:
@@ -31,6 +34,12 @@ class SchedulerConfig:
     max_prefill_tokens: int = 2048  # prompt tokens prefilled per step (one prompt always fits)
     call_timeout_s: float = 60.0  # cap on any downstream call
     drafter_retry_s: float = 2.0  # after a drafter failure, plain decoding for this long
+    # A draft call may take this many times its predicted time (never less than the floor) before
+    # the step goes on as plain decoding; after `drafter_max_misses` misses in a row the drafter is
+    # left alone until it answers a health check.
+    draft_timeout_factor: float = 3.0
+    draft_timeout_floor_s: float = 0.5
+    drafter_max_misses: int = 3
 
 
 @dataclass
@@ -57,6 +66,8 @@ class StepRecord:
     context_tokens: int
     strategy_version: int
     mode: str
+    pruned: int = 0  # drafted slots the planner did not verify
+    draft_catchup_tokens: int = 0  # tokens the drafter re-read to catch up (their time is not drafting)
 
 
 class Scheduler(Background):
@@ -73,6 +84,7 @@ class Scheduler(Background):
         self.streams: dict[str, TextStream] = {}
         self.wake = asyncio.Event()
         self.drafter_down_until = 0.0
+        self.drafter_misses = 0  # draft calls in a row that failed or missed their deadline
         self.step_id = 0
         self.on_step = on_step or (lambda record: None)
         self.on_finish = on_finish or (lambda seq: None)
@@ -107,6 +119,7 @@ class Scheduler(Background):
         await self._release()
 
     async def _run(self) -> None:
+        failures = 0
         while True:
             if not self.waiting and not self.running and not self.resync and not self.prefilling:
                 self.wake.clear()
@@ -114,9 +127,16 @@ class Scheduler(Background):
                 await self.wake.wait()
             try:
                 await self.step()
-            except Exception:
-                log.exception("step failed")
-                await asyncio.sleep(0.1)
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                log.exception("step failed (%d in a row)", failures)
+                if failures >= MAX_STEP_FAILURES:
+                    # The same failure every time: end the affected requests instead of hanging them.
+                    for seq in [*self.prefilling, *self.resync, *self.running.values()]:
+                        self._finish(seq, Finish.ERROR, Unavailable(f"the step failed {failures} times: {exc}"))
+                    failures = 0
+                await asyncio.sleep(STEP_RETRY_S)
 
     async def step(self) -> None:
         self._reap()
@@ -132,6 +152,35 @@ class Scheduler(Background):
                 self._finish(seq, Finish.CANCELLED)
             elif seq.deadline is not None and now > seq.deadline:
                 self._finish(seq, Finish.DEADLINE)
+
+    def _draft_timeout(self, seqs: list[Sequence], items: list[ProposeItem]) -> float:
+        """A small multiple of the predicted draft time (with a floor), within the batch's budget."""
+        k = max(i.max_draft_tokens for i in items)
+        predicted_s = self.planner.strategy.cost.t_draft(len(items), k) * self.planner.time_scale / 1000
+        allowed = max(self.config.draft_timeout_floor_s, self.config.draft_timeout_factor * predicted_s)
+        return min(self._timeout(seqs), allowed)
+
+    async def _drafter_missed(self, exc: Exception) -> None:
+        """Plain decoding for a while; after repeated misses, until the drafter answers a health check."""
+        self.drafter_misses += 1
+        self.drafter_down_until = time.monotonic() + self.config.drafter_retry_s
+        log.warning("drafter failed (%s); plain decoding for %.1fs", exc, self.config.drafter_retry_s)
+        if self.drafter_misses >= self.config.drafter_max_misses:
+            log.warning("drafter missed %d calls in a row; plain decoding until it answers a health check",
+                        self.drafter_misses)
+            self.drafter_down_until = float("inf")
+            asyncio.create_task(self._probe_drafter())
+
+    async def _probe_drafter(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.drafter_retry_s)
+            try:
+                await self.drafter.info(timeout=self.config.draft_timeout_floor_s)
+            except SpecServeError:
+                continue
+            self.drafter_misses, self.drafter_down_until = 0, 0.0
+            log.info("drafter answers again; speculation resumes")
+            return
 
     def _timeout(self, seqs: list[Sequence]) -> float:
         """The remaining budget of the batch: the latest deadline among its requests, capped."""
@@ -165,12 +214,20 @@ class Scheduler(Background):
                     queue.remove(seq)
         items = [PrefillItem(s.id, s.tokens[s.prefilled : s.prefilled + n], s.params,
                              partial=s.prefilled + n < len(s.tokens), append=s.prefilled > 0) for s, n in batch]
-        try:
-            out = await self.verifier.prefill(items, timeout=self._timeout([s for s, _ in batch]))
-        except SpecServeError as exc:
+        # The drafter reads the same chunks alongside (a draft budget of 0 only fills its cache), so
+        # no decode step ever carries a whole prompt through the drafter.
+        drafting = [(s, it) for (s, _), it in zip(batch, items) if s.drafter_position == s.prefilled]
+        timeout = self._timeout([s for s, _ in batch])
+        verified, drafted = await asyncio.gather(
+            self.verifier.prefill(items, timeout=timeout),
+            self._drafter_prefill(drafting, timeout), return_exceptions=True)
+        if isinstance(verified, SpecServeError):
             for seq, _ in batch:
-                self._finish(seq, Finish.ERROR, _as_unavailable(exc, "verifier"))
+                self._finish(seq, Finish.ERROR, _as_unavailable(verified, "verifier"))
             return
+        if isinstance(verified, BaseException):
+            raise verified
+        out = verified
         now = time.monotonic()
         for (seq, n), item, result in zip(batch, items, out.results):
             seq.prefilled += n
@@ -183,16 +240,34 @@ class Scheduler(Background):
             self.running[seq.id] = seq
             self._commit(seq, [result.token_id], now)
 
+    async def _drafter_prefill(self, pairs: list[tuple[Sequence, PrefillItem]], timeout: float) -> None:
+        if not pairs or not self.drafter_available:
+            return
+        items = [ProposeItem(s.id, s.drafter_position, it.prompt, 0, s.params) for s, it in pairs]
+        try:
+            out = await self.drafter.propose(items, timeout=timeout)
+        except SpecServeError as exc:
+            log.info("drafter prefill failed (%s); it catches up at the next step", exc)
+            return
+        for (seq, item), d in zip(pairs, out.drafts):
+            if d.status is SessionStatus.OK:
+                seq.drafter_position += len(item.prompt)
+
     # --- one speculative step ----------------------------------------------------------------
     async def _decode(self) -> None:
         started = time.perf_counter()
         seqs = list(self.running.values())
         views = [SessionView(s.id, s.position, s.slo.tpot_ms, s.behind_ms, s.mode, s.static_k) for s in seqs]
         plans = self.planner.plan(views)
+        for s in seqs:
+            if s.id in self.planner.reasons:
+                s.plain_reason = self.planner.reasons[s.id]
+            elif not self.drafter_available:
+                s.plain_reason = "drafter unavailable" if self.drafter is not None else "no drafter configured"
         drafted: dict[str, Drafted] = {s.id: Drafted() for s in seqs}
         dists: dict[str, list[Sparse]] = {s.id: [] for s in seqs}
         draft_ns, draft_steps, planner_s = 0, 0, time.perf_counter() - started
-        round_ = 0
+        round_, catchup = 0, 0
         while self.drafter_available and any(p.max_draft_tokens > 0 for p in plans.values()):
             items = []
             for s in seqs:
@@ -203,11 +278,15 @@ class Scheduler(Background):
                     s.id, s.drafter_position, [] if round_ else s.tokens[s.drafter_position :],
                     plan.max_draft_tokens, s.params, plan.stop_confidence, plan.min_token_confidence,
                     extend=round_ > 0))
+            if not round_:
+                catchup = sum(len(i.new_tokens) for i in items if i.position == 0)
             try:
-                out = await self.drafter.propose(items, timeout=self._timeout(seqs))
+                out = await self.drafter.propose(items, timeout=self._draft_timeout(seqs, items))
+                self.drafter_misses = 0
             except SpecServeError as exc:
-                log.warning("drafter failed (%s); plain decoding for %.1fs", exc, self.config.drafter_retry_s)
-                self.drafter_down_until = time.monotonic() + self.config.drafter_retry_s
+                await self._drafter_missed(exc)
+                for s in seqs:
+                    s.plain_reason = f"drafter missed its deadline or failed ({exc})"
                 break
             draft_ns += out.draft_ns
             draft_steps += out.draft_steps
@@ -263,10 +342,14 @@ class Scheduler(Background):
         step_ms = (time.perf_counter() - started) * 1000
         self.planner.observe_step(predicted, step_ms)
         self.on_step(StepRecord(
-            self.step_id, len(seqs), out.verified_positions, draft_steps, [len(i.drafts) for i in items], accepted,
-            pos_acc, pos_draft, confidences, outcomes, predicted, draft_ns / 1e6, out.forward_ns / 1e6,
-            step_ms, planner_s * 1000, len(self.waiting), len(self.running),
-            sum(v.context for v in views), self.planner.strategy.version, self.planner.strategy.mode))
+            step_id=self.step_id, batch_size=len(seqs), verified_positions=out.verified_positions,
+            draft_steps=draft_steps, drafted=[len(i.drafts) for i in items], accepted=accepted,
+            position_accepted=pos_acc, position_drafted=pos_draft, confidences=confidences, outcomes=outcomes,
+            predicted_step_ms=predicted, draft_ms=draft_ns / 1e6, verify_ms=out.forward_ns / 1e6, step_ms=step_ms,
+            planner_ms=planner_s * 1000, queue_depth=len(self.waiting), running=len(self.running),
+            context_tokens=sum(v.context for v in views), strategy_version=self.planner.strategy.version,
+            mode=self.planner.strategy.mode, pruned=sum(len(d.tokens) for d in drafted.values()) - sum(keep.values()),
+            draft_catchup_tokens=catchup))
 
     # --- output ------------------------------------------------------------------------------
     def _commit(self, seq: Sequence, tokens: list[int], now: float) -> None:

@@ -7,7 +7,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from specserve.sampling import SamplingParams
+from specserve.contracts import SamplingParams
 
 
 class Status(enum.Enum):
@@ -71,6 +71,7 @@ class Sequence:
     accepted_tokens: int = 0
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    plain_reason: str = ""  # why the latest step gave it no drafts
 
     @property
     def tokens(self) -> list[int]:
@@ -105,7 +106,8 @@ class Sequence:
         """How far the session lags its TPOT schedule now (> 0 is late)."""
         if not self.slo.tpot_ms or self.first_token_at is None:
             return 0.0
-        due = self.first_token_at + (len(self.generated) - 1) * self.slo.tpot_ms / 1000
+        # The next token is due one TPOT after the schedule of the ones already out.
+        due = self.first_token_at + len(self.generated) * self.slo.tpot_ms / 1000
         return (time.monotonic() - due) * 1000
 
     def sort_key(self) -> tuple:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.admission import Admission, attainment
@@ -69,8 +70,9 @@ def prompt_tokens(request: gateway_pb2.GenerateRequest, tokenizer, vocab: int) -
 def to_sequence(request: gateway_pb2.GenerateRequest, tokenizer, vocab: int, limits: Limits) -> Sequence:
     """Validate every field (the error names the first bad one) and build the request's state."""
     sampling = request.sampling
-    if sampling.max_new_tokens < 0:
-        raise InvalidArgument("sampling.max_new_tokens", f"must be >= 0, got {sampling.max_new_tokens}")
+    if not 0 <= sampling.max_new_tokens <= limits.max_new_tokens:
+        raise InvalidArgument("sampling.max_new_tokens", f"must be in [0, {limits.max_new_tokens}] (0 takes the "
+                              f"default, {limits.default_max_new_tokens}), got {sampling.max_new_tokens}")
     if sampling.top_p < 0:
         raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {sampling.top_p}")
     if len(sampling.stop) > limits.max_stop_strings:
@@ -87,6 +89,9 @@ def to_sequence(request: gateway_pb2.GenerateRequest, tokenizer, vocab: int, lim
     if len(prompt) + params.max_new_tokens > limits.max_context:
         params = dataclasses.replace(params, max_new_tokens=limits.max_context - len(prompt))
     spec = request.speculation
+    if spec.mode not in gateway_pb2.SpeculationMode.values():
+        raise InvalidArgument("speculation.mode", f"unknown value {spec.mode}; use one of "
+                              + ", ".join(gateway_pb2.SpeculationMode.keys()))
     mode = {gateway_pb2.SPECULATION_MODE_OFF: "off", gateway_pb2.SPECULATION_MODE_STATIC: "static"}.get(spec.mode, "")
     if mode == "static" and not 0 <= spec.static_k <= 64:
         raise InvalidArgument("speculation.static_k", f"must be in [0, 64], got {spec.static_k}")
@@ -102,7 +107,14 @@ def stats_to_pb(seq: Sequence) -> gateway_pb2.GenerateStats:
         prompt_tokens=len(seq.prompt), output_tokens=len(seq.generated), ttft_ms=seq.ttft_ms, tpot_ms=seq.tpot_ms,
         steps=seq.steps, draft_tokens=seq.draft_tokens, accepted_tokens=seq.accepted_tokens,
         slo_attained=a.slo, ttft_attained=a.ttft, tpot_attained=a.tpot, deadline_attained=a.deadline,
-        best_effort=seq.unattainable, total_ms=((seq.last_token_at or seq.arrival) - seq.arrival) * 1000)
+        best_effort=seq.unattainable, total_ms=((seq.last_token_at or seq.arrival) - seq.arrival) * 1000,
+        speculation=speculation_summary(seq))
+
+
+def speculation_summary(seq: Sequence) -> str:
+    if seq.draft_tokens:
+        return f"speculated: {seq.accepted_tokens}/{seq.draft_tokens} drafts accepted"
+    return f"plain decoding: {seq.plain_reason or 'no drafts were proposed'}"
 
 
 def _client_id(context) -> str:
@@ -118,6 +130,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def __init__(self):
         self.streams: dict[str, int] = {}  # open Generate streams per client
+        self.on_reject: Callable[[str], None] = lambda reason: None  # refusals other than admission's
 
     def attach(self, scheduler: Scheduler, tokenizer, vocab: int, limits: Limits, info: gateway_pb2.GatewayInfo,
                admission: Admission) -> None:
@@ -133,13 +146,26 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def open_stream(self, request: gateway_pb2.GenerateRequest, client: str) -> Sequence:
         """Validate, admit and submit a request from `client` (any front: gRPC or HTTP); pair with
         `close_stream`."""
-        self._ready()
+        try:
+            self._ready()
+        except Unavailable:
+            self.on_reject("unavailable")
+            raise
         if self.streams.get(client, 0) >= self.limits.max_streams_per_client:
+            self.on_reject("client_limit")
             raise ResourceExhausted(f"at most {self.limits.max_streams_per_client} concurrent streams per client",
                                     retry_after_ms=500)
-        seq = to_sequence(request, self.tokenizer, self.vocab, self.limits)
-        self.admission.admit(seq)
-        self.scheduler.submit(seq)
+        try:
+            seq = to_sequence(request, self.tokenizer, self.vocab, self.limits)
+        except InvalidArgument:
+            self.on_reject("invalid_argument")
+            raise
+        self.admission.admit(seq)  # counts its own rejections ("slo")
+        try:
+            self.scheduler.submit(seq)
+        except ResourceExhausted:
+            self.on_reject("queue_full")
+            raise
         self.streams[client] = self.streams.get(client, 0) + 1
         return seq
 

@@ -41,9 +41,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
     stack = launcher.Stack(target, draft, redis_url, gateway_port=args.port, metrics_port=args.metrics_port,
                            http_port=args.http_port,
                            extra_env={"SPECSERVE_RUNTIME": args.runtime})
-    print(f"starting verifier ({target}), drafter ({draft}), policy and gateway; logs in {stack.log_dir}")
+    print(f"starting verifier ({target}), drafter ({draft}), policy and gateway; logs in {stack.log_dir}", flush=True)
+    status = 0
     try:
-        stack.start()
+        try:
+            stack.start(progress=lambda line: print(f"  {line}", flush=True))
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         for name, info in stack.model_infos().items():
             print(f"{name}: {info.model_file}, runtime {info.runtime}, {info.dtype} on {info.device}")
         print(f"SpecServe is up: gateway at {stack.gateway_address} (gRPC), {stack.http_address}/v1 (OpenAI HTTP)"
@@ -53,16 +58,19 @@ def _cmd_up(args: argparse.Namespace) -> int:
             _generate(stack.gateway_address, args.smoke, 16, 0.0, sys.stdout)
             return 0
         signal.signal(signal.SIGTERM, _interrupt)
-        while True:
-            time.sleep(3600)
+        stack.supervise(on_event=lambda line: print(f"supervisor: {line}", flush=True))
+        while not stack.failed:
+            time.sleep(0.5)
+        print(f"error: {stack.failed}", file=sys.stderr)
+        status = 1
     except KeyboardInterrupt:
         pass
     finally:
-        print("stopping")
+        print("stopping", flush=True)
         stack.stop()
         if redis_proc:
             redis_proc.terminate()
-    return 0
+    return status
 
 
 def _generate(address: str, prompt: str, max_new_tokens: int, temperature: float, out, chat: bool = False) -> int:
@@ -85,8 +93,7 @@ def _generate(address: str, prompt: str, max_new_tokens: int, temperature: float
                     s = message.stats
                     out.write(f"\n\n[{gateway_pb2.FinishReason.Name(message.finish_reason)}] "
                               f"{s.output_tokens} tokens, ttft {s.ttft_ms:.0f} ms, tpot {s.tpot_ms:.0f} ms, "
-                              f"{s.steps} steps, accepted {s.accepted_tokens}/{s.draft_tokens} drafts, "
-                              f"slo_attained={s.slo_attained}\n")
+                              f"{s.steps} steps, {s.speculation}, slo_attained={s.slo_attained}\n")
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -111,7 +118,9 @@ def _cmd_ops(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         client.set(OPS_PREFIX + args.name, args.value)
-    names = [args.name] if args.ops_command in ("get", "set") else list(OPS_KEYS)
+    if args.ops_command == "unset":
+        client.delete(OPS_PREFIX + args.name)
+    names = [args.name] if args.ops_command in ("get", "set", "unset") else list(OPS_KEYS)
     for name in names:
         value = client.get(OPS_PREFIX + name)
         print(f"{name} = {value if value is not None else '(unset)'}")
@@ -206,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream a completion from a running gateway")
     gen.add_argument("prompt")
     gen.add_argument("--address", default="127.0.0.1:50051")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=int, default=0, help="0 takes the server's default")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--chat", action="store_true", help="send the prompt as one user chat turn")
     gen.set_defaults(func=_cmd_generate)
@@ -220,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     setp = ops_sub.add_parser("set")
     setp.add_argument("name")
     setp.add_argument("value")
+    unset = ops_sub.add_parser("unset", help="remove an override: the strategy's or the default value applies again")
+    unset.add_argument("name")
     ops.set_defaults(func=_cmd_ops)
 
     health = sub.add_parser("health", help="exit 0 when a service reports SERVING (for container health checks)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from specserve import contracts as c
-from specserve.sampling import SamplingParams
+from specserve.contracts import SamplingParams
 from specserve.v1 import common_pb2, drafter_pb2, verifier_pb2
 
 _STATUS_TO_PB = {c.SessionStatus.OK: common_pb2.SESSION_STATUS_OK,

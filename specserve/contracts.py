@@ -1,4 +1,5 @@
-"""Small dataclasses passed between the gateway's step loop and the model services.
+"""Small dataclasses passed between the gateway's step loop and the model services (plain data:
+no torch, so the gateway process never loads it).
 
 The gRPC servicers and clients convert these to and from protobuf; the in-process workers take
 and return them directly, so the step loop runs the same way in one process or over the network.
@@ -9,7 +10,40 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from specserve.sampling import SamplingParams
+from specserve.errors import InvalidArgument
+
+MAX_NEW_TOKENS_LIMIT = 8192
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 is greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1 disables
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, prefix: str = "sampling", max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT) -> "SamplingParams":
+        """Raise InvalidArgument naming the first bad field; return self when all are good."""
+        if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+            raise InvalidArgument(f"{prefix}.max_new_tokens", f"must be in [1, {max_new_tokens_limit}], got {self.max_new_tokens}")
+        if not self.temperature >= 0.0 or self.temperature == float("inf"):
+            raise InvalidArgument(f"{prefix}.temperature", f"must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidArgument(f"{prefix}.top_k", f"must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidArgument(f"{prefix}.top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidArgument(f"{prefix}.seed", f"must be in [0, 2^63), got {self.seed}")
+        if any(not s for s in self.stop):
+            raise InvalidArgument(f"{prefix}.stop", "stop strings must not be empty")
+        return self
+
 
 # A sparse distribution: (support token ids, their probabilities).
 Sparse = tuple[list[int], list[float]]

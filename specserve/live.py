@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from specserve.background import Background
@@ -78,9 +78,20 @@ class LiveConfig:
     ops: dict[str, Any] = field(default_factory=dict)
     invalid_ops: int = 0
     invalid_strategies: int = 0
+    reachable: bool = True  # Redis answered the last refresh
 
     def strategy(self) -> Strategy:
-        base = self.published if self.published and not self.published.expired() else self.default
+        """The published strategy while it is fresh, or while Redis is unreachable (nobody can publish
+        a newer one). Once Redis answers and it has expired (the policy is away), the gateway plans
+        on its own: `adaptive` over the last published cost model and calibration, which the planner
+        keeps correcting from measured steps, so a dead policy never turns speculation on where the
+        measurements had turned it off. With nothing ever published: the configured default."""
+        if self.published is None:
+            base = self.default
+        elif not self.reachable or not self.published.expired():
+            base = self.published
+        else:
+            base = replace(self.published, mode="adaptive", policy=f"gateway-fallback (last: {self.published.policy})")
         overrides = {k: v for k, v in self.ops.items() if k in ("mode", "static_k", "max_draft_tokens")}
         return base.with_overrides(**overrides) if overrides else base
 
@@ -94,6 +105,7 @@ class LiveReader(Background):
 
     async def refresh(self) -> None:
         raw = await self.redis.get(STRATEGY_KEY)
+        self.live.reachable = True
         if raw is not None:
             try:
                 strategy = Strategy.from_json(raw)
@@ -140,5 +152,6 @@ class LiveReader(Background):
             except Exception as exc:  # Redis away: keep the last strategy, retry
                 log.debug("live config unavailable: %s", exc)
                 pubsub = None
-                self.on_change(self.live)  # lets expiry fall back to the default
+                self.live.reachable = False
+                self.on_change(self.live)
                 await asyncio.sleep(self.poll_s)

@@ -200,21 +200,3 @@ def load_causal_lm(path: str, device: str = "cpu", dtype: str = "auto"):
 def generation_eos_ids(model) -> list[int]:
     ids = model.generation_config.eos_token_id if model.generation_config else None
     return ids if isinstance(ids, list) else [ids] if ids is not None else []
-
-
-def load_tokenizer(path: str):
-    """The tokenizer of a model folder or id, or the one inside a bare GGUF file."""
-    from transformers import AutoTokenizer
-
-    p = Path(path)
-    if p.is_file() and p.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-    return AutoTokenizer.from_pretrained(path)
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A stable hash of the vocabulary and special tokens: equal fingerprints mean equal token ids."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    special = sorted(str(t) for t in tokenizer.all_special_tokens)
-    payload = repr((vocab, special, tokenizer.eos_token_id)).encode()
-    return hashlib.sha256(payload).hexdigest()[:16]

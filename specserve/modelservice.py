@@ -6,17 +6,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 import torch
 
-from specserve import models, runtime
+from specserve import runtime
+from specserve.compute import ComputeThread
 from specserve.config import doc
 from specserve.contracts import WorkerInfo
 from specserve.errors import InvalidArgument
 from specserve.runtime import Runtime
+from specserve.tokenizer import fingerprint, load_tokenizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,31 +74,12 @@ def load(config: ModelServiceConfig) -> LoadedModel:
     started = time.monotonic()
     rt = runtime.open_runtime(config.model, config.runtime, config.device, config.dtype, config.max_context,
                               config.threads, config.max_sessions, config.kv_tokens, config.kv_unified)
-    tokenizer = models.load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model)
     eos = list(dict.fromkeys([*rt.info.eos_token_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])]))
     log.info("loaded %s on the %s runtime (%s, %s) in %.1fs", rt.info.model_file, rt.info.runtime, rt.info.device,
              rt.info.dtype, time.monotonic() - started)
     print(f"model {rt.info.model_file}: runtime {rt.info.runtime}, {rt.info.dtype} on {rt.info.device}", flush=True)
-    return LoadedModel(rt, models.tokenizer_fingerprint(tokenizer), eos)
-
-
-class ComputeThread:
-    """Runs model calls one at a time on a dedicated thread; handlers await them."""
-
-    def __init__(self, delay_ms: float = 0.0):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.delay_s = delay_ms / 1000
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn, args)
-
-    def _call(self, fn: Callable[..., T], args: tuple) -> T:
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        return fn(*args)
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    return LoadedModel(rt, fingerprint(tokenizer), eos)
 
 
 def unique_ids(ids: list[str], field: str) -> None:

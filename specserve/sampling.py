@@ -1,45 +1,10 @@
-"""Sampling parameters, their validation, and the processed distribution they define."""
+"""The processed distribution sampling parameters define, and per-session random streams (torch)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from specserve.errors import InvalidArgument
-
-MAX_NEW_TOKENS_LIMIT = 8192
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 is greedy
-    top_k: int = 0  # 0 disables
-    top_p: float = 1.0  # 1 disables
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def validate(self, prefix: str = "sampling", max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT) -> "SamplingParams":
-        """Raise InvalidArgument naming the first bad field; return self when all are good."""
-        if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
-            raise InvalidArgument(f"{prefix}.max_new_tokens", f"must be in [1, {max_new_tokens_limit}], got {self.max_new_tokens}")
-        if not self.temperature >= 0.0 or self.temperature == float("inf"):
-            raise InvalidArgument(f"{prefix}.temperature", f"must be a finite number >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InvalidArgument(f"{prefix}.top_k", f"must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidArgument(f"{prefix}.top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise InvalidArgument(f"{prefix}.seed", f"must be in [0, 2^63), got {self.seed}")
-        if any(not s for s in self.stop):
-            raise InvalidArgument(f"{prefix}.stop", "stop strings must not be empty")
-        return self
-
+from specserve.contracts import SamplingParams
 
 def make_generator(seed: int | None, salt: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A per-session random stream; `salt` keeps the drafter's and the verifier's streams apart."""

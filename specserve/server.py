@@ -13,6 +13,7 @@ import signal
 from collections.abc import Awaitable, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -48,42 +49,53 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
 
 
+def _decoded(deserialize: Callable[[bytes], object] | None, raw: bytes) -> object:
+    """The request message, or INVALID_ARGUMENT when its bytes do not decode (bad wire format,
+    invalid UTF-8 in a string field)."""
+    if deserialize is None:
+        return raw
+    try:
+        return deserialize(raw)
+    except (DecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise errors.InvalidArgument("request", f"the message does not decode: {exc}") from None
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Domain errors become their status code with their message; anything else becomes INTERNAL
-    with no traceback sent to the client (it is logged here)."""
+    with no traceback sent to the client (it is logged here). Requests are decoded inside, so bytes
+    that do not decode are INVALID_ARGUMENT too, not an error of the transport."""
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:
             return None
         method = details.method
+        deserialize = handler.request_deserializer
         if handler.unary_unary:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request, context):
                 try:
-                    return await inner_uu(request, context)
+                    return await inner_uu(_decoded(deserialize, request), context)
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:
                     await _abort(context, exc, method)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
         if handler.unary_stream:
             inner_us = handler.unary_stream
 
             async def unary_stream(request, context):
                 try:
-                    async for item in inner_us(request, context):
+                    async for item in inner_us(_decoded(deserialize, request), context):
                         yield item
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:
                     await _abort(context, exc, method)
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(unary_stream, None, handler.response_serializer)
         return handler
 
 
@@ -134,7 +146,9 @@ class Server:
 
     def __init__(self, service_names: list[str], options: list[tuple[str, object]] | None = None,
                  interceptors: list[grpc.aio.ServerInterceptor] | None = None):
-        self.grpc = grpc.aio.server(interceptors=[ErrorInterceptor(), *(interceptors or [])], options=options or [])
+        # No port sharing: a second server on a busy port must fail, not split the traffic.
+        options = [("grpc.so_reuseport", 0), *(options or [])]
+        self.grpc = grpc.aio.server(interceptors=[ErrorInterceptor(), *(interceptors or [])], options=options)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self.service_names = service_names
@@ -142,9 +156,13 @@ class Server:
         reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)
 
     def bind(self, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
-        port = self.grpc.add_secure_port(address, credentials) if credentials else self.grpc.add_insecure_port(address)
+        """Bind or exit with a message naming the address (a busy port is a start-up error)."""
+        try:
+            port = self.grpc.add_secure_port(address, credentials) if credentials else self.grpc.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise RuntimeError(f"cannot bind {address}")
+            raise SystemExit(f"error: cannot bind {address}: the port is in use or the address is not available")
         return port
 
     async def set_serving(self, serving: bool) -> None:

@@ -9,11 +9,11 @@ import torch
 
 from specserve.acceptance import dense, verify_greedy, verify_sampled
 from specserve.contracts import (
-    PrefillItem, PrefillOutput, PrefillResult, SessionStatus, VerifyItem, VerifyOutput, VerifyResult,
+    PrefillItem, SamplingParams, PrefillOutput, PrefillResult, SessionStatus, VerifyItem, VerifyOutput, VerifyResult,
 )
 from specserve.errors import InvalidArgument
 from specserve.runtime import Row, Runtime
-from specserve.sampling import SamplingParams, make_generator, processed_probs
+from specserve.sampling import make_generator, processed_probs
 from specserve.sessions import SessionTable
 
 VERIFIER_SALT = 1

@@ -10,7 +10,7 @@ from specserve import config as cfg
 from specserve import modelservice
 from specserve.contracts import ProposeItem
 from specserve.proposers import Proposer, make_proposer
-from specserve.sampling import SamplingParams
+from specserve.contracts import SamplingParams
 from specserve.v1 import drafter_pb2, drafter_pb2_grpc
 from services.drafter.servicer import DrafterServicer
 

@@ -44,9 +44,19 @@ def publish(client: redis.Redis, strategy: Strategy) -> None:
     client.publish(UPDATES_CHANNEL, str(strategy.version))
 
 
+def last_version(client: redis.Redis) -> int:
+    """The version of the strategy in Redis, so a restarted (or replacement) policy goes on from it."""
+    try:
+        raw = client.get(STRATEGY_KEY)
+        return Strategy.from_json(raw).version if raw else 0
+    except (redis.RedisError, InvalidArgument):
+        return 0
+
+
 def run(config: PolicyConfig, stop=lambda: False) -> None:
     client = redis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=2)
     state = PolicyState(config.algorithm, ttl_s=config.ttl_s)
+    state.version = last_version(client)
     name = config.consumer or f"{socket.gethostname()}-{os.getpid()}"
     consumer, last_publish, last_reclaim = None, 0.0, 0.0
     while not stop():

@@ -53,7 +53,9 @@ class PolicyState:
         if component != "gateway":
             return
         n, positions = int(record["batch_size"]), int(record["verified_positions"])
-        self.cost.observe(n, int(record["draft_steps"]), float(record["draft_ms"]), positions,
+        # A step whose drafter caught up on a whole history timed reading, not drafting.
+        catchup = int(record.get("draft_catchup_tokens", 0)) > 0
+        self.cost.observe(n, 0 if catchup else int(record["draft_steps"]), float(record["draft_ms"]), positions,
                           int(record["context_tokens"]), float(record["verify_ms"]))
         self.calibration.observe([float(c) for c in record["confidences"]], [int(o) for o in record["outcomes"]])
         self.acceptance.observe(sum(int(d) for d in record["drafted"]), sum(int(a) for a in record["accepted"]))

@@ -9,7 +9,7 @@ import sys
 from specserve import config as cfg
 from specserve import modelservice
 from specserve.contracts import PrefillItem, VerifyItem
-from specserve.sampling import SamplingParams
+from specserve.contracts import SamplingParams
 from specserve.target import TargetWorker
 from specserve.v1 import verifier_pb2, verifier_pb2_grpc
 from services.verifier.servicer import VerifierServicer

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specserve.contracts import Draft, ProposeItem, ProposeOutput, SessionStatus, Sparse
+from specserve.contracts import Draft, ProposeItem, ProposeOutput, SamplingParams, SessionStatus, Sparse
 from specserve.runtime import Row, Runtime
-from specserve.sampling import SamplingParams, make_generator, processed_probs
+from specserve.sampling import make_generator, processed_probs
 from specserve.sessions import SessionTable
 
 DRAFTER_SALT = 2

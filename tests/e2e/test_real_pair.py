@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from specserve.models import load_tokenizer
+from specserve.tokenizer import load_tokenizer
 from specserve.runtime import Row, open_runtime
 from tests.helpers import assert_lossless
 

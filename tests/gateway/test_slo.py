@@ -9,7 +9,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.scheduler import SchedulerConfig
 from gateway.sequence import Sequence, Slo
 from specserve.errors import ResourceExhausted
-from specserve.sampling import SamplingParams
+from specserve.contracts import SamplingParams
 from specserve.strategy import CostModel, Strategy
 from tests.helpers import collect
 
@@ -27,7 +27,7 @@ def test_burst_beyond_capacity_is_rejected_not_violated(tiny_models):
     async def main():
         metrics = GatewayMetrics()
         sch = _scheduler(tiny_models, on_finish=metrics.observe_finish)
-        admission = Admission(sch, "reject", on_reject=lambda s: metrics.rejected.inc(), margin=1.5)
+        admission = Admission(sch, "reject", on_reject=lambda s: metrics.rejected.labels("slo").inc(), margin=1.5)
         sch.start()
         warm = Sequence("warm", [5, 6, 7], SamplingParams(max_new_tokens=6))
         sch.submit(warm)
@@ -53,7 +53,7 @@ def test_burst_beyond_capacity_is_rejected_not_violated(tiny_models):
     # The counters agree with the per-request accounting.
     assert metrics.attained._value.get() == sum(attainment(s).slo for s in admitted) + 1
     assert metrics.attained._value.get() + metrics.violated._value.get() == len(admitted) + 1
-    assert metrics.rejected._value.get() == rejected
+    assert metrics.rejected.labels("slo")._value.get() == rejected
 
 
 def test_best_effort_is_queued_and_marked(tiny_models):

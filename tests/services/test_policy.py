@@ -12,7 +12,7 @@ from services.policy.estimators import CalibrationEstimator, CostEstimator
 from services.policy.__main__ import publish
 from specserve.errors import InvalidArgument
 from specserve.live import LiveConfig, parse_op
-from specserve.strategy import STRATEGY_KEY, Strategy
+from specserve.strategy import STRATEGY_KEY, CostModel, Strategy
 from specserve.telemetry import STREAM, encode
 
 
@@ -106,8 +106,14 @@ def test_ops_override_the_published_strategy_and_expiry_falls_back():
     live.ops = {"mode": "static", "static_k": 2}
     assert (live.strategy().mode, live.strategy().static_k) == ("static", 2)
     live.ops = {}
-    live.published = Strategy(mode="smartspec", issued_at=time.time() - 120, ttl_s=60)
-    assert live.strategy().mode == "adaptive"
+    learned = CostModel(draft_fixed=300.0, verify_table=((1, 80.0), (2, 160.0)))
+    live.published = Strategy(mode="smartspec", cost=learned, issued_at=time.time() - 120, ttl_s=60)
+    live.reachable = False  # Redis away: nobody can publish a newer one, so the last one stays
+    assert live.strategy().mode == "smartspec"
+    live.reachable = True  # Redis answers and the strategy is stale: the policy is away
+    fallback = live.strategy()
+    assert fallback.mode == "adaptive" and fallback.cost == learned and "gateway-fallback" in fallback.policy
+    assert LiveConfig(Strategy(mode="off")).strategy().mode == "off"  # never published: the default
 
 
 def test_algorithm_names():

@@ -57,8 +57,9 @@ def test_dense_places_sparse_probabilities():
 
 def test_sampled_tokens_follow_the_target_distribution_of_each_runtime(tiny_pair):
     """The same bound with p and q taken from the runtime's own target and draft logits."""
+    from specserve.contracts import SamplingParams
     from specserve.runtime import Row
-    from specserve.sampling import SamplingParams, processed_probs
+    from specserve.sampling import processed_probs
 
     target, draft = tiny_pair.runtimes()
     prompt = [5, 9, 11, 40]

@@ -9,7 +9,7 @@ import torch
 from gateway.sequence import Finish
 from specserve.contracts import PrefillItem, VerifyItem
 from specserve.runtime import Row
-from specserve.sampling import SamplingParams
+from specserve.contracts import SamplingParams
 from specserve.strategy import Strategy
 from specserve.target import TargetWorker
 from tests.helpers import assert_lossless, run_local, target_only

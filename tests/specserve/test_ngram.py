@@ -1,6 +1,6 @@
 from specserve.contracts import ProposeItem, SessionStatus
 from specserve.proposers.ngram import NgramProposer, ngram_lookup
-from specserve.sampling import SamplingParams
+from specserve.contracts import SamplingParams
 
 
 def test_lookup_continues_after_latest_longest_match():

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from specserve.errors import InvalidArgument
-from specserve.sampling import SamplingParams, processed_probs
+from specserve.contracts import SamplingParams
+from specserve.sampling import processed_probs
 
 
 @pytest.mark.parametrize("params, field", [
