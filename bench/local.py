@@ -50,14 +50,15 @@ class LocalDrafter(_Local):
 
 def local_scheduler(target: Runtime, draft: Runtime | None, tokenizer, eos_ids: list[int],
                     config: SchedulerConfig | None = None, strategy: Strategy | None = None,
-                    proposer: str = "draft_model", verify_delay_ms: float = 0.0, **hooks) -> Scheduler:
+                    proposer: str = "draft_model", verify_delay_ms: float = 0.0, draft_delay_ms: float = 0.0,
+                    **hooks) -> Scheduler:
     """target, draft: model runtimes (draft may be None for target-only decoding)."""
     info = WorkerInfo("local", "", target.max_context, target.info.device, target.info.dtype, eos_ids, 0, 0,
                       target.info.runtime)
     verifier = LocalVerifier(TargetWorker(target), info, verify_delay_ms)
     drafter = None
     if proposer == "ngram":
-        drafter = LocalDrafter(make_proposer("ngram"), info)
+        drafter = LocalDrafter(make_proposer("ngram"), info, draft_delay_ms)
     elif draft is not None:
-        drafter = LocalDrafter(make_proposer("draft_model", runtime=draft), info)
+        drafter = LocalDrafter(make_proposer("draft_model", runtime=draft), info, draft_delay_ms)
     return Scheduler(verifier, drafter, tokenizer, eos_ids, config or SchedulerConfig(), strategy, **hooks)

@@ -28,6 +28,7 @@ from bench.replay import Planned, fit_prompt, plan, read_trace, window
 from bench.report import position_sums
 from specserve.launcher import Stack
 from specserve.live import OPS_PREFIX
+from specserve.strategy import STRATEGY_KEY
 from specserve.telemetry import STREAM, decode
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -84,6 +85,23 @@ class Workload:
     level: float
     rate: float
     requests: list[tuple[str, Planned, list[int] | None, list[dict] | None]] = field(default_factory=list)
+
+
+def fresh_policy(stack: Stack, client: redis.Redis) -> None:
+    """Every benchmarked policy starts from the same state: the policy service restarted over a
+    stream that holds only the model services' start-up profiles, with no strategy published."""
+    from services.policy.consumer import GROUP
+
+    stack.services["policy"].stop()
+    client.delete(STRATEGY_KEY)
+    try:
+        client.xgroup_destroy(STREAM, GROUP)
+    except redis.ResponseError:
+        pass  # no group yet
+    stale = [entry_id for entry_id, fields in client.xrange(STREAM) if decode(fields).get("call") != "profile"]
+    for start in range(0, len(stale), 1000):
+        client.xdel(STREAM, *stale[start : start + 1000])
+    stack.restart("policy")
 
 
 def set_policy(client: redis.Redis, policy: str) -> None:
@@ -280,6 +298,7 @@ def run(cfg: BenchConfig, quick: bool = False) -> dict:
                 for turn in range(len(cfg.policies)):
                     # Rotate the order per level so drift does not always favour the same policy.
                     policy = cfg.policies[(turn + int(w.level * 10)) % len(cfg.policies)]
+                    fresh_policy(stack, client)
                     set_policy(client, policy)
                     time.sleep(cfg.settle_s)
                     since = f"{int(time.time() * 1000)}-0"

@@ -36,6 +36,7 @@ class GatewayMetrics:
         self.accepted_len = Histogram("specserve_accepted_length", "Tokens committed per session per step",
                                       buckets=tuple(range(1, 18)), registry=r)
         self.drafted = Counter("specserve_draft_tokens", "Draft tokens verified", registry=r)
+        self.pruned = Counter("specserve_pruned_slots", "Drafted slots the planner did not verify", registry=r)
         self.accepted = Counter("specserve_accepted_tokens", "Draft tokens accepted", registry=r)
         self.running = Gauge("specserve_running", "Running sessions", registry=r)
         self.queued = Gauge("specserve_queued", "Waiting requests", registry=r)
@@ -65,6 +66,7 @@ class GatewayMetrics:
     def observe_step(self, rec: StepRecord) -> None:
         self.step.observe(rec.step_ms / 1000)
         self.drafted.inc(sum(rec.drafted))
+        self.pruned.inc(rec.pruned)
         self.accepted.inc(sum(rec.accepted))
         for a in rec.accepted:
             self.accepted_len.observe(a + 1)

@@ -73,3 +73,39 @@ def test_calibration_inverse_round_trips():
     cal = Calibration((0.0, 0.5, 1.0), (0.0, 0.2, 0.9))
     for s in (0.1, 0.2, 0.5, 0.8):
         assert cal(cal.inverse(s)) == pytest.approx(s)
+
+
+def test_adaptive_bar_rises_with_measured_slowness():
+    """The online correction scales the marginal cost as it scales the efficiency: steps measured
+    slower than predicted make the bar no lower (before, they made it lower: more drafting)."""
+    cost = CostModel(draft_fixed=20, draft_per_seq=5, verify_fixed=100, verify_per_pos=8, verify_per_ctx=0)
+    views = [SessionView("a", 5), SessionView("b", 5)]
+    planner = Planner(Strategy(mode="adaptive", cost=cost, mean_confidence=0.8))
+    nominal = planner.plan(views)["a"].stop_confidence
+    planner.time_scale = 3.0
+    slow = planner.plan(views)["a"].stop_confidence
+    assert slow >= nominal > 0
+
+
+def test_specserve_running_mean_is_of_draft_confidences_and_survives_new_strategies():
+    cost = CostModel(draft_fixed=0, draft_per_seq=0, verify_fixed=100, verify_per_pos=0, verify_per_ctx=0)
+    planner = Planner(Strategy(mode="specserve", cost=cost))
+    views = [SessionView("a", 5), SessionView("b", 5)]
+    drafted = {"a": Drafted([1], [0.9]), "b": Drafted([2], [0.7])}
+    planner.extend(views, drafted, 1)
+    assert planner.running_confidence == pytest.approx((0.6 + 0.9 + 0.7) / 3)
+    planner.set_strategy(Strategy(mode="specserve", cost=cost, mean_confidence=0.2))  # a new publication
+    assert planner.running_confidence == pytest.approx((0.6 + 0.9 + 0.7) / 3)
+
+
+def test_adaptive_prunes_only_where_a_shape_step_makes_it_pay():
+    """Slots past a step in the measured verify cost are dropped; on a flat table none are."""
+    views = [SessionView("a", 5), SessionView("b", 5)]
+    drafted = {"a": Drafted([1, 2, 3], [0.9, 0.9, 0.9]), "b": Drafted([4, 5, 6], [0.5, 0.3, 0.2])}
+    stepped = CostModel(draft_fixed=1, draft_per_seq=0, verify_per_ctx=0,
+                        verify_table=((1, 50.0), (4, 52.0), (5, 200.0), (8, 210.0)), shape_buckets=(4, 8))
+    flat = CostModel(draft_fixed=1, draft_per_seq=0, verify_per_ctx=0, verify_table=((1, 50.0), (8, 51.0)))
+    pruned = Planner(Strategy(mode="adaptive", cost=stepped)).prune(views, drafted)
+    kept = Planner(Strategy(mode="adaptive", cost=flat)).prune(views, drafted)
+    assert sum(pruned.values()) + len(views) <= 4 and pruned["a"] >= pruned["b"]
+    assert kept == {"a": 3, "b": 3}

@@ -128,12 +128,10 @@ def test_second_up_on_a_busy_port_exits_naming_it(tiny_dir, redis_url):
     assert up.returncode != 0 and f"port {port}" in out, out
 
 
-def test_a_dead_policy_does_not_turn_speculation_on(tiny_dir, redis_url):
+def test_a_dead_policy_does_not_turn_speculation_on(tiny_dir, redis_url, redis_client):
     """A policy (here: this test, writing the strategy document) found that drafting does not pay,
     then goes away; once its strategy expires the gateway keeps planning plain decoding."""
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client  # a flushed database: no strategy from an earlier test
     stack = Stack(str(tiny_dir[0]), str(tiny_dir[1]), redis_url, policy=False,
                   extra_env={"SPECSERVE_THREADS": "1"}).start(120)
     try:

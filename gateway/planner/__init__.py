@@ -1,0 +1,124 @@
+"""Per-step speculation planning: how far each session drafts this step, and what gets verified.
+
+Every controller (one per file, chosen by the strategy's mode) reads the strategy's parameters and
+the step's live draft confidences. A step runs in rounds: `plan` gives each session a budget; after
+drafting, `extend` may ask for more (the batch-uniform `specserve` controller drafts one round per
+position); `prune` then chooses how many of each session's drafts to verify. The Planner holds what
+persists between steps: the strategy, the online step-time correction and specserve's c̄.
+"""
+
+from __future__ import annotations
+
+from gateway.planner.adaptive import Adaptive
+from gateway.planner.base import Controller, Drafted, DraftPlan, SessionView, expected_tokens
+from gateway.planner.fixed import Static, Threshold
+from gateway.planner.smartspec import SmartSpec
+from gateway.planner.specserve import SpecServe
+from specserve.strategy import Strategy
+
+__all__ = ["Drafted", "DraftPlan", "Planner", "SessionView", "expected_tokens"]
+
+CONTROLLERS: dict[str, Controller] = {
+    "static": Static(), "threshold": Threshold(), "smartspec": SmartSpec(), "specserve": SpecServe(),
+    "adaptive": Adaptive(),
+}
+COST_MODES = ("adaptive", "specserve", "smartspec")  # the controllers that decide from the cost model
+
+INITIAL_MEAN_CONFIDENCE = 0.6  # specserve's c̄ before any draft is seen (the paper's initial value)
+# The step-time correction: an exponential mean of measured / predicted time. Weight 0.3 follows a
+# change within a few steps; the clamp keeps one outlier (a GC pause, a cold cache) from swinging it.
+TIME_SCALE_WEIGHT = 0.3
+MIN_TIME_SCALE, MAX_TIME_SCALE = 0.01, 100.0
+
+
+class Planner:
+    def __init__(self, strategy: Strategy):
+        self.strategy = strategy
+        self.reasons: dict[str, str] = {}  # why a session got no drafts in the last plan
+        # specserve's c̄: the running mean of the draft confidences of every draft round that did not
+        # lower G, over all steps; its prior counts as one observation.
+        self._confidence_sum, self._confidence_n = INITIAL_MEAN_CONFIDENCE, 1
+        self.time_scale = 1.0  # measured / predicted step time, tracked online
+
+    def set_strategy(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+
+    @property
+    def controller(self) -> Controller | None:
+        return CONTROLLERS.get(self.strategy.mode)
+
+    # --- state kept between steps --------------------------------------------------------------
+    def observe_step(self, predicted_ms: float, measured_ms: float) -> None:
+        """Correct the cost model online: an exponential mean of measured over predicted step time
+        (the policy refits the coefficients; this keeps predictions honest between publications)."""
+        if predicted_ms > 0 and measured_ms > 0:
+            ratio = min(max(measured_ms / (predicted_ms / self.time_scale), MIN_TIME_SCALE), MAX_TIME_SCALE)
+            self.time_scale = (1 - TIME_SCALE_WEIGHT) * self.time_scale + TIME_SCALE_WEIGHT * ratio
+
+    def observe_confidences(self, confidences: list[float]) -> None:
+        self._confidence_sum += sum(confidences)
+        self._confidence_n += len(confidences)
+
+    @property
+    def running_confidence(self) -> float:
+        return self._confidence_sum / self._confidence_n
+
+    # --- the cost side -------------------------------------------------------------------------
+    def step_ms(self, sessions: list[SessionView], ks: list[int]) -> float:
+        cost = self.strategy.cost
+        ctx = sum(s.context for s in sessions)
+        drafting = max(ks, default=0)
+        return (cost.t_draft(len(sessions), drafting) + cost.t_verify(sum(k + 1 for k in ks), ctx)) * self.time_scale
+
+    def slo_cap_k(self, sessions: list[SessionView]) -> int:
+        """The largest uniform k whose predicted step time fits the tightest TPOT SLO (0 always fits)."""
+        caps = [s.tpot_slo_ms for s in sessions if s.tpot_slo_ms > 0]
+        k = self.strategy.max_draft_tokens
+        if not caps:
+            return k
+        while k > 0 and self.step_ms(sessions, [k] * len(sessions)) > min(caps):
+            k -= 1
+        return k
+
+    def gate(self, sessions: list[SessionView], confidence: float) -> bool:
+        """Speculate only if one draft per session at this confidence beats plain decoding."""
+        n = len(sessions)
+        plain = n / self.step_ms(sessions, [0] * n)
+        one = (n + n * confidence) / self.step_ms(sessions, [1] * n)
+        return one > plain * self.strategy.gate_margin
+
+    # --- the step's phases ---------------------------------------------------------------------
+    def plan(self, sessions: list[SessionView]) -> dict[str, DraftPlan]:
+        """Budgets for every session: per-request overrides as asked, the rest by the controller."""
+        s = self.strategy
+        plans = {v.key: DraftPlan(v.static_k if v.mode == "static" else 0) for v in sessions}
+        auto = [v for v in sessions if not v.mode]
+        if auto and self.controller is not None and s.max_draft_tokens > 0:
+            plans |= self.controller.plan(self, auto)
+        self.reasons = {v.key: self._reason(v, sessions) for v in sessions if plans[v.key].max_draft_tokens <= 0}
+        return plans
+
+    def _reason(self, v: SessionView, sessions: list[SessionView]) -> str:
+        mode = self.strategy.mode
+        if v.mode:
+            return "speculation off for this request" if v.mode == "off" else "static k = 0 requested"
+        if mode == "off" or self.strategy.max_draft_tokens == 0:
+            return f"mode {mode}" + (" (max_draft_tokens 0)" if mode != "off" else "")
+        if mode in COST_MODES:
+            if self.slo_cap_k(sessions) == 0:
+                return f"{mode}: the TPOT SLO leaves no time to draft"
+            return f"{mode}: the cost model predicts plain decoding is faster here"
+        return f"{mode}: no draft this step"
+
+    def extend(self, sessions: list[SessionView], drafted: dict[str, Drafted], round_: int) -> dict[str, DraftPlan]:
+        """After a drafting round: budgets for one more round, or {} to stop."""
+        return self.controller.extend(self, sessions, drafted, round_) if self.controller else {}
+
+    def prune(self, sessions: list[SessionView], drafted: dict[str, Drafted]) -> dict[str, int]:
+        """How many of each session's drafts to verify (requests with their own mode keep all)."""
+        keep = {k: len(d.tokens) for k, d in drafted.items()}
+        views = {v.key: v for v in sessions}
+        auto = [k for k in keep if k in views and not views[k].mode and keep[k]]
+        if not auto or self.controller is None:
+            return keep
+        return self.controller.prune(self, sessions, drafted, keep, auto)

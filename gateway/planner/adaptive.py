@@ -1,0 +1,53 @@
+"""This project's controller (DESIGN.md section 4): calibrated survival probabilities, per-session
+early exit, a slot budget that fills up to the padded shape, the cost model corrected online, and
+per-request SLO slack."""
+
+from __future__ import annotations
+
+from gateway.planner.base import Controller, DraftPlan, efficiency
+
+LATE_BAR_FACTOR = 0.5  # a session behind its TPOT schedule drafts on at half the bar: it needs tokens
+
+
+class Adaptive(Controller):
+    def plan(self, p, sessions):
+        """Per-session early exit on the calibrated survival probability.
+
+        A further draft position j+1 is worth its cost when its expected gain Ĉ_j · c̄ exceeds
+        G · ΔT, the tokens the same time would give at the plan's efficiency. ΔT is one more draft
+        row plus one more verified position, the draft pass's fixed cost shared by the batch. A
+        session behind its TPOT schedule gets a lower bar (it needs tokens more than the batch
+        needs throughput); the tightest TPOT SLO caps every budget.
+        """
+        cal, cost = p.strategy.calibration, p.strategy.cost
+        n = len(sessions)
+        c_bar = p.strategy.mean_confidence  # observed per-token survival (accepted / drafted), from the policy
+        k_cap = p.slo_cap_k(sessions)
+        if k_cap == 0 or not p.gate(sessions, c_bar):
+            return {v.key: DraftPlan() for v in sessions}
+        efficiency_k1 = (n + n * c_bar) / p.step_ms(sessions, [1] * n)  # tokens per ms at k = 1
+        # One more draft row and one more verified position, both in measured (scaled) time, as
+        # the efficiency is: the slower the measured steps, the higher the bar.
+        ctx = sum(v.context for v in sessions)
+        verify_ms = cost.t_verify(2 * n + 1, ctx) - cost.t_verify(2 * n, ctx)
+        marginal_ms = (cost.draft_per_seq + cost.draft_fixed / n + max(verify_ms, 0.0)) * p.time_scale
+        bar = efficiency_k1 * marginal_ms / max(c_bar, 1e-6)
+        return {v.key: DraftPlan(k_cap, stop_confidence=cal.inverse(min(bar * (LATE_BAR_FACTOR if v.behind_ms > 0 else 1.0), 1.0)))
+                for v in sessions}
+
+    def prune(self, p, sessions, drafted, keep, auto):
+        """The slot budget: drop slots least likely first (by calibrated Ĉ), and keep the plan of
+        highest predicted G among all the numbers of slots dropped; a cost that steps at a shape
+        edge pays only once the whole excess is gone, so one slot at a time would stop short of it."""
+        draft_ms = p.strategy.cost.t_draft(len(sessions), max(keep.values()))
+        plan, best = dict(keep), dict(keep)
+        best_g = efficiency(p, sessions, drafted, keep, draft_ms, calibrated=True)
+        while True:
+            tails = [k for k in auto if plan[k]]
+            if not tails:
+                return best
+            worst = min(tails, key=lambda k: drafted[k].cumulative()[plan[k] - 1])
+            plan = dict(plan, **{worst: plan[worst] - 1})
+            g = efficiency(p, sessions, drafted, plan, draft_ms, calibrated=True)
+            if g > best_g:
+                best, best_g = plan, g

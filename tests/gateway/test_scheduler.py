@@ -1,0 +1,71 @@
+"""The step loop's behaviour under faults and costs, in one process with the tiny pair."""
+
+import asyncio
+
+import pytest
+
+from bench.local import LocalVerifier
+from gateway.scheduler import SchedulerConfig
+from gateway.sequence import Sequence
+from specserve.contracts import SamplingParams
+from specserve.errors import Unavailable
+from specserve.strategy import CostModel, Strategy
+from tests.helpers import collect, target_only
+
+PROMPT = [5, 9, 11, 40, 2]
+
+
+def _run(scheduler, seqs):
+    async def main():
+        scheduler.start()
+        for s in seqs:
+            scheduler.submit(s)
+        outs = await asyncio.gather(*(collect(s) for s in seqs), return_exceptions=True)
+        await scheduler.stop()
+        return outs
+
+    return asyncio.run(main())
+
+
+def test_a_drafter_that_sleeps_turns_steps_into_plain_decoding(tiny_models):
+    """Draft calls get a deadline from the cost model; a drafter that misses it leaves those steps
+    to plain decoding and, after repeated misses, is left alone: output stays exact."""
+    quick = CostModel(draft_fixed=2.0, draft_per_seq=0.5, verify_fixed=5.0, verify_per_pos=0.1)
+    sch = tiny_models.scheduler(SchedulerConfig(draft_timeout_floor_s=0.2, drafter_retry_s=30.0),
+                                Strategy(mode="static", static_k=3, cost=quick), draft_delay_ms=2000)
+    seq = Sequence("s", PROMPT, SamplingParams(max_new_tokens=12))
+    (tokens, _, _), = _run(sch, [seq])
+    assert tokens == target_only(tiny_models.target, PROMPT, 12, tiny_models.tokenizer.eos_token_id)
+    assert seq.draft_tokens == 0 and "drafter" in seq.plain_reason
+    assert sch.drafter_misses >= 1
+
+
+def test_a_step_that_always_fails_fails_its_requests(tiny_models):
+    class Broken(LocalVerifier):
+        async def verify(self, items, timeout=None):
+            raise RuntimeError("kernel exploded")
+
+    sch = tiny_models.scheduler(strategy=Strategy(mode="off"))
+    sch.verifier = Broken(sch.verifier.worker, sch.verifier._info)
+    seq = Sequence("s", PROMPT, SamplingParams(max_new_tokens=5))
+    (out,) = _run(sch, [seq])
+    assert isinstance(out, Unavailable) and "failed 3 times" in str(out)
+
+
+@pytest.mark.parametrize("table, prunes", [
+    (((1, 50.0), (6, 52.0), (7, 400.0), (14, 420.0)), True),  # verifying past 6 positions costs 8x
+    (((1, 50.0), (14, 50.0)), False),  # flat: every drafted slot is worth verifying
+])
+def test_adaptive_prunes_slots_where_a_shape_step_pays_and_only_there(tiny_models, table, prunes):
+    records = []
+    cost = CostModel(draft_fixed=0.0, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=table,
+                     shape_buckets=(6, 14) if prunes else ())
+    sch = tiny_models.scheduler(strategy=Strategy(mode="adaptive", cost=cost, mean_confidence=0.9, max_draft_tokens=6),
+                                on_step=records.append)
+    seqs = [Sequence(f"s{i}", [*PROMPT, i + 3], SamplingParams(max_new_tokens=10)) for i in range(2)]
+    outs = _run(sch, seqs)
+    for seq, (tokens, _, _) in zip(seqs, outs):
+        assert tokens == target_only(tiny_models.target, seq.prompt, 10, tiny_models.tokenizer.eos_token_id)
+    drafted = sum(sum(r.drafted) + r.pruned for r in records)
+    assert drafted > 0
+    assert (sum(r.pruned for r in records) > 0) == prunes
