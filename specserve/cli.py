@@ -142,41 +142,36 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from specserve import launcher
 
     target, draft = _pair(args, torch_weights=args.which in ("runtime", "engine"))
-    if args.which == "runtime":
-        from bench import runtime
-
-        redis_url, redis_proc = (args.redis_url, None) if args.redis_url else launcher.start_redis()
-        rcfg = runtime.RuntimeBenchConfig(target, draft, redis_url, Path(args.out))
-        if args.quick:
-            rcfg.contexts, rcfg.sessions, rcfg.prompts_per_set, rcfg.decode_rounds = (200,), (1, 4), 2, 1
-        if args.parts:
-            rcfg.parts = tuple(args.parts.split(","))
-        try:
-            print(runtime.markdown(runtime.run(rcfg)))
-        finally:
-            if redis_proc:
-                redis_proc.terminate()
-        return 0
     if args.which == "engine":
         from bench import engine
 
         prompts, tokens = (3, 32) if args.quick else (args.prompts, args.max_new_tokens)
         print(engine.markdown(engine.main(target, draft, prompts, tokens, Path(args.out))))
         return 0
-    from bench import report, system
-
     # A Redis of its own, so telemetry from earlier runs never feeds this run's policy.
     redis_url, redis_proc = (args.redis_url, None) if args.redis_url else launcher.start_redis()
-    cfg = system.BenchConfig(target, draft, {"code": Path(args.code_trace), "chat": Path(args.chat_trace)},
-                             redis_url, Path(args.out))
-    if args.quick:
-        cfg.load_factors, cfg.requests_per_level = (0.8,), 8
     try:
+        if args.which == "runtime":
+            from bench import runtime
+
+            rcfg = runtime.RuntimeBenchConfig(target, draft, redis_url, Path(args.out))
+            if args.quick:
+                rcfg.contexts, rcfg.sessions, rcfg.prompts_per_set, rcfg.decode_rounds = (200,), (1, 4), 2, 1
+            if args.parts:
+                rcfg.parts = tuple(args.parts.split(","))
+            print(runtime.markdown(runtime.run(rcfg)))
+            return 0
+        from bench import report, system
+
+        cfg = system.BenchConfig(target, draft, {"code": Path(args.code_trace), "chat": Path(args.chat_trace)},
+                                 redis_url, Path(args.out))
+        if args.quick:
+            cfg.load_factors, cfg.requests_per_level = (0.8,), 8
         print(report.markdown(system.run(cfg)))
+        return 0
     finally:
         if redis_proc:
             redis_proc.terminate()
-    return 0
 
 
 def _cmd_health(args: argparse.Namespace) -> int:

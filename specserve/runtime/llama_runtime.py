@@ -37,6 +37,7 @@ class LlamaCppRuntime:
                  threads: int = 0, kv_unified: bool = True, n_batch: int = 512):
         _quiet_llama()
         import llama_cpp
+        import llama_cpp._logger  # routes llama.cpp's log through Python logging (errors only)
 
         self._ll = llama_cpp
         llama_cpp.llama_backend_init()
@@ -119,7 +120,7 @@ class LlamaCppRuntime:
 
     def _forward(self, rows: list[Row]) -> list[torch.Tensor]:
         out: list[list[np.ndarray]] = [[] for _ in rows]
-        pending: list[tuple[int, int, int]] = []  # (row, token index, batch index) whose logits to read
+        pending: list[tuple[int, int]] = []  # (row, batch index) whose logits to read
         n = 0
         for r, row in enumerate(rows):
             seq = self._seq(row.session_id)
@@ -134,19 +135,19 @@ class LlamaCppRuntime:
                 self.batch.seq_id[n][0] = seq
                 self.batch.logits[n] = i in keep
                 if i in keep:
-                    pending.append((r, i, n))
+                    pending.append((r, n))
                 self.lengths[row.session_id] += 1
                 n += 1
         if n:
             self._decode(n, pending, out)
         return [torch.from_numpy(np.stack(o)) if o else torch.empty(0, self.vocab_size) for o in out]
 
-    def _decode(self, n: int, pending: list[tuple[int, int, int]], out: list[list[np.ndarray]]) -> None:
+    def _decode(self, n: int, pending: list[tuple[int, int]], out: list[list[np.ndarray]]) -> None:
         self.batch.n_tokens = n
         status = self._ll.llama_decode(self.ctx, self.batch)
         if status != 0:
             raise ResourceExhausted(f"llama_decode returned {status} (KV buffer full?)")
-        for r, _, index in pending:
+        for r, index in pending:
             ptr = self._ll.llama_get_logits_ith(self.ctx, index)
             out[r].append(np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).copy())
 
