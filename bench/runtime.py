@@ -22,7 +22,7 @@ import asyncio
 import json
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -345,7 +345,7 @@ def run(cfg: RuntimeBenchConfig) -> dict:
 
 def markdown(r: dict) -> str:
     m = r["machine"]
-    lines = [f"# Runtime benchmark", "",
+    lines = ["# Runtime benchmark", "",
              f"CPU {m['cpu']}, {m['cores']} cores, flags {' '.join(m['cpu_flags'])}; {r['threads']} threads; "
              f"torch {m['torch']}", ""]
     costs = [c for c in r.get("costs", []) if "positions" in c]

@@ -89,10 +89,6 @@ class Admission:
             return 0.0
         return self.predict_ttft_ms(seq) * self.margin - seq.slo.ttft_ms
 
-    def can_admit(self, seq: Sequence) -> bool:
-        """Whether the request's TTFT SLO is predicted to hold (always, without one)."""
-        return self.shortfall_ms(seq) <= 0
-
     def admit(self, seq: Sequence) -> None:
         """Admit (possibly marked unattainable) or raise ResourceExhausted with a retry hint."""
         over = self.shortfall_ms(seq)

@@ -16,7 +16,6 @@ import logging
 import math
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 

@@ -61,8 +61,3 @@ def load(cls: type[C], argv: list[str] | None = None, env: Mapping[str, str] | N
     if validate:
         validate()
     return config
-
-
-def to_env(config: Any) -> dict[str, str]:
-    """The SPECSERVE_* variables that reproduce `config` (for starting a service as a process)."""
-    return {env_name(f.name): str(getattr(config, f.name)) for f in dataclasses.fields(config)}

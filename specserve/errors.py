@@ -15,10 +15,6 @@ class InvalidArgument(SpecServeError):
         self.field = field
 
 
-class NotFound(SpecServeError):
-    """A session is unknown or was evicted; the caller should prefill it again."""
-
-
 class ResourceExhausted(SpecServeError):
     """Admission refused; `retry_after_ms` hints when to try again."""
 

@@ -10,14 +10,12 @@ import bisect
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
 
 from specserve.errors import InvalidArgument
 
 STRATEGY_KEY = "specserve:strategy"
 UPDATES_CHANNEL = "specserve:strategy:updates"
 
-Mode = Literal["off", "static", "threshold", "smartspec", "specserve", "adaptive"]
 MODES: tuple[str, ...] = ("off", "static", "threshold", "smartspec", "specserve", "adaptive")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from services.policy.estimators import AcceptanceEstimator, CalibrationEstimator, CostEstimator, LoadEstimator
+from services.policy.estimators import AcceptanceEstimator, CalibrationEstimator, CostEstimator
 from specserve.errors import InvalidArgument
 from specserve.strategy import Strategy
 
@@ -33,7 +33,6 @@ class PolicyState:
     cost: CostEstimator = field(default_factory=CostEstimator)
     calibration: CalibrationEstimator = field(default_factory=CalibrationEstimator)
     acceptance: AcceptanceEstimator = field(default_factory=AcceptanceEstimator)
-    load: LoadEstimator = field(default_factory=LoadEstimator)
     version: int = 0
     applied: int = 0
 
@@ -59,7 +58,6 @@ class PolicyState:
                           int(record["context_tokens"]), float(record["verify_ms"]))
         self.calibration.observe([float(c) for c in record["confidences"]], [int(o) for o in record["outcomes"]])
         self.acceptance.observe(sum(int(d) for d in record["drafted"]), sum(int(a) for a in record["accepted"]))
-        self.load.observe(int(record["running"]), int(record["queue_depth"]))
         self.applied += 1
 
     def decide(self) -> Strategy:

@@ -7,7 +7,6 @@
 - CalibrationEstimator: observed survival of draft positions against their raw cumulative
   confidence, in bins, made monotone; the map Ĉ = f(C).
 - AcceptanceEstimator: the global accepted / drafted ratio α and the mean per-token acceptance.
-- LoadEstimator: arrival rate, running and queued sessions.
 """
 
 from __future__ import annotations
@@ -131,14 +130,3 @@ class AcceptanceEstimator:
     def rate(self) -> float:
         """α = accepted / drafted, shrunk toward the prior while there is little data."""
         return (self.accepted + 10 * self.prior) / (self.drafted + 10)
-
-
-@dataclass
-class LoadEstimator:
-    running: int = 0
-    queued: int = 0
-    steps: int = 0
-
-    def observe(self, running: int, queued: int) -> None:
-        self.running, self.queued = running, queued
-        self.steps += 1
