@@ -22,8 +22,8 @@ from typing import Any, Literal
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from prometheus_client import CollectorRegistry, make_asgi_app
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.sequence import Finish, Sequence
@@ -179,7 +179,8 @@ class HttpApi:
         self.app.post("/v1/chat/completions")(self.chat_completions)
         self.app.get("/v1/models")(self.models)
         self.app.get("/health")(self.health)
-        self.app.mount("/metrics", make_asgi_app(registry))
+        self.registry = registry
+        self.app.get("/metrics")(self.metrics)
 
     @staticmethod
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -223,6 +224,9 @@ class HttpApi:
         return {"object": "list", "data": [{
             "id": self.served_model, "object": "model", "created": 0, "owned_by": "specserve",
             "root": info.target_model, "metadata": {"draft_model": info.draft_model, "max_context": info.max_context}}]}
+
+    async def metrics(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def health(self) -> JSONResponse:
         ok = self.server.serving and self.servicer.scheduler is not None

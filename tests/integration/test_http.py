@@ -116,18 +116,27 @@ def _verifier_sessions(stack) -> int:
         return verifier_pb2_grpc.VerifierStub(channel).Info(common_pb2.InfoRequest()).sessions
 
 
+def _metric(stack, name: str) -> float:
+    for line in httpx.get(f"{stack.http_address}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_client_disconnect_mid_stream_frees_the_session(stack):
-    body = {"model": "tiny-target", "prompt": "def add(a, b):", "max_tokens": 500, "temperature": 0, "stream": True}
+    cancelled = 'specserve_requests_finished_total{reason="cancelled"}'
+    before = _metric(stack, cancelled)
+    body = {"model": "tiny-target", "prompt": "def add(a, b):", "max_tokens": 1000, "temperature": 0.7,
+            "seed": 1, "stream": True}
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", f"{stack.http_address}/v1/completions", json=body,
                          headers={"Authorization": f"Bearer {KEY}"}) as response:
             assert response.status_code == 200
             next(response.iter_lines())
-            assert _verifier_sessions(stack) == 1
     deadline = time.monotonic() + 20
-    while _verifier_sessions(stack) and time.monotonic() < deadline:
+    while (_verifier_sessions(stack) or _metric(stack, cancelled) == before) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _verifier_sessions(stack) == 0
+    assert _verifier_sessions(stack) == 0 and _metric(stack, cancelled) == before + 1
 
 
 _VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3000), st.floats(-2, 3, allow_nan=False),
@@ -154,6 +163,20 @@ def test_fuzzed_bodies_get_a_2xx_or_an_openai_shaped_4xx(stack, body, chat):
     else:
         assert json.loads(response.text)["usage"]["completion_tokens"] >= 0
     assert httpx.get(f"{stack.http_address}/health", timeout=10).status_code == 200
+
+
+def test_metrics_follow_prometheus_conventions(client, stack):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-target", prompt="x", top_p=0.5, max_tokens=10**6)
+    client.completions.create(model="tiny-target", prompt="x", max_tokens=2, temperature=0)
+    text = httpx.get(f"{stack.http_address}/metrics", timeout=10).text
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples.get('specserve_requests_rejected_total{reason="invalid_argument"}', 0) >= 1, text[:3000]
+    assert samples["specserve_ttft_seconds_count"] >= 1 and 'specserve_tpot_seconds_bucket{le="0.005"}' in samples
+    assert samples["specserve_drafter_available"] == 1.0 and "specserve_strategy_version" in samples
+    assert "specserve_telemetry_dropped" in samples and "specserve_ops_invalid_total" in samples
+    assert not any(name.endswith("_ms") or "_ms_" in name for name in samples)
 
 
 def test_unavailable_verifier_is_a_503(stack, client):

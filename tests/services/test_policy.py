@@ -153,3 +153,15 @@ def test_verify_cost_is_a_measured_table_with_its_shape_steps():
     assert [round(cost.t_positions(n)) for n in range(1, 7)] == [100, 102, 120, 120, 240, 245]
     assert cost.shape_buckets == (2, 4)  # one more position past 2 or 4 costs over 10% more
     assert cost.pad(3) == 4 and cost.pad(1) == 2
+
+
+def test_ops_cli_sets_validates_and_unsets(redis_url, redis_client):
+    def ops(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "specserve.cli", "ops", "--redis-url", redis_url, *args],
+                              capture_output=True, text=True, timeout=60)
+
+    assert ops("set", "static_k", "3").stdout.strip() == "static_k = 3"
+    bad = ops("set", "static_k", "-4")
+    assert bad.returncode == 2 and "static_k" in bad.stderr
+    assert ops("unset", "static_k").stdout.strip() == "static_k = (unset)"
+    assert redis_client.get("specserve:ops:static_k") is None
