@@ -110,11 +110,15 @@ class LlamaCppRuntime:
         """Rows (their `keep` ascending) go into one `llama_decode` while they fit `n_batch` positions; longer work (a big
         prefill) is split over several calls, in order, so each sequence's positions stay contiguous."""
         before = {row.session_id: self.length(row.session_id) for row in rows}
+        new = {row.session_id for row in rows if row.session_id not in self.seq_ids}
         try:
             return self._forward(rows)
         except Exception:
-            for session_id, length in before.items():  # a failed call leaves no half-written positions
-                if session_id in self.seq_ids:
+            # A failed call leaves no half-written positions, and no sequence held for a new session.
+            for session_id, length in before.items():
+                if session_id in new:
+                    self.release(session_id)
+                elif session_id in self.seq_ids:
                     self.truncate(session_id, min(length, self.lengths[session_id]))
             raise
 

@@ -106,3 +106,16 @@ def test_rollback_matches_fresh_prefill(tiny_pair):
     fresh_runtime, _ = tiny_pair.runtimes()
     fresh = fresh_runtime.forward([Row("f", committed, [len(committed) - 1])])[0][0]
     assert torch.allclose(fresh, cached, atol=1e-4)
+
+
+def test_llama_cpp_runtime_refuses_sessions_past_its_limit_and_leaks_none(tiny_models):
+    from specserve.errors import ResourceExhausted
+    from specserve.runtime.llama_runtime import LlamaCppRuntime
+
+    runtime = LlamaCppRuntime(tiny_models.gguf[0], 256, max_sessions=2, kv_tokens=512, threads=1)
+    runtime.forward([Row("a", [5, 6], [1]), Row("b", [7], [0])])
+    with pytest.raises(ResourceExhausted):
+        runtime.forward([Row("c", [8], [0])])
+    assert set(runtime.seq_ids) == {"a", "b"}
+    runtime.release("a")
+    assert runtime.forward([Row("c", [8], [0])])[0].shape == (1, runtime.vocab_size)
