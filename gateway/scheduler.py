@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.backends import DrafterBackend, VerifierBackend
-from gateway.planner import Drafted, Planner, SessionView
+from gateway.planner import Drafted, DraftPlan, Planner, SessionView
 from gateway.sequence import Delta, Finish, Sequence, Status
 from gateway.stopping import TextStream
 from specserve.background import Background
-from specserve.contracts import PrefillItem, ProposeItem, SessionStatus, Sparse, VerifyItem
+from specserve.contracts import PrefillItem, ProposeItem, SessionStatus, Sparse, VerifyItem, VerifyOutput
 from specserve.errors import DeadlineExceeded, ResourceExhausted, SpecServeError, Unavailable
 from specserve.strategy import Strategy
 
@@ -68,6 +68,34 @@ class StepRecord:
     mode: str
     pruned: int = 0  # drafted slots the planner did not verify
     draft_catchup_tokens: int = 0  # tokens the drafter re-read to catch up (their time is not drafting)
+
+
+@dataclass
+class _Step:
+    """What one decode step gathers as its phases run, for the verify call and the step record."""
+
+    seqs: list[Sequence]
+    started: float = field(default_factory=time.perf_counter)
+    views: list[SessionView] = field(default_factory=list)
+    drafted: dict[str, Drafted] = field(default_factory=dict)
+    dists: dict[str, list[Sparse]] = field(default_factory=dict)
+    draft_ns: int = 0
+    draft_steps: int = 0
+    planner_s: float = 0.0
+    catchup: int = 0
+    keep: dict[str, int] = field(default_factory=dict)
+    predicted_ms: float = 0.0
+    items: list[VerifyItem] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
+    outcomes: list[int] = field(default_factory=list)
+    position_accepted: list[int] = field(default_factory=list)
+    position_drafted: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.views = [SessionView(s.id, s.position, s.slo.tpot_ms, s.behind_ms, s.mode, s.static_k) for s in self.seqs]
+        self.drafted = {s.id: Drafted() for s in self.seqs}
+        self.dists = {s.id: [] for s in self.seqs}
 
 
 class Scheduler(Background):
@@ -255,101 +283,120 @@ class Scheduler(Background):
 
     # --- one speculative step ----------------------------------------------------------------
     async def _decode(self) -> None:
-        started = time.perf_counter()
-        seqs = list(self.running.values())
-        views = [SessionView(s.id, s.position, s.slo.tpot_ms, s.behind_ms, s.mode, s.static_k) for s in seqs]
-        plans = self.planner.plan(views)
-        for s in seqs:
+        """One step for the running batch, in its phases: plan, draft (in rounds), prune, verify,
+        commit, record."""
+        step = _Step(list(self.running.values()))
+        plans = self._plan(step)
+        await self._draft(step, plans)
+        self._prune(step)
+        out = await self._verify(step)
+        if out is not None:
+            self._commit_step(step, out)
+            self._record(step, out)
+
+    def _plan(self, step: "_Step") -> dict[str, DraftPlan]:
+        tick = time.perf_counter()
+        plans = self.planner.plan(step.views)
+        for s in step.seqs:
             if s.id in self.planner.reasons:
                 s.plain_reason = self.planner.reasons[s.id]
             elif not self.drafter_available:
                 s.plain_reason = "drafter unavailable" if self.drafter is not None else "no drafter configured"
-        drafted: dict[str, Drafted] = {s.id: Drafted() for s in seqs}
-        dists: dict[str, list[Sparse]] = {s.id: [] for s in seqs}
-        draft_ns, draft_steps, planner_s = 0, 0, time.perf_counter() - started
-        round_, catchup = 0, 0
+        step.planner_s += time.perf_counter() - tick
+        return plans
+
+    async def _draft(self, step: "_Step", plans: dict[str, DraftPlan]) -> None:
+        """Propose rounds while the planner asks for them; a drafter that fails or misses its
+        deadline leaves the step to plain decoding."""
+        round_ = 0
         while self.drafter_available and any(p.max_draft_tokens > 0 for p in plans.values()):
-            items = []
-            for s in seqs:
-                plan = plans.get(s.id)
-                if plan is None or plan.max_draft_tokens <= 0:
-                    continue
-                items.append(ProposeItem(
-                    s.id, s.drafter_position, [] if round_ else s.tokens[s.drafter_position :],
-                    plan.max_draft_tokens, s.params, plan.stop_confidence, plan.min_token_confidence,
-                    extend=round_ > 0))
+            items = [ProposeItem(s.id, s.drafter_position, [] if round_ else s.tokens[s.drafter_position :],
+                                 plan.max_draft_tokens, s.params, plan.stop_confidence, plan.min_token_confidence,
+                                 extend=round_ > 0)
+                     for s in step.seqs if (plan := plans.get(s.id)) is not None and plan.max_draft_tokens > 0]
             if not round_:
-                catchup = sum(len(i.new_tokens) for i in items if i.position == 0)
+                step.catchup = sum(len(i.new_tokens) for i in items if i.position == 0)
             try:
-                out = await self.drafter.propose(items, timeout=self._draft_timeout(seqs, items))
+                out = await self.drafter.propose(items, timeout=self._draft_timeout(step.seqs, items))
                 self.drafter_misses = 0
             except SpecServeError as exc:
                 await self._drafter_missed(exc)
-                for s in seqs:
+                for s in step.seqs:
                     s.plain_reason = f"drafter missed its deadline or failed ({exc})"
-                break
-            draft_ns += out.draft_ns
-            draft_steps += out.draft_steps
+                return
+            step.draft_ns += out.draft_ns
+            step.draft_steps += out.draft_steps
             for d in out.drafts:
                 seq = self.running[d.session_id]
                 if d.status is SessionStatus.NOT_FOUND:
                     seq.drafter_position = 0  # the drafter lost it: send everything next time
                     continue
                 seq.drafter_position = seq.position
-                drafted[d.session_id].tokens += d.tokens
-                drafted[d.session_id].confidences += d.confidences
-                dists[d.session_id] += d.distributions
+                step.drafted[d.session_id].tokens += d.tokens
+                step.drafted[d.session_id].confidences += d.confidences
+                step.dists[d.session_id] += d.distributions
             round_ += 1
             tick = time.perf_counter()
-            plans = self.planner.extend(views, drafted, round_)
-            planner_s += time.perf_counter() - tick
+            plans = self.planner.extend(step.views, step.drafted, round_)
+            step.planner_s += time.perf_counter() - tick
+
+    def _prune(self, step: "_Step") -> None:
         tick = time.perf_counter()
-        keep = self.planner.prune(views, drafted)
-        predicted = self.planner.step_ms(views, [keep[s.id] for s in seqs])
-        planner_s += time.perf_counter() - tick
-        items = [VerifyItem(s.id, s.position, drafted[s.id].tokens[: keep[s.id]],
-                            dists[s.id][: keep[s.id]] if not s.params.greedy else []) for s in seqs]
+        step.keep = self.planner.prune(step.views, step.drafted)
+        step.predicted_ms = self.planner.step_ms(step.views, [step.keep[s.id] for s in step.seqs])
+        step.items = [VerifyItem(s.id, s.position, step.drafted[s.id].tokens[: step.keep[s.id]],
+                                 step.dists[s.id][: step.keep[s.id]] if not s.params.greedy else [])
+                      for s in step.seqs]
+        step.planner_s += time.perf_counter() - tick
+
+    async def _verify(self, step: "_Step") -> VerifyOutput | None:
         try:
-            out = await self.verifier.verify(items, timeout=self._timeout(seqs))
+            return await self.verifier.verify(step.items, timeout=self._timeout(step.seqs))
         except SpecServeError as exc:
             log.error("verifier failed: %s", exc)
-            for seq in seqs:
+            for seq in step.seqs:
                 self._finish(seq, Finish.ERROR, _as_unavailable(exc, "verifier"))
-            return
+            return None
+
+    def _commit_step(self, step: "_Step", out: VerifyOutput) -> None:
+        """Stream each session's emitted tokens; sessions the verifier lost go to re-prefill."""
         now = time.monotonic()
-        self.step_id += 1
-        accepted, confidences, outcomes = [], [], []
-        longest = max((len(i.drafts) for i in items), default=0)
-        pos_acc, pos_draft = [0] * longest, [0] * longest
-        for seq, item, result in zip(seqs, items, out.results):
+        longest = max((len(i.drafts) for i in step.items), default=0)
+        step.position_accepted, step.position_drafted = [0] * longest, [0] * longest
+        for seq, item, result in zip(step.seqs, step.items, out.results):
             if result.status is SessionStatus.NOT_FOUND:
                 del self.running[seq.id]
                 seq.prefilled = 0
                 self.resync.append(seq)
-                accepted.append(0)
+                step.accepted.append(0)
                 continue
             k = len(item.drafts)
             seq.steps += 1
             seq.draft_tokens += k
             seq.accepted_tokens += result.accepted
-            accepted.append(result.accepted)
-            for j, c in enumerate(drafted[seq.id].cumulative()[:k]):
-                confidences.append(c)
-                outcomes.append(int(j < result.accepted))
-                pos_draft[j] += 1
-                pos_acc[j] += int(j < result.accepted)
+            step.accepted.append(result.accepted)
+            for j, c in enumerate(step.drafted[seq.id].cumulative()[:k]):
+                step.confidences.append(c)
+                step.outcomes.append(int(j < result.accepted))
+                step.position_drafted[j] += 1
+                step.position_accepted[j] += int(j < result.accepted)
             self._commit(seq, result.tokens, now)
-        step_ms = (time.perf_counter() - started) * 1000
-        self.planner.observe_step(predicted, step_ms)
+
+    def _record(self, step: "_Step", out: VerifyOutput) -> None:
+        step_ms = (time.perf_counter() - step.started) * 1000
+        self.planner.observe_step(step.predicted_ms, step_ms)
+        self.step_id += 1
         self.on_step(StepRecord(
-            step_id=self.step_id, batch_size=len(seqs), verified_positions=out.verified_positions,
-            draft_steps=draft_steps, drafted=[len(i.drafts) for i in items], accepted=accepted,
-            position_accepted=pos_acc, position_drafted=pos_draft, confidences=confidences, outcomes=outcomes,
-            predicted_step_ms=predicted, draft_ms=draft_ns / 1e6, verify_ms=out.forward_ns / 1e6, step_ms=step_ms,
-            planner_ms=planner_s * 1000, queue_depth=len(self.waiting), running=len(self.running),
-            context_tokens=sum(v.context for v in views), strategy_version=self.planner.strategy.version,
-            mode=self.planner.strategy.mode, pruned=sum(len(d.tokens) for d in drafted.values()) - sum(keep.values()),
-            draft_catchup_tokens=catchup))
+            step_id=self.step_id, batch_size=len(step.seqs), verified_positions=out.verified_positions,
+            draft_steps=step.draft_steps, drafted=[len(i.drafts) for i in step.items], accepted=step.accepted,
+            position_accepted=step.position_accepted, position_drafted=step.position_drafted,
+            confidences=step.confidences, outcomes=step.outcomes, predicted_step_ms=step.predicted_ms,
+            draft_ms=step.draft_ns / 1e6, verify_ms=out.forward_ns / 1e6, step_ms=step_ms,
+            planner_ms=step.planner_s * 1000, queue_depth=len(self.waiting), running=len(self.running),
+            context_tokens=sum(v.context for v in step.views), strategy_version=self.planner.strategy.version,
+            mode=self.planner.strategy.mode,
+            pruned=sum(len(d.tokens) for d in step.drafted.values()) - sum(step.keep.values()),
+            draft_catchup_tokens=step.catchup))
 
     # --- output ------------------------------------------------------------------------------
     def _commit(self, seq: Sequence, tokens: list[int], now: float) -> None:
