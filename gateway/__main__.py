@@ -96,97 +96,126 @@ async def wait_for(backend, name: str, timeout_s: float):
             await asyncio.sleep(0.5)
 
 
-async def serve(config: GatewayConfig) -> None:
-    tokenizer = load_tokenizer(config.tokenizer)
-    fingerprint = fingerprint_of(tokenizer)
-    verifier = connect_verifier(config.verifier)
-    drafter = connect_drafter(config.drafter) if config.drafter else None
-    keys = {k.strip() for k in config.api_keys.split(",") if k.strip()}
-    server = Server([NAME], options=[("grpc.max_receive_message_length", config.max_request_bytes)],
-                    interceptors=[ApiKeyInterceptor(keys, f"/{NAME}/")] if keys else None)
-    credentials = None
-    if config.tls_cert:
-        credentials = grpc.ssl_server_credentials(
-            [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
-    port = server.bind(f"{config.host}:{config.port}", credentials)
-    print(f"gateway listening on {config.host}:{port}", flush=True)
-    http_sock = http.bind(config.host, config.http_port) if config.http_port >= 0 else None
-    if http_sock is not None:
-        print(f"gateway HTTP (OpenAI API) listening on {config.host}:{http_sock.getsockname()[1]}", flush=True)
-    metrics = GatewayMetrics()
-    redis_client = redis.asyncio.Redis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2) \
-        if config.redis_url else None
-    if config.metrics_port:
-        start_http_server(config.metrics_port, registry=metrics.registry)
-    strategy = Strategy(mode=config.mode, static_k=config.static_k, max_draft_tokens=config.max_draft_tokens)
-    scheduler_config = SchedulerConfig(config.max_batch_size, config.max_queued, config.max_prefill_tokens,
-                                       config.call_timeout_s)
-    state: dict = {}
+class Gateway:
+    """The gateway process: its fronts (gRPC, HTTP), and, once the model services answer, the
+    scheduler with admission, metrics, telemetry and the live strategy."""
 
-    async def warm_up() -> None:
-        vinfo = await wait_for(verifier, "verifier", config.startup_timeout_s)
-        if vinfo.tokenizer_fingerprint != fingerprint:
-            raise FailedPrecondition(f"tokenizer {config.tokenizer} does not match the verifier's model {vinfo.model_id}")
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.tokenizer = load_tokenizer(config.tokenizer)
+        self.fingerprint = fingerprint_of(self.tokenizer)
+        self.verifier = connect_verifier(config.verifier)
+        self.drafter = connect_drafter(config.drafter) if config.drafter else None
+        self.keys = {k.strip() for k in config.api_keys.split(",") if k.strip()}
+        self.metrics = GatewayMetrics()
+        self.redis = redis.asyncio.Redis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2) \
+            if config.redis_url else None
+        self.strategy = Strategy(mode=config.mode, static_k=config.static_k, max_draft_tokens=config.max_draft_tokens)
+        self.servicer = GatewayServicer()
+        self.server = Server([NAME], options=[("grpc.max_receive_message_length", config.max_request_bytes)],
+                             interceptors=[ApiKeyInterceptor(self.keys, f"/{NAME}/")] if self.keys else None)
+        gateway_pb2_grpc.add_GatewayServicer_to_server(self.servicer, self.server.grpc)
+        self.scheduler: Scheduler | None = None
+        self.background: list = []  # telemetry emitter and live reader, stopped last
+        self.http_server = None
+
+    def bind(self) -> None:
+        """Bind every port first: a busy one is a start-up error naming it."""
+        c = self.config
+        credentials = None
+        if c.tls_cert:
+            credentials = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
+        self.port = self.server.bind(f"{c.host}:{c.port}", credentials)
+        print(f"gateway listening on {c.host}:{self.port}", flush=True)
+        self.http_sock = http.bind(c.host, c.http_port) if c.http_port >= 0 else None
+        if self.http_sock is not None:
+            print(f"gateway HTTP (OpenAI API) listening on {c.host}:{self.http_sock.getsockname()[1]}", flush=True)
+        if c.metrics_port:
+            start_http_server(c.metrics_port, registry=self.metrics.registry)
+
+    async def check_pair(self):
+        """Wait for the model services; the tokenizer, the verifier's and the drafter's must agree."""
+        c = self.config
+        vinfo = await wait_for(self.verifier, "verifier", c.startup_timeout_s)
+        if vinfo.tokenizer_fingerprint != self.fingerprint:
+            raise FailedPrecondition(f"tokenizer {c.tokenizer} does not match the verifier's model {vinfo.model_id}")
         dinfo = None
-        if drafter is not None:
-            dinfo = await wait_for(drafter, "drafter", config.startup_timeout_s)
+        if self.drafter is not None:
+            dinfo = await wait_for(self.drafter, "drafter", c.startup_timeout_s)
             if dinfo.tokenizer_fingerprint != vinfo.tokenizer_fingerprint:
                 raise FailedPrecondition(
                     f"drafter model {dinfo.model_id} and verifier model {vinfo.model_id} use different tokenizers "
                     f"({dinfo.tokenizer_fingerprint} != {vinfo.tokenizer_fingerprint})")
-        telemetry = TelemetryEmitter(redis_client, "gateway", f"{config.host}:{port}") if redis_client else None
+        return vinfo, dinfo
+
+    async def warm_up(self) -> None:
+        c, metrics = self.config, self.metrics
+        vinfo, dinfo = await self.check_pair()
+        telemetry = TelemetryEmitter(self.redis, "gateway", f"{c.host}:{self.port}") if self.redis else None
 
         def on_step(record) -> None:
             metrics.observe_step(record)
             if telemetry:
                 telemetry.emit(record)
 
-        scheduler = Scheduler(verifier, drafter, tokenizer, vinfo.eos_token_ids, scheduler_config, strategy,
-                              on_step=on_step, on_finish=metrics.observe_finish)
-        admission = Admission(scheduler, config.admission, on_reject=lambda seq: metrics.rejected.labels("slo").inc(),
-                              margin=config.admission_margin, on_admit=lambda seq: metrics.admitted.inc())
-        limits = Limits(vinfo.max_context, config.max_new_tokens, config.default_max_new_tokens,
-                        config.max_prompt_tokens, default_ttft_ms=config.default_ttft_ms,
-                        default_tpot_ms=config.default_tpot_ms, max_streams_per_client=config.max_streams_per_client)
+        scheduler = Scheduler(self.verifier, self.drafter, self.tokenizer, vinfo.eos_token_ids,
+                              SchedulerConfig(c.max_batch_size, c.max_queued, c.max_prefill_tokens, c.call_timeout_s),
+                              self.strategy, on_step=on_step, on_finish=metrics.observe_finish)
+        admission = Admission(scheduler, c.admission, on_reject=lambda seq: metrics.rejected.labels("slo").inc(),
+                              margin=c.admission_margin, on_admit=lambda seq: metrics.admitted.inc())
+        limits = Limits(vinfo.max_context, c.max_new_tokens, c.default_max_new_tokens, c.max_prompt_tokens,
+                        default_ttft_ms=c.default_ttft_ms, default_tpot_ms=c.default_tpot_ms,
+                        max_streams_per_client=c.max_streams_per_client)
+        if telemetry is not None:
+            telemetry.start()
+            self.background.append(telemetry)
+            await self.follow_live(scheduler, limits, admission)
+        info = gateway_pb2.GatewayInfo(
+            target_model=vinfo.model_id, draft_model=dinfo.model_id if dinfo else "",
+            tokenizer_fingerprint=self.fingerprint, max_context=vinfo.max_context, max_new_tokens=c.max_new_tokens,
+            default_max_new_tokens=c.default_max_new_tokens, max_batch_size=c.max_batch_size, max_queued=c.max_queued)
+        metrics.follow(scheduler, telemetry)
+        self.servicer.on_reject = lambda reason: metrics.rejected.labels(reason).inc()
+        self.servicer.attach(scheduler, self.tokenizer, len(self.tokenizer), limits, info, admission)
+        scheduler.start()
+        self.scheduler = scheduler
+
+    async def follow_live(self, scheduler: Scheduler, limits: Limits, admission: Admission) -> None:
+        """The published strategy and the ops keys, applied as they change."""
+        c = self.config
 
         def on_change(live: LiveConfig) -> None:
             scheduler.planner.set_strategy(live.strategy())
-            scheduler.config.max_batch_size = live.ops.get("max_batch_size", config.max_batch_size)
-            limits.default_ttft_ms = live.ops.get("default_ttft_ms", config.default_ttft_ms)
-            limits.default_tpot_ms = live.ops.get("default_tpot_ms", config.default_tpot_ms)
-            admission.mode = live.ops.get("admission", config.admission)
-            metrics.observe_invalid_ops(live.invalid_ops)
+            scheduler.config.max_batch_size = live.ops.get("max_batch_size", c.max_batch_size)
+            limits.default_ttft_ms = live.ops.get("default_ttft_ms", c.default_ttft_ms)
+            limits.default_tpot_ms = live.ops.get("default_tpot_ms", c.default_tpot_ms)
+            admission.mode = live.ops.get("admission", c.admission)
+            self.metrics.observe_invalid_ops(live.invalid_ops)
 
-        if redis_client:
-            telemetry.start()
-            reader = LiveReader(redis_client, LiveConfig(strategy), on_change)
-            await reader.refresh_safely()
-            reader.start()
-            state["background"] = [telemetry, reader]
-        info = gateway_pb2.GatewayInfo(
-            target_model=vinfo.model_id, draft_model=dinfo.model_id if dinfo else "",
-            tokenizer_fingerprint=fingerprint, max_context=vinfo.max_context, max_new_tokens=config.max_new_tokens,
-            default_max_new_tokens=config.default_max_new_tokens, max_batch_size=config.max_batch_size, max_queued=config.max_queued)
-        metrics.follow(scheduler, telemetry)
-        servicer.on_reject = lambda reason: metrics.rejected.labels(reason).inc()
-        servicer.attach(scheduler, tokenizer, len(tokenizer), limits, info, admission)
-        scheduler.start()
-        state["scheduler"] = scheduler
+        reader = LiveReader(self.redis, LiveConfig(self.strategy), on_change)
+        await reader.refresh_safely()
+        reader.start()
+        self.background.append(reader)
 
-    async def stop() -> None:
-        if "http" in state:
-            state["http"].should_exit = True
-        if "scheduler" in state:
-            await state["scheduler"].stop()
-        for task in state.get("background", []):
+    async def stop(self) -> None:
+        if self.http_server is not None:
+            self.http_server.should_exit = True
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        for task in self.background:
             await task.stop()
 
-    servicer = GatewayServicer()
-    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server.grpc)
-    if http_sock is not None:
-        api = http.HttpApi(servicer, server, metrics.registry, keys, config.served_model_name)
-        state["http"] = await http.serve_http(api, http_sock, config.tls_cert, config.tls_key)
-    await run_until_signalled(server, warm_up, config.grace_s, on_stop=stop)
+    async def serve(self) -> None:
+        self.bind()
+        if self.http_sock is not None:
+            api = http.HttpApi(self.servicer, self.server, self.metrics.registry, self.keys, self.config.served_model_name)
+            self.http_server = await http.serve_http(api, self.http_sock, self.config.tls_cert, self.config.tls_key)
+        await run_until_signalled(self.server, self.warm_up, self.config.grace_s, on_stop=self.stop)
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Run a gateway until signalled (its gRPC server belongs to this event loop)."""
+    await Gateway(config).serve()
 
 
 def main(argv: list[str] | None = None) -> None:
