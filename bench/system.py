@@ -27,7 +27,7 @@ from bench import prompts as prompt_sets
 from bench.replay import Planned, fit_prompt, plan, read_trace, window
 from bench.report import position_sums
 from specserve.launcher import Stack
-from specserve.live import OPS_PREFIX
+from specserve.ops import OPS_PREFIX
 from specserve.strategy import STRATEGY_KEY
 from specserve.telemetry import STREAM, decode
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from gateway.backends import DrafterBackend, VerifierBackend
 from gateway.planner import Drafted, DraftPlan, Planner, SessionView
 from gateway.sequence import Delta, Finish, Sequence, Status
-from gateway.stopping import TextStream
+from gateway.textstream import TextStream
 from specserve.background import Background
 from specserve.contracts import PrefillItem, ProposeItem, SessionStatus, Sparse, VerifyItem, VerifyOutput
 from specserve.errors import DeadlineExceeded, ResourceExhausted, SpecServeError, Unavailable

@@ -108,7 +108,7 @@ def _cmd_ops(args: argparse.Namespace) -> int:
     import redis
 
     from specserve.errors import InvalidArgument
-    from specserve.live import OPS_KEYS, OPS_PREFIX, parse_op
+    from specserve.ops import OPS_KEYS, OPS_PREFIX, parse_op
 
     client = redis.Redis.from_url(args.redis_url, decode_responses=True)
     if args.ops_command == "set":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import redis
 
 from services.policy.consumer import Consumer
-from services.policy.controller import PolicyState, parse_algorithm
+from services.policy.state import PolicyState, parse_algorithm
 from specserve import config as cfg
 from specserve.config import doc
 from specserve.errors import InvalidArgument

@@ -6,7 +6,7 @@ import pytest
 
 from bench.local import LocalVerifier
 from gateway.scheduler import SchedulerConfig
-from gateway.sequence import Sequence
+from gateway.sequence import Sequence, Slo
 from specserve.contracts import SamplingParams
 from specserve.errors import Unavailable
 from specserve.strategy import CostModel, Strategy
@@ -69,3 +69,34 @@ def test_adaptive_prunes_slots_where_a_shape_step_pays_and_only_there(tiny_model
     drafted = sum(sum(r.drafted) + r.pruned for r in records)
     assert drafted > 0
     assert (sum(r.pruned for r in records) > 0) == prunes
+
+
+def test_the_drafter_reads_prompts_in_the_prefill_chunks_never_in_a_decode_step(tiny_models):
+    sent = []
+    sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=64), Strategy(mode="static", static_k=3))
+    propose = sch.drafter.propose
+
+    async def recording(items, timeout=None):
+        sent.append([(i.max_draft_tokens, len(i.new_tokens)) for i in items])
+        return await propose(items, timeout)
+
+    sch.drafter.propose = recording
+    prompt = [(7 * i) % 300 + 3 for i in range(300)]
+    seq = Sequence("long", prompt, SamplingParams(max_new_tokens=8))
+    (tokens, _, _), = _run(sch, [seq])
+    assert tokens == target_only(tiny_models.target, prompt, 8, tiny_models.tokenizer.eos_token_id)
+    prefill = [n for call in sent for k, n in call if k == 0]
+    decode = [n for call in sent for k, n in call if k > 0]
+    assert sum(prefill) == len(prompt) and max(prefill) <= 64
+    assert decode and max(decode) <= 3 + 1  # only what the last step committed
+
+
+def test_a_session_exactly_on_schedule_is_not_late():
+    import time
+
+    seq = Sequence("s", PROMPT, SamplingParams(), Slo(tpot_ms=100))
+    seq.first_token_at = time.monotonic()
+    seq.generated = [1]
+    assert seq.behind_ms <= 0  # the next token is due one TPOT after the first
+    seq.first_token_at -= 0.25  # 250 ms since the first token, still one token out
+    assert seq.behind_ms == pytest.approx(150, abs=20)

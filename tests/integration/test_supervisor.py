@@ -60,7 +60,7 @@ def test_killed_drafter_and_policy_are_restarted_under_load(tiny_dir, redis_url)
             if stack.services[name].address:
                 wait_healthy(stack.services[name].address, 30, stack.services[name].proc)
             assert stack.services[name].proc.poll() is None
-        from specserve.live import OPS_PREFIX
+        from specserve.ops import OPS_PREFIX
         import redis
 
         redis.Redis.from_url(redis_url).set(OPS_PREFIX + "mode", "static")

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from gateway.admission import Admission
 from gateway.servicer import GatewayServicer, Limits
 from specserve.errors import InvalidArgument
-from specserve.live import OPS_KEYS, parse_op
+from specserve.ops import OPS_KEYS, parse_op
 from specserve.server import ApiKeyInterceptor, Server
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
 

@@ -7,11 +7,12 @@ import sys
 import pytest
 
 from services.policy.consumer import Consumer
-from services.policy.controller import PolicyState, parse_algorithm
+from services.policy.state import PolicyState, parse_algorithm
 from services.policy.estimators import CalibrationEstimator, CostEstimator
 from services.policy.__main__ import publish
 from specserve.errors import InvalidArgument
-from specserve.live import LiveConfig, parse_op
+from specserve.live import LiveConfig
+from specserve.ops import parse_op
 from specserve.strategy import STRATEGY_KEY, CostModel, Strategy
 from specserve.telemetry import STREAM, encode
 
@@ -165,3 +166,13 @@ def test_ops_cli_sets_validates_and_unsets(redis_url, redis_client):
     assert bad.returncode == 2 and "static_k" in bad.stderr
     assert ops("unset", "static_k").stdout.strip() == "static_k = (unset)"
     assert redis_client.get("specserve:ops:static_k") is None
+
+
+def test_a_restarted_policy_continues_the_strategy_versions(redis_client):
+    from services.policy.__main__ import last_version
+
+    assert last_version(redis_client) == 0
+    publish(redis_client, Strategy(mode="off", version=41, issued_at=1.0))
+    assert last_version(redis_client) == 41
+    redis_client.set(STRATEGY_KEY, "not json")
+    assert last_version(redis_client) == 0

@@ -1,0 +1,57 @@
+"""The operators' live keys, `specserve:ops:*`: which there are and how each value is validated."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from specserve.errors import InvalidArgument
+from specserve.strategy import MODES
+
+OPS_PREFIX = "specserve:ops:"
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if not lo <= value <= hi:
+            raise ValueError(f"must be in [{lo}, {hi}]")
+        return value
+    return parse
+
+
+def _ms(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value < 3_600_000:
+        raise ValueError("must be a number of milliseconds in [0, 3600000)")
+    return value
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return raw
+    return parse
+
+
+# Each ops key with its parser; a parser raises ValueError on a bad value.
+OPS_KEYS: dict[str, Callable[[str], Any]] = {
+    "mode": _choice(*MODES),
+    "static_k": _int_in(0, 64),
+    "max_draft_tokens": _int_in(0, 64),
+    "max_batch_size": _int_in(1, 1024),
+    "default_ttft_ms": _ms,
+    "default_tpot_ms": _ms,
+    "admission": _choice("reject", "best_effort", "off"),
+}
+
+
+def parse_op(name: str, raw: str) -> Any:
+    """The validated value of one ops key; InvalidArgument naming the key otherwise."""
+    if name not in OPS_KEYS:
+        raise InvalidArgument(name, f"unknown ops key; known: {', '.join(OPS_KEYS)}")
+    try:
+        return OPS_KEYS[name](raw.strip())
+    except ValueError as exc:
+        raise InvalidArgument(name, f"{raw!r} {exc}") from None
