@@ -286,28 +286,27 @@ def stack_parts(cfg: RuntimeBenchConfig, tokenizer, results: dict) -> None:
     results["policies"] = _policy_summary(samples, cfg)
 
 
-def _decode_summary(samples: list[Sample], cfg: RuntimeBenchConfig) -> list[dict]:
-    out = []
+def _pairs(samples: list[Sample], cfg: RuntimeBenchConfig, part_a: str, part_b: str):
+    """Per concurrency that has samples: the times per token of two parts measured side by side."""
     for n in cfg.concurrency:
-        stack = [s.tpot_ms for s in samples if s.part == "decode-stack" and s.concurrency == n]
-        bare = [s.tpot_ms for s in samples if s.part == "decode-bare" and s.concurrency == n]
-        if stack:
-            # Throughput ratio = bare time per token / stack time per token.
-            out.append({"concurrency": n, "stack_tokens_per_s": 1000 / statistics.mean(stack),
-                        "bare_tokens_per_s": 1000 / statistics.mean(bare), **ratio_ci(bare, stack)})
-    return out
+        a = [s.tpot_ms for s in samples if s.part == part_a and s.concurrency == n]
+        b = [s.tpot_ms for s in samples if s.part == part_b and s.concurrency == n]
+        if a:
+            yield n, a, b
+
+
+def _decode_summary(samples: list[Sample], cfg: RuntimeBenchConfig) -> list[dict]:
+    # Throughput ratio = bare time per token / stack time per token.
+    return [{"concurrency": n, "stack_tokens_per_s": 1000 / statistics.mean(stack),
+             "bare_tokens_per_s": 1000 / statistics.mean(bare), **ratio_ci(bare, stack)}
+            for n, stack, bare in _pairs(samples, cfg, "decode-stack", "decode-bare")]
 
 
 def _http_summary(samples: list[Sample], cfg: RuntimeBenchConfig) -> list[dict]:
-    out = []
-    for n in cfg.concurrency:
-        grpc_ = [s.tpot_ms for s in samples if s.part == "front-grpc" and s.concurrency == n]
-        http_ = [s.tpot_ms for s in samples if s.part == "front-http" and s.concurrency == n]
-        if grpc_:
-            # HTTP's cost over gRPC = HTTP time per token / gRPC's (1.02 is 2% more).
-            out.append({"concurrency": n, "grpc_tpot_ms": statistics.mean(grpc_), "http_tpot_ms": statistics.mean(http_),
-                        **ratio_ci(http_, grpc_)})
-    return out
+    # HTTP's cost over gRPC = HTTP time per token / gRPC's (1.02 is 2% more).
+    return [{"concurrency": n, "grpc_tpot_ms": statistics.mean(grpc_), "http_tpot_ms": statistics.mean(http_),
+             **ratio_ci(http_, grpc_)}
+            for n, grpc_, http_ in _pairs(samples, cfg, "front-grpc", "front-http")]
 
 
 def _policy_summary(samples: list[Sample], cfg: RuntimeBenchConfig) -> list[dict]:
@@ -361,18 +360,11 @@ def markdown(r: dict) -> str:
             if "outside_forward_share" in c:
                 lines += ["", f"torch verify step at batch {c['overhead_batch']}, context {c['overhead_context']}: "
                               f"{c['outside_forward_share']:.1%} of the step outside the model forward"]
-    if r.get("decode"):
-        lines += ["", "## Plain decoding: whole stack vs bare llama-cpp-python", "",
-                  "| concurrent | stack tokens/s per request | bare tokens/s | stack / bare (95% CI) |", "| --- | --- | --- | --- |"]
-        for d in r["decode"]:
-            lines.append(f"| {d['concurrency']} | {d['stack_tokens_per_s']:.2f} | {d['bare_tokens_per_s']:.2f} | "
-                         f"{d['ratio']:.3f} ({d['low']:.3f}-{d['high']:.3f}) |")
-    if r.get("http"):
-        lines += ["", "## HTTP front vs gRPC (plain decoding, client-side time per output token)", "",
-                  "| concurrent | gRPC TPOT ms | HTTP TPOT ms | HTTP / gRPC (95% CI) |", "| --- | --- | --- | --- |"]
-        for h in r["http"]:
-            lines.append(f"| {h['concurrency']} | {h['grpc_tpot_ms']:.1f} | {h['http_tpot_ms']:.1f} | "
-                         f"{h['ratio']:.3f} ({h['low']:.3f}-{h['high']:.3f}) |")
+    lines += _ratio_table(r.get("decode"), "Plain decoding: whole stack vs bare llama-cpp-python",
+                          ("stack tokens/s per request", "stack_tokens_per_s"), ("bare tokens/s", "bare_tokens_per_s"),
+                          "stack / bare")
+    lines += _ratio_table(r.get("http"), "HTTP front vs gRPC (plain decoding, client-side time per output token)",
+                          ("gRPC TPOT ms", "grpc_tpot_ms"), ("HTTP TPOT ms", "http_tpot_ms"), "HTTP / gRPC")
     if r.get("policies"):
         lines += ["", "## Policies on llama.cpp: speed against `off` (off's time per token / the policy's)", "",
                   "| prompts | concurrent | policy | TPOT ms | acceptance | speed vs off (95% CI) | verdict |",
@@ -382,3 +374,14 @@ def markdown(r: dict) -> str:
             lines.append(f"| {p['prompt_set']} | {p['concurrency']} | {p['policy']} | {p['tpot_ms']:.0f} | {acc} | "
                          f"{p['ratio']:.3f} ({p['low']:.3f}-{p['high']:.3f}) | {p['verdict']} |")
     return "\n".join(lines) + "\n"
+
+
+def _ratio_table(rows: list[dict] | None, title: str, a: tuple[str, str], b: tuple[str, str], ratio: str) -> list[str]:
+    """A section with one row per concurrency: two measured columns and their ratio with its CI."""
+    if not rows:
+        return []
+    out = ["", f"## {title}", "", f"| concurrent | {a[0]} | {b[0]} | {ratio} (95% CI) |", "| --- | --- | --- | --- |"]
+    for row in rows:
+        out.append(f"| {row['concurrency']} | {row[a[1]]:.2f} | {row[b[1]]:.2f} | "
+                   f"{row['ratio']:.3f} ({row['low']:.3f}-{row['high']:.3f}) |")
+    return out
