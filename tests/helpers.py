@@ -110,7 +110,7 @@ def run_local(pair: TinyPair, requests: list[tuple[list[int], SamplingParams]], 
 @torch.inference_mode()
 def target_only(model, prompt: list[int], n: int, eos: int | None = None) -> list[int]:
     """Plain greedy decoding with Hugging Face generate: the reference output."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                          pad_token_id=0, eos_token_id=eos)
     return out[0, len(prompt):].tolist()
