@@ -23,6 +23,7 @@ CONTROLLERS: dict[str, Controller] = {
     "adaptive": Adaptive(),
 }
 COST_MODES = ("adaptive", "specserve", "smartspec")  # the controllers that decide from the cost model
+OVERRIDE_REASONS = {"off": "speculation off for this request", "static": "static k = 0 requested"}
 
 INITIAL_MEAN_CONFIDENCE = 0.6  # specserve's c̄ before any draft is seen (the paper's initial value)
 # The step-time correction: an exponential mean of measured / predicted time. Weight 0.3 follows a
@@ -95,17 +96,18 @@ class Planner:
         auto = [v for v in sessions if not v.mode]
         if auto and self.controller is not None and s.max_draft_tokens > 0:
             plans |= self.controller.plan(self, auto)
-        self.reasons = {v.key: self._reason(v, sessions) for v in sessions if plans[v.key].max_draft_tokens <= 0}
+        idle = [v for v in sessions if plans[v.key].max_draft_tokens <= 0]
+        auto_reason = self._reason(auto) if any(not v.mode for v in idle) else ""
+        self.reasons = {v.key: OVERRIDE_REASONS[v.mode] if v.mode else auto_reason for v in idle}
         return plans
 
-    def _reason(self, v: SessionView, sessions: list[SessionView]) -> str:
+    def _reason(self, auto: list[SessionView]) -> str:
+        """Why the strategy gave these sessions no drafts this step."""
         mode = self.strategy.mode
-        if v.mode:
-            return "speculation off for this request" if v.mode == "off" else "static k = 0 requested"
         if mode == "off" or self.strategy.max_draft_tokens == 0:
             return f"mode {mode}" + (" (max_draft_tokens 0)" if mode != "off" else "")
         if mode in COST_MODES:
-            if self.slo_cap_k(sessions) == 0:
+            if self.slo_cap_k(auto) == 0:
                 return f"{mode}: the TPOT SLO leaves no time to draft"
             return f"{mode}: the cost model predicts plain decoding is faster here"
         return f"{mode}: no draft this step"
