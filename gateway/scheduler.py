@@ -275,7 +275,7 @@ class Scheduler(Background):
         try:
             out = await self.drafter.propose(items, timeout=timeout)
         except SpecServeError as exc:
-            log.info("drafter prefill failed (%s); it catches up at the next step", exc)
+            log.warning("drafter prefill failed (%s); it catches up at the next step", exc)
             return
         for (seq, item), d in zip(pairs, out.drafts):
             if d.status is SessionStatus.OK:
@@ -438,7 +438,7 @@ class Scheduler(Background):
         results = await asyncio.gather(*(b.release(ids, timeout=5.0) for b in backends), return_exceptions=True)
         for r in results:
             if isinstance(r, Exception):
-                log.info("release of %d sessions failed: %s", len(ids), r)
+                log.warning("release of %d sessions failed: %s", len(ids), r)
 
 
 def _as_unavailable(exc: Exception, service: str) -> Exception:

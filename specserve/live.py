@@ -103,7 +103,9 @@ class LiveReader(Background):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away: keep the last strategy, retry
-                log.debug("live config unavailable: %s", exc)
+                # Warn when Redis goes away, not on every retry while it stays away.
+                (log.warning if self.live.reachable else log.debug)(
+                    "live config unavailable (%s); the last strategy stays in force", exc)
                 pubsub = None
                 self.live.reachable = False
                 self.on_change(self.live)

@@ -49,6 +49,7 @@ class TelemetryEmitter(Background):
         self.buffer: collections.deque[dict[str, str]] = collections.deque(maxlen=buffer)
         self.sent = 0
         self.dropped = 0
+        self.dropping = False  # the last send failed (an outage is under way)
         self._wake = asyncio.Event()
 
     def emit(self, record: Any) -> None:
@@ -69,7 +70,10 @@ class TelemetryEmitter(Background):
                             pipe.xadd(STREAM, fields, maxlen=self.maxlen, approximate=True)
                         await pipe.execute()
                     self.sent += len(batch)
+                    self.dropping = False
                 except Exception as exc:  # Redis down or refusing: drop, count, carry on
+                    # Warn at the first drop of an outage; the count tells the rest.
+                    (log.debug if self.dropping else log.warning)("telemetry dropped %d records: %s", len(batch), exc)
                     self.dropped += len(batch)
-                    log.debug("telemetry dropped %d records: %s", len(batch), exc)
+                    self.dropping = True
                     await asyncio.sleep(0.5)
