@@ -75,7 +75,9 @@ def load(config: ModelServiceConfig) -> LoadedModel:
     rt = runtime.open_runtime(config.model, config.runtime, config.device, config.dtype, config.max_context,
                               config.threads, config.max_sessions, config.kv_tokens, config.kv_unified)
     tokenizer = load_tokenizer(config.model)
-    eos = list(dict.fromkeys([*rt.info.eos_token_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])]))
+    eos = list(rt.info.eos_token_ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
     log.info("loaded %s on the %s runtime (%s, %s) in %.1fs", rt.info.model_file, rt.info.runtime, rt.info.device,
              rt.info.dtype, time.monotonic() - started)
     print(f"model {rt.info.model_file}: runtime {rt.info.runtime}, {rt.info.dtype} on {rt.info.device}", flush=True)

@@ -86,13 +86,16 @@ def _environment():
 def load_tokenizer(path: str):
     """The tokenizer of a model folder (without torch when it carries tokenizer.json), a hub id, or
     a bare GGUF file."""
+    from specserve.runtime import find_gguf
+
     p = Path(path)
     if p.is_dir() and (p / "tokenizer.json").exists():
         return Tokenizer(p)
     from transformers import AutoTokenizer
 
-    if p.is_file() and p.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    gguf = find_gguf(path)
+    if gguf is not None:
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return AutoTokenizer.from_pretrained(path)
 
 

@@ -50,18 +50,24 @@ class TinyPair:
         """Target-only greedy decoding on this pair's runtime, one token per forward, stopping after
         an `eos` id, and the gap between the two best target logits at each generated position."""
         stop = set([eos] if isinstance(eos, int) else eos or [])
-        runtime, _ = self.runtimes()
-        tokens, gaps = [], []
-        feed = prompt
-        while len(tokens) < n:
-            logits = runtime.forward([Row("ref", feed, [len(feed) - 1])])[0][0]
-            top = torch.topk(logits, 2).values
-            gaps.append(float(top[0] - top[1]))
-            feed = [int(logits.argmax())]
-            tokens.append(feed[0])
-            if feed[0] in stop:
-                break
-        return tokens, gaps
+        return greedy_reference(self.runtimes()[0], prompt, n, stop)
+
+
+def greedy_reference(runtime: Runtime, prompt: list[int], n: int, stop: set[int] = frozenset()
+                     ) -> tuple[list[int], list[float]]:
+    """Plain greedy decoding on `runtime`, one token per forward, stopping after a `stop` id, with
+    the gap between the two best logits at each generated position."""
+    tokens, gaps = [], []
+    feed = prompt
+    while len(tokens) < n:
+        logits = runtime.forward([Row("ref", feed, [len(feed) - 1])])[0][0]
+        top = torch.topk(logits, 2).values
+        gaps.append(float(top[0] - top[1]))
+        feed = [int(logits.argmax())]
+        tokens.append(feed[0])
+        if feed[0] in stop:
+            break
+    return tokens, gaps
 
 
 def assert_lossless(tokens: list[int], reference: tuple[list[int], list[float]]) -> None:

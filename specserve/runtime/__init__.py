@@ -21,7 +21,6 @@ from specserve.errors import InvalidArgument
 if TYPE_CHECKING:
     import torch
 
-RuntimeName = Literal["auto", "torch", "llama.cpp"]
 RUNTIMES = ("auto", "torch", "llama.cpp")
 
 
@@ -83,7 +82,8 @@ def has_torch_weights(model: str) -> bool:
     path = Path(model)
     if not path.is_dir():
         return not path.exists()  # a hub id: transformers resolves it
-    return (path / "config.json").exists() and any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    return (path / "config.json").exists() and weights
 
 
 def open_runtime(model: str, name: str = "auto", device: str = "cpu", dtype: str = "auto", max_context: int = 0,
