@@ -11,7 +11,7 @@ CPU_KEY := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' | s
 LLAMA_WHEELS := $(HOME)/.cache/specserve/wheels/$(subst ==,-,$(LLAMA_CPP))-cpu-$(CPU_KEY)
 LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 
-.PHONY: run test proto install models bench clean
+.PHONY: run test proto install models bench peers clean
 
 run: install models
 	$(VENV)/bin/specserve up
@@ -43,6 +43,25 @@ models: install
 
 bench: install models
 	$(VENV)/bin/specserve bench
+
+# The benchmark's peer: llama.cpp's own server, built from the llama.cpp source that the pinned
+# llama-cpp-python release vendors (the same kernels our llama.cpp runtime runs), once per CPU.
+PEERS := $(HOME)/.cache/specserve/peers/llama-server-$(subst llama-cpp-python==,,$(LLAMA_CPP))-cpu-$(CPU_KEY)
+LLAMA_SERVER_CMAKE := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+	-DLLAMA_OPENSSL=OFF
+
+peers: $(PEERS)/llama-server
+
+$(PEERS)/llama-server: $(STAMP)
+	rm -rf $(PEERS)/src && mkdir -p $(PEERS)/src
+	$(PIP) download --quiet --no-deps --no-binary :all: --dest $(PEERS)/src $(LLAMA_CPP)
+	tar xzf $(PEERS)/src/*.tar.gz -C $(PEERS)/src
+	cmake -S $(PEERS)/src/llama_cpp_python-*/vendor/llama.cpp -B $(PEERS)/build $(LLAMA_SERVER_CMAKE)
+	cmake --build $(PEERS)/build --target llama-server -j $$(nproc)
+	grep -m1 '^flags' /proc/cpuinfo > $(PEERS)/cpu-flags
+	cp $(PEERS)/build/bin/llama-server $@
+	rm -rf $(PEERS)/src $(PEERS)/build
 
 clean:
 	rm -rf $(GEN) $(VENV)

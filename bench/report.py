@@ -1,13 +1,20 @@
-"""The benchmark report: markdown tables, the targets checked as ratios, and PNG plots."""
+"""The system benchmark's report: per-load tables pooled over repetitions, ratios against `off` with
+bootstrap intervals, the summary and targets, and PNG plots."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
 
+from bench.stats import ratio_ci
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+BASE = "off"
+SPECULATIVE_PEER = "llama-server-draft"
 
 
 def position_sums(rows) -> list[int]:
@@ -22,133 +29,258 @@ def position_sums(rows) -> list[int]:
 
 
 def _fmt(x, digits=1) -> str:
-    if x is None:
+    if x is None or x != x:
         return "-"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def targets(runs: list[dict], split: dict | None) -> list[tuple[str, str, bool]]:
-    """The benchmark's targets, each as (what, measured ratio, met). Speed is compared by median
-    time per output token (TPOT p50): tokens/s over a replay also depends on how many requests
-    admission let in, which differs between policies."""
-    out = []
-    levels = sorted({r["level"] for r in runs})
+def _ci(r: dict) -> str:
+    if r["n"] == 0 or r["ratio"] != r["ratio"]:
+        return "-"
+    return f"{r['ratio']:.3f} ({r['low']:.3f}-{r['high']:.3f}) {r['verdict']}"
 
-    def tpot(run: dict) -> float:
-        return run["tpot_ms"]["p50"]
 
-    for level in levels:
-        at = {r["policy"]: r for r in runs if r["level"] == level}
-        if "adaptive" not in at or not tpot(at["adaptive"]) > 0:
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+class Pooled:
+    """Requests and runs of one benchmark, pooled over repetitions per (system, load)."""
+
+    def __init__(self, report: dict):
+        self.runs = report.get("runs", [])
+        self.systems = list(dict.fromkeys(r["system"] for r in self.runs))
+        self.loads = sorted({r["load"] for r in self.runs})
+        self.duration = {(r["system"], r["load"], r["rep"]): r["duration_s"] for r in self.runs}
+        self.requests: dict[tuple[str, int], dict] = defaultdict(dict)
+        for q in report.get("requests", []):
+            if (q["system"], q["load"], q["rep"]) in self.duration:
+                self.requests[(q["system"], q["load"])][(q["rep"], q["klass"], q["index"])] = q
+
+    def at(self, load: int) -> list[str]:
+        return [s for s in self.systems if self.requests.get((s, load))]
+
+    def goodput(self, system: str, load: int) -> float:
+        reqs = self.requests[(system, load)].values()
+        total = sum(self.duration[(system, load, rep)] for rep in {q["rep"] for q in reqs})
+        return sum(q["output_tokens"] for q in reqs if q["slo_met"]) / total if total else 0.0
+
+    def _contribution(self, system: str, load: int) -> dict:
+        """Per request, its output tokens per second of its run if it met its SLO, else 0: their
+        mean over pairs is proportional to goodput."""
+        return {k: (q["output_tokens"] / self.duration[(system, load, q["rep"])] if q["slo_met"] else 0.0)
+                for k, q in self.requests[(system, load)].items()}
+
+    def goodput_ratio(self, system: str, other: str, load: int) -> dict:
+        a, b = self._contribution(system, load), self._contribution(other, load)
+        keys = sorted(a.keys() & b.keys())
+        return ratio_ci([a[k] for k in keys], [b[k] for k in keys])
+
+    def speedup(self, system: str, other: str, load: int) -> dict:
+        """Mean TPOT of `other` over that of `system`, on requests both completed (> 1 means
+        `system` is faster)."""
+        a, b = self.requests[(system, load)], self.requests[(other, load)]
+        keys = sorted(k for k in a.keys() & b.keys() if a[k]["output_tokens"] > 1 and b[k]["output_tokens"] > 1
+                      and a[k]["status"] == 200 == b[k]["status"])
+        return ratio_ci([b[k]["tpot_ms"] for k in keys], [a[k]["tpot_ms"] for k in keys])
+
+    def attainment(self, system: str, load: int) -> float:
+        reqs = self.requests[(system, load)].values()
+        return sum(q["slo_met"] for q in reqs) / len(reqs) if reqs else 0.0
+
+    def latency(self, system: str, load: int, key: str) -> list[float]:
+        return [q[key] for q in self.requests[(system, load)].values()
+                if q["status"] == 200 and (key != "tpot_ms" or q["output_tokens"] > 1)]
+
+    def spec(self, system: str, load: int, key: str):
+        values = [r[key] for r in self.runs if r["system"] == system and r["load"] == load and r.get(key) is not None]
+        return sum(values) / len(values) if values and key == "mean_accepted_length" else (sum(values) if values else None)
+
+    def best(self, load: int, policies: list[str]) -> str:
+        return max((p for p in policies if p in self.at(load)), key=lambda p: self.goodput(p, load))
+
+
+def summary(pooled: Pooled, policies: list[str]) -> tuple[list[str], list[tuple[str, str, bool]]]:
+    """The report's summary lines per load, and the targets as (what, measured, met)."""
+    lines, checks = [], []
+    for load in pooled.loads:
+        here = pooled.at(load)
+        ours = [p for p in policies if p in here]
+        if "adaptive" not in ours or BASE not in ours:
             continue
-        ada = tpot(at["adaptive"])
-        statics = [tpot(at[p]) for p in at if p.startswith("static:") and tpot(at[p]) > 0]
-        if statics:
-            best, worst = min(statics), max(statics)
-            out.append((f"load {level}: speed vs best static k >= 0.97 (TPOT best static / adaptive)",
-                        f"{best / ada:.3f}", best / ada >= 0.97))
-            out.append((f"load {level}: speed vs worst static k >= 1.1 (TPOT worst static / adaptive)",
-                        f"{worst / ada:.3f}", worst / ada >= 1.1))
-        others = [at[p]["slo_attainment"] for p in at if p != "adaptive"]
-        if others:
-            a = at["adaptive"]["slo_attainment"]
-            out.append((f"load {level}: adaptive SLO attainment >= every other policy", f"{a:.2f} vs max {max(others):.2f}",
-                        a >= max(others)))
-    if levels:
-        top = {r["policy"]: r for r in runs if r["level"] == levels[-1]}
-        if "adaptive" in top and "off" in top and tpot(top["adaptive"]) > 0:
-            ratio = tpot(top["off"]) / tpot(top["adaptive"])
-            out.append((f"load {levels[-1]} (highest): speed vs off >= 0.97 (TPOT off / adaptive)", f"{ratio:.3f}",
-                        ratio >= 0.97))
-    if split and split.get("split_cost_fraction") == split.get("split_cost_fraction"):
-        f = split["split_cost_fraction"]
-        out.append(("service split costs <= 5% of step time", f"{f:.1%}", f <= 0.05))
+        best = pooled.best(load, ours)
+        vs_best = pooled.goodput_ratio("adaptive", best, load)
+        vs_off = pooled.goodput_ratio("adaptive", BASE, load)
+        speed_off = pooled.speedup("adaptive", BASE, load)
+        line = (f"- Load {load}: best policy by goodput `{best}`; `adaptive` / `{best}` = {_ci(vs_best)}; "
+                f"`adaptive` / `off` goodput {_ci(vs_off)}, speed (TPOT) {_ci(speed_off)}")
+        top = best == "adaptive" or vs_best["verdict"] != "loss"
+        checks.append((f"load {load}: adaptive has the best goodput or ties the best ({best})", _ci(vs_best), top))
+        checks.append((f"load {load}: adaptive goodput >= 0.97 x off", _ci(vs_off), vs_off["ratio"] >= 0.97))
+        if SPECULATIVE_PEER in here:
+            vs_peer = pooled.goodput_ratio("adaptive", SPECULATIVE_PEER, load)
+            speed_peer = pooled.speedup("adaptive", SPECULATIVE_PEER, load)
+            line += f"; against {SPECULATIVE_PEER}: goodput {_ci(vs_peer)}, speed {_ci(speed_peer)}"
+            checks.append((f"load {load}: adaptive goodput at or above {SPECULATIVE_PEER}", _ci(vs_peer),
+                           vs_peer["verdict"] != "loss"))
+        attain = {s: pooled.attainment(s, load) for s in here}
+        line += "; SLO attainment " + ", ".join(f"{s} {a:.2f}" for s, a in attain.items())
+        others = max(a for s, a in attain.items() if s != "adaptive" and s in ours)
+        checks.append((f"load {load}: adaptive SLO attainment >= every other policy's",
+                       f"{attain['adaptive']:.2f} vs {others:.2f}", attain["adaptive"] >= others))
+        lines.append(line + ".")
+    return lines, checks
+
+
+def ramp_checks(ramp: dict | None) -> list[tuple[str, str, bool]]:
+    out = []
+    for policy, run in (ramp or {}).get("policies", {}).items():
+        switches = run["switches"]
+        worst = max((s["ratio"] for s in switches), default=float("nan"))
+        out.append((f"ramp, {policy}: no step over 1.5x its neighbours where speculation switches",
+                    f"{len(switches)} switches, worst {_fmt(worst, 2)}x", not any(s["stall"] for s in switches)))
     return out
 
 
 def markdown(report: dict) -> str:
-    base = report.get("baseline", {})
-    cfg = report.get("config", {})
+    cfg, base, machine = report.get("config", {}), report.get("baseline", {}), report.get("machine", {})
+    pooled = Pooled(report)
+    policies = list(cfg.get("policies", []))
     lines = ["# SpecServe system benchmark", "",
-             f"Machine: {report.get('machine', {})}", "",
-             f"Trace replay: windows of {cfg.get('requests_per_level')} requests per load level from row "
-             f"{cfg.get('window_start')} of each trace; context lengths scaled so the window's median is "
-             f"{cfg.get('context_tokens')} tokens (cap {cfg.get('max_context_tokens')}), outputs so the median is "
-             f"{cfg.get('output_tokens')} (cap {cfg.get('max_output_tokens')}); arrival pattern kept, time-scaled to "
-             "each load level's rate.", "",
-             f"Baseline (plain decoding, batch 1): TTFT {_fmt(base.get('ttft_ms'))} ms, TPOT {_fmt(base.get('tpot_ms'))} ms; "
-             f"capacity {_fmt(base.get('capacity_rps'), 3)} requests/s. SLOs per class: {base.get('slos')}.", ""]
-    runs = report.get("runs", [])
-    for level in sorted({r["level"] for r in runs}):
-        lines += [f"## Load {level} x capacity", "",
-                  "| policy | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | SLO attain | goodput req/s | tokens/s | "
-                  "mean accepted len | acceptance by position | controller ms/step | rejected |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in sorted((r for r in runs if r["level"] == level), key=lambda r: r["policy"]):
-            t, p = r["ttft_ms"], r["tpot_ms"]
-            pos = ", ".join(f"{x:.2f}" for x in r["acceptance_by_position"] if x is not None) or "-"
+             f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, CPU flags {', '.join(machine.get('cpu_flags', []))}; "
+             f"Python {machine.get('python')}, torch {machine.get('torch')}, transformers {machine.get('transformers')}, "
+             f"llama-cpp-python {machine.get('llama_cpp_python')}. Models: {report.get('versions', {})}. "
+             f"Peer binary: {report.get('peers', {}).get('binary')}; skipped: {report.get('peers', {}).get('skipped') or 'none'}.",
+             "", f"Run time: {_fmt(report.get('minutes'))} minutes.", "",
+             f"Workload: {cfg.get('requests')} requests per system and load (half from each of the Azure code and "
+             f"conversation traces, from row {cfg.get('window_start')}), {cfg.get('reps')} repetitions, systems in an "
+             f"order rotated per load and repetition. Arrivals keep the trace's pattern, time-scaled so load c "
+             f"sends c requests per lone-request latency; contexts scaled to a median of {cfg.get('context_tokens')} tokens "
+             f"(cap {cfg.get('max_context_tokens')}), outputs to {cfg.get('output_tokens')} (cap {cfg.get('max_output_tokens')}); "
+             f"{cfg.get('threads')} threads for every model (ours and llama-server's). Every system gets the same "
+             "token-id prompts over the OpenAI-compatible HTTP API, greedy, timed by the same client.", "",
+             f"Lone request, plain decoding: TTFT {_fmt(base.get('ttft_ms'))} ms, TPOT {_fmt(base.get('tpot_ms'))} ms, "
+             f"latency {_fmt(base.get('total_ms'))} ms. SLOs: {base.get('slos')}. Goodput: output tokens per second of "
+             "requests that met both objectives (a refused request meets none). Ratios: bootstrap 95% intervals over "
+             "paired requests; a difference whose interval holds 1 is a tie.", ""]
+    summary_lines, checks = summary(pooled, policies)
+    lines += ["## Summary", ""] + summary_lines + [""]
+    for load in pooled.loads:
+        lines += [f"## Load {load}", "",
+                  "| system | TTFT p50/p99 ms | TPOT p50/p99 ms | SLO attain | goodput tok/s | goodput / off | "
+                  "speed / off (TPOT) | mean accepted len | drafted | pruned | refused |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for s in pooled.at(load):
+            ttft, tpot = pooled.latency(s, load, "ttft_ms"), pooled.latency(s, load, "tpot_ms")
+            has_base = BASE in pooled.at(load) and s != BASE
             lines.append(
-                f"| {r['policy']} | {_fmt(t['p50'], 0)}/{_fmt(t['p90'], 0)}/{_fmt(t['p99'], 0)} | "
-                f"{_fmt(p['p50'], 0)}/{_fmt(p['p90'], 0)}/{_fmt(p['p99'], 0)} | {r['slo_attainment']:.2f} | "
-                f"{r['goodput_rps']:.3f} | {r['tokens_per_s']:.2f} | {r['mean_accepted_length']:.2f} | {pos} | "
-                f"{r['controller_ms_per_step']:.2f} | {r['rejected']} |")
+                f"| {s} | {_fmt(_pct(ttft, .5), 0)}/{_fmt(_pct(ttft, .99), 0)} | {_fmt(_pct(tpot, .5), 0)}/"
+                f"{_fmt(_pct(tpot, .99), 0)} | {pooled.attainment(s, load):.2f} | {pooled.goodput(s, load):.2f} | "
+                f"{_ci(pooled.goodput_ratio(s, BASE, load)) if has_base else '-'} | "
+                f"{_ci(pooled.speedup(s, BASE, load)) if has_base else '-'} | "
+                f"{_fmt(pooled.spec(s, load, 'mean_accepted_length'), 2)} | {_fmt(pooled.spec(s, load, 'drafted_slots'))} | "
+                f"{_fmt(pooled.spec(s, load, 'pruned_slots'))} | {_fmt(pooled.spec(s, load, 'refused'))} |")
         lines.append("")
+    lines += _extras(report)
+    checks += ramp_checks(report.get("ramp"))
+    unused = report.get("unused_drafter")
+    if unused:
+        r = unused["ratio"]
+        checks.append(("off with an unused drafter costs the same as no drafter (within 2%)", _ci(r),
+                       r["low"] >= 0.98 and r["high"] <= 1.02 or r["verdict"] == "tie" and abs(r["ratio"] - 1) <= 0.02))
+    if report.get("minutes") is not None:
+        checks.append(("run time", f"{report['minutes']:.1f} min", True))
+    lines += ["## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
+    lines += [f"| {what} | {value} | {'yes' if ok else 'no'} |" for what, value, ok in checks]
+    lines += ["", "Plots: goodput_vs_load.png, tpot_cdf.png, ramp.png."]
+    return "\n".join(lines) + "\n"
+
+
+def _extras(report: dict) -> list[str]:
+    lines = []
+    ramp = report.get("ramp")
+    if ramp:
+        lines += ["## Load ramp", "", f"Closed-loop concurrency schedule (start s, concurrency): {ramp['schedule']}.", "",
+                  "| policy | steps | switches of speculation | worst switching step / neighbours | completed |",
+                  "| --- | --- | --- | --- | --- |"]
+        for policy, run in ramp["policies"].items():
+            worst = max((s["ratio"] for s in run["switches"]), default=float("nan"))
+            lines.append(f"| {policy} | {len(run['series'])} | {len(run['switches'])} | {_fmt(worst, 2)} | "
+                         f"{run['completed']}/{run['requests']} |")
+        lines.append("")
+    unused = report.get("unused_drafter")
+    if unused:
+        lines += ["## A drafter configured but unused", "",
+                  f"Mean TPOT of `off` with the drafter over a stack without one, alternated one request at a time: "
+                  f"{_ci(unused['ratio'])}.", ""]
     split = report.get("split")
     if split:
         lines += ["## Service split", "",
                   f"Per step, time outside the models: {_fmt(split['overhead_ms_split'], 2)} ms through the services "
                   f"vs {_fmt(split['overhead_ms_local'], 2)} ms in one process; step time {_fmt(split['step_ms_split'])} ms "
-                  f"vs {_fmt(split['step_ms_local'])} ms. Extra cost of the split: {split['split_cost_fraction']:.1%} "
-                  "of step time.", ""]
-    hf = report.get("hf_assisted")
-    if hf:
-        lines += ["## Hugging Face assisted generation (batch 1, same code prompts)", "",
-                  f"{hf['ms_per_token']:.0f} ms per token.", ""]
-    lines += ["## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
-    lines += [f"| {what} | {value} | {'yes' if ok else 'no'} |" for what, value, ok in targets(runs, split)]
-    return "\n".join(lines) + "\n"
+                  f"vs {_fmt(split['step_ms_local'])} ms: {split['split_cost_fraction']:.1%} of step time.", ""]
+    torch_part = report.get("torch")
+    if torch_part:
+        lines += ["## torch runtime and Hugging Face generate (same code requests)", "",
+                  "| what | ms per output token |", "| --- | --- |"]
+        lines += [f"| SpecServe torch runtime, {k.replace('@', ', concurrency ')} | {v['mean_tpot_ms']:.1f} |"
+                  for k, v in torch_part["stack"].items()]
+        lines += [f"| Hugging Face generate, batch 1, {k} | {v['mean_ms_per_token']:.1f} |"
+                  for k, v in torch_part["hf"].items()]
+        lines.append("")
+    return lines
 
 
 def plots(report: dict, out: Path) -> list[Path]:
-    runs = report.get("runs", [])
-    policies = sorted({r["policy"] for r in runs})
-    levels = sorted({r["level"] for r in runs})
+    pooled = Pooled(report)
     paths = []
-    for key, label, name in (("slo_attainment", "SLO attainment", "attainment.png"),
-                             ("tpot_p99", "p99 TPOT (ms)", "tpot_p99.png")):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for p in policies:
-            ys = [next((r["tpot_ms"]["p99"] if key == "tpot_p99" else r[key]) for r in runs
-                       if r["policy"] == p and r["level"] == lv) for lv in levels]
-            ax.plot(levels, ys, marker="o", label=p, linewidth=2.5 if p == "adaptive" else 1)
-        ax.set_xlabel("load (x capacity)")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        paths.append(out / name)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for lv in levels:
-        at = {r["policy"]: r for r in runs if r["level"] == lv}
-        if "off" not in at or not at["off"]["tokens_per_s"]:
-            continue
-        ks = sorted(int(p.split(":")[1]) for p in at if p.startswith("static:"))
-        ax.plot(ks, [at[f"static:{k}"]["tokens_per_s"] / at["off"]["tokens_per_s"] for k in ks], marker="o",
-                label=f"static k, load {lv}")
-        if "adaptive" in at:
-            ax.axhline(at["adaptive"]["tokens_per_s"] / at["off"]["tokens_per_s"], linestyle="--",
-                       label=f"adaptive, load {lv}")
-    ax.set_xlabel("static draft length k")
-    ax.set_ylabel("speedup over off (tokens/s)")
-    ax.legend(fontsize=7)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for s in pooled.systems:
+        loads = [lv for lv in pooled.loads if s in pooled.at(lv)]
+        ax.plot(loads, [pooled.goodput(s, lv) for lv in loads], marker="o", label=s,
+                linestyle="--" if s.startswith("llama-server") else "-", linewidth=2.5 if s == "adaptive" else 1.2)
+    ax.set_xlabel("offered load (concurrency)")
+    ax.set_ylabel("goodput (output tokens/s within SLO)")
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(out / "speedup_vs_k.png", dpi=110)
-    plt.close(fig)
-    paths.append(out / "speedup_vs_k.png")
+    paths.append(_save(fig, out / "goodput_vs_load.png"))
+
+    fig, axes = plt.subplots(1, max(1, len(pooled.loads)), figsize=(4 * max(1, len(pooled.loads)), 3.8), squeeze=False)
+    for ax, load in zip(axes[0], pooled.loads):
+        for s in pooled.at(load):
+            values = sorted(pooled.latency(s, load, "tpot_ms"))
+            if values:
+                ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=s,
+                        linestyle="--" if s.startswith("llama-server") else "-")
+        ax.set_title(f"load {load}")
+        ax.set_xlabel("TPOT (ms)")
+    axes[0][0].set_ylabel("fraction of requests")
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    paths.append(_save(fig, out / "tpot_cdf.png"))
+
+    ramp = report.get("ramp")
+    if ramp:
+        fig, axes = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
+        for policy, run in ramp["policies"].items():
+            t = [s["t"] for s in run["series"]]
+            for ax, key in zip(axes, ("k", "batch", "tpot_ms")):
+                ax.plot(t, [s[key] for s in run["series"]], label=policy, linewidth=1.8 if policy == "adaptive" else 0.8)
+        for ax, label in zip(axes, ("drafts per session (k)", "batch size", "step TPOT (ms)")):
+            ax.set_ylabel(label)
+        axes[-1].set_xlabel("seconds into the ramp")
+        axes[0].legend(fontsize=7, ncol=4)
+        fig.tight_layout()
+        paths.append(_save(fig, out / "ramp.png"))
     return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_report(report: dict, out: Path) -> None:

@@ -16,12 +16,17 @@ def ratio_ci(numerator: list[float], denominator: list[float], seed: int = 0) ->
     if not pairs:
         return {"ratio": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "verdict": "tie"}
     rng = random.Random(seed)
-    point = statistics.mean(numerator) / statistics.mean(denominator)
+    point = _ratio(pairs)
     draws = []
     for _ in range(BOOTSTRAP_SAMPLES):
-        sample = [rng.choice(pairs) for _ in pairs]
-        draws.append(statistics.mean(a for a, _ in sample) / statistics.mean(b for _, b in sample))
+        draws.append(_ratio([rng.choice(pairs) for _ in pairs]))
     draws.sort()
     low, high = draws[int(0.025 * len(draws))], draws[int(0.975 * len(draws)) - 1]
     verdict = "win" if low > 1 else "loss" if high < 1 else "tie"
     return {"ratio": point, "low": low, "high": high, "n": len(pairs), "verdict": verdict}
+
+
+def _ratio(pairs: list[tuple[float, float]]) -> float:
+    """mean(a) / mean(b); a zero denominator gives inf, and two zeros are equal (1)."""
+    a, b = statistics.mean(x for x, _ in pairs), statistics.mean(y for _, y in pairs)
+    return a / b if b else (float("inf") if a else 1.0)

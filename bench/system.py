@@ -1,18 +1,27 @@
-"""`specserve bench`: replay real request traces against the running system, every policy side by
-side in one run.
+"""`specserve bench`: every policy and the peers on the same replayed requests, under rising load.
 
-Steps: start the whole system (as `specserve up` does); measure single-request latency and
-capacity with plain decoding; derive the load levels and the SLOs from them; then for each load
-level replay the same trace window once per policy, policies in rotated order so machine drift
-hits them all; measure the service split's per-step overhead against the engine core in one
-process; run Hugging Face assisted generation on the same prompts at batch 1. Results go to
-bench/results/ as JSON, a markdown report and PNG plots.
+1. Start the whole system (as `specserve up` does, models on llama.cpp) and time a lone request with
+   plain decoding; the SLOs and the load levels derive from it: load c sends requests at c over the
+   lone request's latency per second (c = 1 is one request at a time on average).
+2. For each repetition and load, replay the same window of the code and conversation traces once per
+   system: each policy (from a fresh policy state: restarted policy service, a telemetry stream of
+   start-up profiles only, no strategy) and each llama-server variant (`-np` = c), in an order
+   rotated per load and repetition. Every system gets the same token-id prompts over the same
+   OpenAI-compatible HTTP API, timed by the same client.
+3. The load ramp: closed-loop concurrency 1 -> 8 -> 1, once per policy, from the step telemetry.
+4. `off` with a drafter configured against a stack without one, alternated request by request.
+5. The service split's per-step overhead against the engine in one process.
+6. Our torch runtime at 1 and 4 concurrent requests (`off`, `adaptive`) and Hugging Face
+   `generate` (plain and with `assistant_model`) at batch 1, on the same requests.
+
+Results: bench/results/system.json, system.md and PNG plots (bench/report.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import statistics
 import time
@@ -20,20 +29,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 import redis
 from tqdm import tqdm
 
+from bench import peers
 from bench import prompts as prompt_sets
-from bench.replay import Planned, fit_prompt, plan, read_trace, window
+from bench.client import Request, Result, closed_loop, replay
+from bench.ramp import step_series, switch_stalls, triangle
+from bench.replay import fit_prompt, plan, read_trace, window
 from bench.report import position_sums
 from specserve.launcher import Stack
 from specserve.ops import OPS_PREFIX
-from specserve.strategy import STRATEGY_KEY
+from specserve.strategy import STRATEGY_KEY, Strategy
 from specserve.telemetry import STREAM, decode
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
 
-POLICIES = ["off", "static:1", "static:2", "static:3", "static:4", "static:5", "threshold", "smartspec",
-            "specserve", "adaptive"]
+POLICIES = ("off", "static:2", "static:4", "threshold", "smartspec", "specserve", "adaptive")
+PEERS = tuple(peers.VARIANTS)
 
 
 @dataclass
@@ -43,48 +56,25 @@ class BenchConfig:
     traces: dict[str, Path]  # class name ("code", "chat") -> trace file
     redis_url: str
     out: Path
-    load_factors: tuple[float, ...] = (0.4, 0.9, 1.5)
-    requests_per_level: int = 16
-    context_tokens: int = 96  # the trace's median context is scaled to this
+    loads: tuple[int, ...] = (1, 2, 4, 8)  # offered concurrency
+    requests: int = 32  # per system and load, half from each trace
+    reps: int = 2
+    policies: tuple[str, ...] = POLICIES
+    peers: tuple[str, ...] = PEERS  # run where `make peers` built llama-server for this CPU
+    context_tokens: int = 96  # the window's median context is scaled to this
     max_context_tokens: int = 256
-    output_tokens: int = 16  # the trace's median output is scaled to this
+    output_tokens: int = 16  # the window's median output is scaled to this
     max_output_tokens: int = 32
     window_start: int = 200
-    policies: tuple[str, ...] = tuple(POLICIES)
-    hf_prompts: int = 3
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_batch_size: int = 8
+    ramp_policies: tuple[str, ...] = POLICIES
+    ramp_peak: int = 8
+    ramp_hold_s: float = 5.0
+    unused_drafter_pairs: int = 12  # 0 skips the drafter-unused check
+    split: bool = True
+    torch_requests: int = 8  # 0 skips the torch runtime and Hugging Face part
     settle_s: float = 1.5  # after switching policy by ops key (the gateway reads them every second)
-
-
-@dataclass
-class RequestResult:
-    level: float
-    policy: str
-    klass: str
-    index: int
-    sent_at: float
-    prompt_tokens: int
-    max_new_tokens: int
-    status: str = "OK"
-    output_tokens: int = 0
-    ttft_ms: float = 0.0
-    tpot_ms: float = 0.0
-    total_ms: float = 0.0
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    steps: int = 0
-    slo_attained: bool = False
-    ttft_slo_ms: float = 0.0
-    tpot_slo_ms: float = 0.0
-
-
-@dataclass
-class Workload:
-    """The same requests for every policy at one load level."""
-
-    level: float
-    rate: float
-    requests: list[tuple[str, Planned, list[int] | None, list[dict] | None]] = field(default_factory=list)
 
 
 def fresh_policy(stack: Stack, client: redis.Redis) -> None:
@@ -111,46 +101,40 @@ def set_policy(client: redis.Redis, policy: str) -> None:
         client.set(OPS_PREFIX + "static_k", k)
 
 
-async def send(stub, klass: str, planned: Planned, ids, chat, slo: dict, t0: float, level: float, policy: str
-               ) -> RequestResult:
-    await asyncio.sleep(max(0.0, t0 + planned.at - time.monotonic()))
-    request = gateway_pb2.GenerateRequest(sampling={"max_new_tokens": planned.max_new_tokens}, slo=slo)
-    if chat is not None:
-        request.messages.messages.extend(gateway_pb2.ChatMessage(**m) for m in chat)
-    else:
-        request.prompt_token_ids.ids.extend(ids)
-    result = RequestResult(level, policy, klass, planned.index, time.monotonic() - t0, planned.prompt_tokens,
-                           planned.max_new_tokens, ttft_slo_ms=slo["ttft_ms"], tpot_slo_ms=slo["tpot_ms"])
-    try:
-        async for message in stub.Generate(request, timeout=600):
-            if message.HasField("stats"):
-                s = message.stats
-                result.output_tokens, result.ttft_ms, result.tpot_ms = s.output_tokens, s.ttft_ms, s.tpot_ms
-                result.total_ms, result.steps = s.total_ms, s.steps
-                result.draft_tokens, result.accepted_tokens, result.slo_attained = \
-                    s.draft_tokens, s.accepted_tokens, s.slo_attained
-    except grpc.aio.AioRpcError as exc:
-        result.status = exc.code().name
-    return result
+def now_id() -> str:
+    return f"{int(time.time() * 1000)}-0"
 
 
-async def replay(address: str, workload: Workload, slos: dict[str, dict], policy: str) -> list[RequestResult]:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = gateway_pb2_grpc.GatewayStub(channel)
-        t0 = time.monotonic() + 0.2
-        return list(await asyncio.gather(*(
-            send(stub, klass, planned, ids, chat, slos[klass], t0, workload.level, policy)
-            for klass, planned, ids, chat in workload.requests)))
+def step_records(client: redis.Redis, since: str) -> list[tuple[float, dict]]:
+    """The gateway's step records since a stream id, with their time (unix seconds, from the id)."""
+    out = []
+    for entry_id, fields in client.xrange(STREAM, min=since):
+        rec = decode(fields)
+        if rec.get("component") == "gateway":
+            out.append((int(entry_id.decode().split("-")[0]) / 1000, rec))
+    return out
 
 
-def build_workloads(cfg: BenchConfig, tokenizer, capacity_rps: float) -> list[Workload]:
+def fitted(raw: bytes | None) -> bool:
+    """Whether a published strategy carries a cost table measured on this machine."""
+    return raw is not None and bool(Strategy.from_json(raw).cost.verify_table)
+
+
+def served_model(base_url: str) -> str:
+    return httpx.get(f"{base_url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+
+def build_workloads(cfg: BenchConfig, tokenizer, lone_ms: float, slos: dict[str, dict]) -> dict[int, list[Request]]:
+    """Per load, the same requests for every system: each trace's window, its arrival pattern
+    time-scaled to the load's rate, lengths scaled to what the models serve, prompts drawn from
+    HumanEval (code) and MT-Bench through the chat template (conversation), as token ids."""
     texts = {"code": prompt_sets.humaneval(), "chat": prompt_sets.mt_bench()}
     traces = {k: read_trace(p) for k, p in cfg.traces.items()}
-    per_class = max(1, cfg.requests_per_level // len(traces))
-    workloads = []
-    for level in cfg.load_factors:
-        rate = capacity_rps * level
-        w = Workload(level, rate)
+    per_class = max(1, cfg.requests // len(traces))
+    out = {}
+    for load in cfg.loads:
+        rate = load * 1000 / lone_ms
+        reqs = []
         for klass, rows in traces.items():
             cut = window(rows, cfg.window_start, per_class)
             med_ctx = statistics.median(r.context for r in cut)
@@ -159,41 +143,236 @@ def build_workloads(cfg: BenchConfig, tokenizer, capacity_rps: float) -> list[Wo
                           cfg.max_context_tokens, cfg.max_output_tokens):
                 text = texts[klass][p.index % len(texts[klass])]
                 if klass == "chat":
-                    w.requests.append((klass, p, None, [{"role": "user", "content": text[: p.prompt_tokens * 4]}]))
+                    ids = tokenizer.apply_chat_template([{"role": "user", "content": text[: p.prompt_tokens * 4]}])
                 else:
-                    w.requests.append((klass, p, fit_prompt(tokenizer.encode(text), p.prompt_tokens), None))
-        w.requests.sort(key=lambda r: r[1].at)
-        workloads.append(w)
-    return workloads
-
-
-async def measure_baseline(address: str, tokenizer, n_parallel: int, tokens: int) -> tuple[float, float, float]:
-    """(ttft_ms, tpot_ms) of a lone request, and capacity in requests/s with n_parallel at once,
-    all with plain decoding."""
-    ids = fit_prompt(tokenizer.encode(prompt_sets.humaneval()[0]), 96)
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = gateway_pb2_grpc.GatewayStub(channel)
-
-        async def one():
-            last = None
-            async for m in stub.Generate(gateway_pb2.GenerateRequest(prompt_token_ids={"ids": ids},
-                                                                     sampling={"max_new_tokens": tokens})):
-                last = m
-            return last.stats
-
-        lone = await one()
-        started = time.monotonic()
-        await asyncio.gather(*(one() for _ in range(n_parallel)))
-        return lone.ttft_ms, lone.tpot_ms, n_parallel / (time.monotonic() - started)
-
-
-def step_records(client: redis.Redis, since: str) -> list[dict]:
-    out = []
-    for _, fields in client.xrange(STREAM, min=since):
-        rec = decode(fields)
-        if rec.get("component") == "gateway":
-            out.append(rec)
+                    ids = fit_prompt(tokenizer.encode(text), p.prompt_tokens)
+                reqs.append(Request(klass, p.index, p.at, list(ids), p.max_new_tokens, **slos[klass]))
+        out[load] = sorted(reqs, key=lambda r: r.at)
     return out
+
+
+def lone_request(base_url: str, model: str, tokenizer, tokens: int, repeats: int = 3) -> dict:
+    """Median TTFT, TPOT and latency of a lone request (the caller has set plain decoding)."""
+    ids = fit_prompt(tokenizer.encode(prompt_sets.humaneval()[0]), 96)
+    req = Request("code", 0, 0.0, ids, tokens, float("inf"), float("inf"))
+    runs = [asyncio.run(replay(base_url, model, [req], "off", 0, 0, False))[0][0] for _ in range(repeats)]
+    return {key: statistics.median(getattr(r, key) for r in runs) for key in ("ttft_ms", "tpot_ms", "total_ms")}
+
+
+def summarise(system: str, load: int, rep: int, results: list[Result], duration: float,
+              recs: list[tuple[float, dict]]) -> dict:
+    """One replay of one system: latency percentiles, goodput, SLO attainment and what speculation
+    did (from step telemetry for SpecServe, from llama-server's reported counts for the peers)."""
+
+    def pct(values, q):
+        values = sorted(values)
+        return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+    ok = [r for r in results if r.status == 200]
+    met = [r for r in ok if r.slo_met]
+    out = {"system": system, "load": load, "rep": rep, "requests": len(results), "completed": len(ok),
+           "refused": sum(r.status in (429, 503) for r in results), "duration_s": duration,
+           "ttft_ms": {q: pct([r.ttft_ms for r in ok], p) for q, p in (("p50", .5), ("p99", .99))},
+           "tpot_ms": {q: pct([r.tpot_ms for r in ok if r.output_tokens > 1], p) for q, p in (("p50", .5), ("p99", .99))},
+           "slo_attainment": len(met) / len(results) if results else 0.0,
+           "goodput_tokens_per_s": sum(r.output_tokens for r in met) / duration,
+           "tokens_per_s": sum(r.output_tokens for r in ok) / duration}
+    if recs:
+        rows = [r for _, r in recs]
+        sessions = sum(int(r["batch_size"]) for r in rows)
+        accepted = sum(sum(int(a) for a in r["accepted"]) for r in rows)
+        drafted = sum(int(r["verified_positions"]) - int(r["batch_size"]) for r in rows)
+        pos_d = position_sums(r["position_drafted"] for r in rows)
+        pos_a = position_sums(r["position_accepted"] for r in rows)
+        out.update(mean_accepted_length=(accepted + sessions) / sessions if sessions else 0.0,
+                   drafted_slots=drafted, pruned_slots=sum(int(r.get("pruned", 0)) for r in rows),
+                   acceptance_rate=accepted / drafted if drafted else None,
+                   acceptance_by_position=[a / d if d else None for a, d in zip(pos_a, pos_d)],
+                   k_over_time=[(round(t - recs[0][0], 2), s["k"]) for (t, _), s in zip(recs, step_series(recs))])
+    else:
+        drafted, accepted = sum(r.drafted for r in ok), sum(r.accepted for r in ok)
+        tokens = sum(r.output_tokens for r in ok)
+        steps = tokens - accepted  # each step commits its accepted drafts and one token of its own
+        out.update(mean_accepted_length=tokens / steps if steps > 0 else 0.0, drafted_slots=drafted,
+                   pruned_slots=None, acceptance_rate=accepted / drafted if drafted else None)
+    return out
+
+
+class Bench:
+    """One benchmark run: the stack, the Redis client and what has been measured so far."""
+
+    def __init__(self, cfg: BenchConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.client = redis.Redis.from_url(cfg.redis_url)
+        self.stack: Stack | None = None
+        self.model = ""
+        self.results: list[Result] = []
+        self.runs: list[dict] = []
+        self.server = peers.find_llama_server()
+
+    def start(self, runtime: str = "llama.cpp", draft: str | None = None, policy: bool = True) -> Stack:
+        env = {"SPECSERVE_MAX_BATCH_SIZE": str(self.cfg.max_batch_size), "SPECSERVE_RUNTIME": runtime}
+        stack = Stack(self.cfg.target, self.cfg.draft if draft is None else draft, self.cfg.redis_url,
+                      extra_env=env, policy=policy).start()
+        self.model = served_model(stack.http_address)
+        return stack
+
+    def policy_run(self, policy: str, timeout_s: float = 60.0) -> None:
+        """Reset the policy state and switch to `policy`; returns once the fresh policy has
+        published a strategy fitted to the start-up profiles and the gateway has had time to read
+        it and the mode."""
+        fresh_policy(self.stack, self.client)
+        set_policy(self.client, policy)
+        deadline = time.monotonic() + timeout_s
+        while not fitted(self.client.get(STRATEGY_KEY)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the policy published no fitted strategy in {timeout_s:.0f} s")
+            time.sleep(0.1)
+        time.sleep(self.cfg.settle_s)
+
+    def replay(self, system: str, load: int, rep: int, requests: list[Request]) -> None:
+        if system in PEERS:
+            log = self.cfg.out / f"{system}.log"
+            with peers.llama_server(self.server, system, self.cfg.target, self.cfg.draft, load, self.cfg.threads,
+                                    log) as url:
+                results, duration = asyncio.run(replay(url, "peer", requests, system, load, rep, False))
+            recs = []
+        else:
+            self.policy_run(system)
+            since = now_id()
+            results, duration = asyncio.run(replay(self.stack.http_address, self.model, requests, system, load, rep,
+                                                   True))
+            recs = step_records(self.client, since)
+        self.results.extend(results)
+        self.runs.append(summarise(system, load, rep, results, duration, recs))
+
+    def ramp(self, requests: list[Request]) -> dict:
+        """Closed-loop concurrency 1 -> peak -> 1, once per policy; the per-step series and the
+        steps where speculation switched."""
+        schedule = triangle(self.cfg.ramp_peak, self.cfg.ramp_hold_s)
+        out = {"schedule": schedule, "policies": {}}
+        for policy in tqdm(self.cfg.ramp_policies, desc="ramp"):
+            self.policy_run(policy)
+            since = now_id()
+            results = asyncio.run(closed_loop(self.stack.http_address, self.model, requests, schedule, policy, False))
+            series = step_series(step_records(self.client, since))
+            out["policies"][policy] = {"series": series, "switches": switch_stalls(series),
+                                       "requests": len(results), "completed": sum(r.status == 200 for r in results)}
+        return out
+
+    def unused_drafter(self, requests: list[Request]) -> dict:
+        """`off` on this stack (drafter configured, unused) against a stack without a drafter, the
+        same requests alternated one at a time; the ratio of their mean TPOT."""
+        self.policy_run("off")
+        bare = Stack(self.cfg.target, "", self.cfg.redis_url, policy=False, extra_env={
+            "SPECSERVE_MAX_BATCH_SIZE": str(self.cfg.max_batch_size), "SPECSERVE_RUNTIME": "llama.cpp"}).start()
+        tpot = {"with": [], "without": []}
+        try:
+            urls = {"with": self.stack.http_address, "without": bare.http_address}
+            for i in range(self.cfg.unused_drafter_pairs):
+                req = requests[i % len(requests)]
+                for name in (("with", "without") if i % 2 == 0 else ("without", "with")):
+                    result = asyncio.run(replay(urls[name], self.model, [req], name, 1, 0, False))[0][0]
+                    tpot[name].append(result.tpot_ms)
+        finally:
+            bare.stop()
+        from bench.stats import ratio_ci
+
+        return {"tpot_ms": tpot, "ratio": ratio_ci(tpot["with"], tpot["without"])}
+
+    def torch_part(self, requests: list[Request]) -> dict:
+        """Our torch runtime at 1 and 4 concurrent requests, then Hugging Face generate at batch 1,
+        all on the same requests; ms per output token (client side for the stack)."""
+        reqs = requests[: self.cfg.torch_requests]
+        out: dict = {"stack": {}}
+        self.stack = self.start(runtime="torch")
+        try:
+            for policy in ("off", "adaptive"):
+                self.policy_run(policy)
+                for conc in (1, 4):
+                    schedule = [(0.0, conc), (float("inf"), 0)]
+                    results = asyncio.run(closed_loop(self.stack.http_address, self.model, reqs, schedule, policy,
+                                                      False, limit=len(reqs)))
+                    ok = [r for r in results if r.status == 200 and r.output_tokens > 1]
+                    out["stack"][f"{policy}@{conc}"] = {"tpot_ms": [r.tpot_ms for r in ok],
+                                                        "mean_tpot_ms": statistics.mean(r.tpot_ms for r in ok)}
+        finally:
+            self.stack.stop()
+        out["hf"] = hf_generate(self.cfg, self.tokenizer, reqs)
+        return out
+
+
+def hf_generate(cfg: BenchConfig, tokenizer, requests: list[Request]) -> dict:
+    """Hugging Face `generate` at batch 1, plain and with `assistant_model`, on the same requests."""
+    import torch
+
+    from specserve.models import load_causal_lm
+
+    target, draft = load_causal_lm(cfg.target), load_causal_lm(cfg.draft)
+    out = {}
+    with torch.inference_mode():
+        for name, extra in (("plain", {}), ("assisted", {"assistant_model": draft})):
+            per_token = []
+            for req in requests:
+                x = torch.tensor([req.prompt])
+                started = time.perf_counter()
+                gen = target.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                      max_new_tokens=req.max_tokens, pad_token_id=tokenizer.eos_token_id, **extra)
+                per_token.append((time.perf_counter() - started) * 1000 / max(1, gen.shape[1] - x.shape[1]))
+            out[name] = {"ms_per_token": per_token, "mean_ms_per_token": statistics.mean(per_token)}
+    return out
+
+
+def run(cfg: BenchConfig) -> dict:
+    from specserve.tokenizer import load_tokenizer
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(cfg, load_tokenizer(cfg.target))
+    for key in bench.client.scan_iter(match=OPS_PREFIX + "*"):
+        bench.client.delete(key)
+    systems = list(cfg.policies) + ([p for p in cfg.peers] if bench.server else [])
+    report: dict = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "machine": machine_facts(),
+                    "peers": {"binary": str(bench.server) if bench.server else None,
+                              "skipped": [] if bench.server else list(cfg.peers)}}
+    bench.stack = bench.start()
+    started = time.monotonic()
+    try:
+        report["versions"] = {name: f"{i.runtime} {Path(i.model_file).name}" for name, i in
+                              bench.stack.model_infos().items()}
+        bench.policy_run("off")
+        lone = lone_request(bench.stack.http_address, bench.model, bench.tokenizer, cfg.output_tokens)
+        slos = {"code": {"ttft_slo_ms": round(4 * lone["ttft_ms"]), "tpot_slo_ms": round(4 * lone["tpot_ms"])},
+                "chat": {"ttft_slo_ms": round(10 * lone["ttft_ms"]), "tpot_slo_ms": round(2 * lone["tpot_ms"])}}
+        report["baseline"] = {**lone, "slos": slos}
+        workloads = build_workloads(cfg, bench.tokenizer, lone["total_ms"], slos)
+        with tqdm(total=cfg.reps * len(cfg.loads) * len(systems), desc="replay") as bar:
+            for rep in range(cfg.reps):
+                for i, load in enumerate(cfg.loads):
+                    shift = rep * len(cfg.loads) + i  # rotate so drift does not favour one system
+                    for system in systems[shift % len(systems):] + systems[: shift % len(systems)]:
+                        bench.replay(system, load, rep, workloads[load])
+                        bar.update(1)
+        middle = workloads[cfg.loads[len(cfg.loads) // 2]]
+        if cfg.ramp_policies:
+            report["ramp"] = bench.ramp(middle)
+        if cfg.unused_drafter_pairs:
+            report["unused_drafter"] = bench.unused_drafter(middle)
+        if cfg.split:
+            report["split"] = split_overhead(cfg, bench.stack.gateway_address, bench.client, bench.tokenizer)
+    finally:
+        bench.stack.stop()
+        for key in bench.client.scan_iter(match=OPS_PREFIX + "*"):
+            bench.client.delete(key)
+    if cfg.torch_requests:
+        report["torch"] = bench.torch_part([r for r in workloads[cfg.loads[0]] if r.klass == "code"])
+    report["runs"] = bench.runs
+    report["minutes"] = (time.monotonic() - started) / 60
+    report["requests"] = [asdict(r) for r in bench.results]
+    (cfg.out / "system.json").write_text(json.dumps(report, indent=1, default=str))
+    from bench.report import write_report
+
+    write_report(report, cfg.out)
+    return report
 
 
 def split_overhead(cfg: BenchConfig, address: str, client: redis.Redis, tokenizer) -> dict:
@@ -202,14 +381,14 @@ def split_overhead(cfg: BenchConfig, address: str, client: redis.Redis, tokenize
     in-process engine, so each measures its own steps' overhead: step time minus model time."""
     from bench.local import local_scheduler
     from gateway.sequence import Sequence
-    from specserve.runtime import open_runtime
     from specserve.contracts import SamplingParams
+    from specserve.runtime import open_runtime
     from specserve.strategy import Strategy
 
     ids = fit_prompt(tokenizer.encode(prompt_sets.humaneval()[1]), 96)
     set_policy(client, "static:3")
     time.sleep(cfg.settle_s)
-    since = f"{int(time.time() * 1000)}-0"
+    since = now_id()
 
     async def through_services():
         async with grpc.aio.insecure_channel(address) as channel:
@@ -220,7 +399,7 @@ def split_overhead(cfg: BenchConfig, address: str, client: redis.Redis, tokenize
 
     asyncio.run(through_services())
     time.sleep(0.5)
-    split = step_records(client, since)
+    split = [r for _, r in step_records(client, since)]
     records = []
     target, draft = open_runtime(cfg.target), open_runtime(cfg.draft)
 
@@ -235,7 +414,6 @@ def split_overhead(cfg: BenchConfig, address: str, client: redis.Redis, tokenize
         await sch.stop()
 
     asyncio.run(in_process())
-
     local = [asdict(r) for r in records]
 
     def mean(recs: list[dict], key) -> float:
@@ -251,112 +429,8 @@ def split_overhead(cfg: BenchConfig, address: str, client: redis.Redis, tokenize
             "split_cost_fraction": (split_over - local_over) / local_step if records else float("nan")}
 
 
-def hf_assisted(cfg: BenchConfig, tokenizer, workloads: list[Workload]) -> dict:
-    """Hugging Face assisted generation at batch 1 on the code prompts of the lightest level,
-    against the same requests' latency through the system under `adaptive` at that level."""
-    import torch
-
-    from specserve.models import load_causal_lm
-
-    target, draft = load_causal_lm(cfg.target), load_causal_lm(cfg.draft)
-    reqs = [r for r in workloads[0].requests if r[0] == "code"][: cfg.hf_prompts]
-    out = []
-    with torch.inference_mode():
-        for _, planned, ids, _ in reqs:
-            x = torch.tensor([ids])
-            started = time.perf_counter()
-            gen = target.generate(x, attention_mask=torch.ones_like(x), assistant_model=draft, do_sample=False,
-                                  max_new_tokens=planned.max_new_tokens, pad_token_id=tokenizer.eos_token_id)
-            elapsed = (time.perf_counter() - started) * 1000
-            out.append({"index": planned.index, "ms": elapsed, "tokens": gen.shape[1] - x.shape[1]})
-    return {"requests": out, "ms_per_token": sum(r["ms"] for r in out) / max(1, sum(r["tokens"] for r in out))}
-
-
-def run(cfg: BenchConfig, quick: bool = False) -> dict:
-    from specserve.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.target)
-    client = redis.Redis.from_url(cfg.redis_url)
-    for key in client.scan_iter(match=OPS_PREFIX + "*"):
-        client.delete(key)
-    stack = Stack(cfg.target, cfg.draft, cfg.redis_url,
-                  extra_env={"SPECSERVE_MAX_BATCH_SIZE": str(cfg.max_batch_size)}).start()
-    results: list[RequestResult] = []
-    report: dict = {"config": json.loads(json.dumps(asdict(cfg), default=str))}
-    try:
-        set_policy(client, "off")
-        time.sleep(cfg.settle_s)
-        ttft0, tpot0, capacity = asyncio.run(measure_baseline(stack.gateway_address, tokenizer,
-                                                              cfg.max_batch_size, cfg.output_tokens))
-        slos = {"code": {"ttft_ms": round(4 * ttft0), "tpot_ms": round(4 * tpot0)},
-                "chat": {"ttft_ms": round(10 * ttft0), "tpot_ms": round(2 * tpot0)}}
-        report["baseline"] = {"ttft_ms": ttft0, "tpot_ms": tpot0, "capacity_rps": capacity, "slos": slos}
-        workloads = build_workloads(cfg, tokenizer, capacity)
-        total = len(workloads) * len(cfg.policies)
-        with tqdm(total=total, desc="replay") as bar:
-            for w in workloads:
-                for turn in range(len(cfg.policies)):
-                    # Rotate the order per level so drift does not always favour the same policy.
-                    policy = cfg.policies[(turn + int(w.level * 10)) % len(cfg.policies)]
-                    fresh_policy(stack, client)
-                    set_policy(client, policy)
-                    time.sleep(cfg.settle_s)
-                    since = f"{int(time.time() * 1000)}-0"
-                    started = time.monotonic()
-                    batch = asyncio.run(replay(stack.gateway_address, w, slos, policy))
-                    duration = time.monotonic() - started
-                    recs = step_records(client, since)
-                    results.extend(batch)
-                    report.setdefault("runs", []).append(summarise_run(w.level, policy, batch, recs, duration))
-                    bar.update(1)
-        report["split"] = split_overhead(cfg, stack.gateway_address, client, tokenizer)
-    finally:
-        stack.stop()
-        for key in client.scan_iter(match=OPS_PREFIX + "*"):
-            client.delete(key)
-    report["hf_assisted"] = hf_assisted(cfg, tokenizer, workloads)
-    report["machine"] = machine_facts()
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "system.json").write_text(json.dumps({**report, "requests": [asdict(r) for r in results]}, indent=1, default=str))
-    from bench.report import write_report
-
-    write_report(report, cfg.out)
-    return report
-
-
-def summarise_run(level: float, policy: str, batch: list[RequestResult], recs: list[dict], duration: float) -> dict:
-    """Rates and percentiles of one (load level, policy) replay, derived from raw per-request and
-    per-step records."""
-    ok = [r for r in batch if r.status == "OK"]
-
-    def pct(values, q):
-        values = sorted(values)
-        return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
-
-    attained = [r for r in ok if r.slo_attained]
-    drafted = sum(r.draft_tokens for r in ok)
-    pos_d = position_sums(r["position_drafted"] for r in recs)
-    pos_a = position_sums(r["position_accepted"] for r in recs)
-    steps = sum(r.steps for r in ok)
-    return {
-        "level": level, "policy": policy, "requests": len(batch), "completed": len(ok),
-        "rejected": sum(r.status == "RESOURCE_EXHAUSTED" for r in batch),
-        "ttft_ms": {q: pct([r.ttft_ms for r in ok], p) for q, p in (("p50", .5), ("p90", .9), ("p99", .99))},
-        "tpot_ms": {q: pct([r.tpot_ms for r in ok if r.output_tokens > 1], p)
-                    for q, p in (("p50", .5), ("p90", .9), ("p99", .99))},
-        "slo_attainment": len(attained) / len(batch) if batch else 0.0,
-        "goodput_rps": len(attained) / duration,
-        "goodput_tokens_per_s": sum(r.output_tokens for r in attained) / duration,
-        "tokens_per_s": sum(r.output_tokens for r in ok) / duration,
-        "mean_accepted_length": (sum(r.accepted_tokens for r in ok) + steps) / steps if steps else 0.0,
-        "acceptance_rate": sum(r.accepted_tokens for r in ok) / drafted if drafted else None,
-        "acceptance_by_position": [a / d if d else None for a, d in zip(pos_a, pos_d)],
-        "controller_ms_per_step": statistics.mean(float(r["planner_ms"]) for r in recs) if recs else 0.0,
-        "duration_s": duration,
-    }
-
-
 def machine_facts() -> dict:
+    import llama_cpp
     import torch
     import transformers
 
@@ -365,7 +439,9 @@ def machine_facts() -> dict:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma")
-    return {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(),
-            "cpu_flags": [f for f in wanted if f" {f}" in flags], "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return {"cpu": model, "cores": os.cpu_count(), "cpu_flags": [f for f in wanted if f" {f}" in flags],
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "llama_cpp_python": llama_cpp.__version__}

@@ -148,15 +148,17 @@ class Stack:
         specs = [
             Service("verifier", [py, "-m", "services.verifier"],
                     {**common, "SPECSERVE_MODEL": self.target_model, "SPECSERVE_PORT": str(vport)}, f"127.0.0.1:{vport}"),
-            Service("drafter", [py, "-m", "services.drafter"],
-                    {**common, "SPECSERVE_MODEL": self.draft_model, "SPECSERVE_PORT": str(dport)}, f"127.0.0.1:{dport}"),
         ]
+        if self.draft_model:  # no draft model: a stack that never speculates
+            specs.append(Service("drafter", [py, "-m", "services.drafter"],
+                                 {**common, "SPECSERVE_MODEL": self.draft_model, "SPECSERVE_PORT": str(dport)},
+                                 f"127.0.0.1:{dport}"))
         if self.policy and self.redis_url:
             specs.append(Service("policy", [py, "-m", "services.policy"], {**common}))
         specs.append(Service(
             "gateway", [py, "-m", "gateway"],
             {**common, "SPECSERVE_TOKENIZER": self.target_model, "SPECSERVE_VERIFIER": f"127.0.0.1:{vport}",
-             "SPECSERVE_DRAFTER": f"127.0.0.1:{dport}", "SPECSERVE_HOST": "127.0.0.1",
+             "SPECSERVE_DRAFTER": f"127.0.0.1:{dport}" if self.draft_model else "", "SPECSERVE_HOST": "127.0.0.1",
              "SPECSERVE_PORT": str(self.gateway_port), "SPECSERVE_METRICS_PORT": str(self.metrics_port),
              "SPECSERVE_HTTP_PORT": str(self.http_port)},
             self.gateway_address))

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from bench.replay import fit_prompt, plan, read_trace, window
-from bench.report import markdown, targets
 
 
 def _trace(path: Path, rows: list[tuple[str, int, int]]) -> Path:
@@ -39,45 +38,109 @@ def test_fit_prompt_cuts_or_repeats():
     assert fit_prompt([1, 2, 3], 7) == [1, 2, 3, 1, 2, 3, 1]
 
 
-def _run(level, policy, tpot, attain):
-    return {"level": level, "policy": policy, "requests": 4, "completed": 4, "rejected": 0,
-            "ttft_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0}, "tpot_ms": {"p50": tpot, "p90": 2.0, "p99": 3.0},
-            "slo_attainment": attain, "goodput_rps": 1.0, "goodput_tokens_per_s": 1.0, "tokens_per_s": 1.0,
-            "mean_accepted_length": 2.0, "acceptance_by_position": [0.8, 0.5], "controller_ms_per_step": 0.1,
-            "duration_s": 1.0}
+def _request(system, index, tokens, met, tpot, rep=0, load=1):
+    return {"system": system, "load": load, "rep": rep, "klass": "code", "index": index, "status": 200,
+            "output_tokens": tokens, "ttft_ms": 10.0, "tpot_ms": tpot, "slo_met": met}
 
 
-def test_report_checks_targets_as_ratios(tmp_path):
-    # TPOT p50 in ms: lower is faster.
-    runs = [_run(1.0, "off", 100.0, 0.5), _run(1.0, "static:1", 90.0, 0.6), _run(1.0, "static:3", 70.0, 0.7),
-            _run(1.0, "adaptive", 71.0, 0.7)]
-    checks = {what.rsplit(" (", 1)[0]: ok for what, _, ok in targets(runs, {"split_cost_fraction": 0.02})}
-    assert checks["load 1.0: speed vs best static k >= 0.97"]
-    assert checks["load 1.0: speed vs worst static k >= 1.1"]
-    assert checks["load 1.0: adaptive SLO attainment >= every other policy"]
-    assert checks["load 1.0 (highest): speed vs off >= 0.97"]
-    assert checks["service split costs <= 5% of step time"]
-    runs[-1]["tpot_ms"]["p50"] = 80.0
-    assert not {w.rsplit(" (", 1)[0]: ok for w, _, ok in targets(runs, None)}["load 1.0: speed vs best static k >= 0.97"]
-    text = markdown({"runs": runs, "baseline": {}, "config": {}})
-    assert "| adaptive |" in text and "## Targets" in text
+def _report(per_system: dict[str, tuple[list[bool], float]]) -> dict:
+    """Two repetitions of 20 requests of 10 tokens per system at load 1; (which met the SLO, TPOT)."""
+    runs, reqs = [], []
+    for system, (met, tpot) in per_system.items():
+        for rep in (0, 1):
+            runs.append({"system": system, "load": 1, "rep": rep, "duration_s": 10.0, "refused": 0})
+            reqs += [_request(system, i, 10, m, tpot + i % 3, rep) for i, m in enumerate(met)]
+    return {"runs": runs, "requests": reqs, "config": {"policies": ["off", "static:2", "adaptive"]}}
+
+
+def test_report_pools_repetitions_and_calls_ties_and_wins():
+    from bench.report import Pooled, summary
+
+    report = _report({"off": ([True] * 10 + [False] * 10, 50.0), "static:2": ([True] * 12 + [False] * 8, 40.0),
+                      "adaptive": ([True] * 20, 30.0), "llama-server-draft": ([True] * 19 + [False], 45.0)})
+    pooled = Pooled(report)
+    # 2 reps x 20 met requests x 10 tokens over 2 x 10 s.
+    assert pooled.goodput("adaptive", 1) == pytest.approx(20.0)
+    assert pooled.goodput("off", 1) == pytest.approx(10.0)
+    assert pooled.best(1, ["off", "static:2", "adaptive"]) == "adaptive"
+    assert pooled.goodput_ratio("adaptive", "off", 1)["verdict"] == "win"
+    assert pooled.speedup("adaptive", "off", 1)["ratio"] == pytest.approx(51 / 31, rel=0.02)
+    lines, checks = summary(pooled, ["off", "static:2", "adaptive"])
+    assert len(lines) == 1 and "best policy by goodput `adaptive`" in lines[0]
+    assert all(ok for _, _, ok in checks)
+    worse = _report({"off": ([True] * 20, 30.0), "adaptive": ([True] * 10 + [False] * 10, 50.0)})
+    _, checks = summary(Pooled(worse), ["off", "adaptive"])
+    assert not any(ok for _, _, ok in checks)
+
+
+def test_report_markdown_and_plots(tmp_path):
+    from bench.report import markdown, write_report
+
+    report = _report({"off": ([True] * 20, 50.0), "adaptive": ([True] * 20, 49.0)})
+    report["ramp"] = {"schedule": [(0, 1), (1, 0)], "policies": {"adaptive": {
+        "series": [{"t": 0.1 * i, "batch": 1, "k": i % 2, "tpot_ms": 10.0, "mode": "adaptive"} for i in range(6)],
+        "switches": [{"t": 0.1, "to": "on", "batch": 1, "ratio": 1.0, "stall": False}], "requests": 3, "completed": 3}}}
+    text = markdown(report)
+    assert "## Summary" in text and "| adaptive |" in text and "best policy by goodput `off`" in text
+    assert "| ramp, adaptive: no step over 1.5x its neighbours where speculation switches | 1 switches, worst 1.00x | yes |" in text
+    write_report(report, tmp_path)
+    for name in ("system.md", "goodput_vs_load.png", "tpot_cdf.png", "ramp.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_ramp_schedule_and_the_stall_check():
+    from bench.ramp import step_series, switch_stalls, triangle
+
+    assert [c for _, c in triangle(3, 2.0)] == [1, 2, 3, 2, 1, 0] and triangle(3, 2.0)[-1][0] == 10.0
+
+    def rec(batch, drafts, accepted, step_ms):
+        return {"batch_size": batch, "verified_positions": batch + drafts, "accepted": accepted, "step_ms": step_ms}
+
+    # Plain steps at 100 ms, then speculation: 2 drafts per session, 1 accepted -> 2 tokens per step.
+    steps = [rec(2, 0, [0, 0], 100.0)] * 4 + [rec(2, 4, [1, 1], 180.0)] * 4
+    series = step_series([(10.0 + i, r) for i, r in enumerate(steps)])
+    assert series[0]["t"] == 0.0 and series[4]["k"] == 2.0 and series[4]["tpot_ms"] == pytest.approx(90.0)
+    switches = switch_stalls(series)
+    assert [(s["to"], s["stall"]) for s in switches] == [("on", False)]
+    stalled = steps[:4] + [rec(2, 4, [0, 0], 400.0)] + steps[5:]
+    assert switch_stalls(step_series([(float(i), r) for i, r in enumerate(stalled)]))[0]["stall"]
+
+
+def test_llama_server_command_for_each_peer(tiny_dir, tmp_path):
+    from bench.peers import VARIANTS, command
+
+    binary = tmp_path / "llama-server"
+    cmds = {v: command(binary, v, str(tiny_dir[0]), str(tiny_dir[1]), 4, 2, 8080) for v in VARIANTS}
+    for cmd in cmds.values():
+        assert cmd[cmd.index("-np") + 1] == "4" and cmd[cmd.index("-t") + 1] == "2"
+        assert cmd[cmd.index("-m") + 1] == str(tiny_dir[0] / "model.gguf")
+    assert "-md" not in cmds["llama-server"] and "--spec-type" not in cmds["llama-server"]
+    assert cmds["llama-server-draft"][cmds["llama-server-draft"].index("-md") + 1] == str(tiny_dir[1] / "model.gguf")
+    assert cmds["llama-server-ngram"][cmds["llama-server-ngram"].index("--spec-type") + 1] == "ngram-simple"
 
 
 def test_smoke_run_of_the_whole_bench_on_tiny_models(tiny_dir, redis_url, tmp_path):
-    from bench import system
+    from bench import peers, system
 
     code = _trace(tmp_path / "code.csv", SYNTH)
     chat = _trace(tmp_path / "chat.csv", SYNTH)
+    # The peers run where `make peers` has built llama-server for this CPU (not part of `make test`).
+    with_peers = ("llama-server-draft",) if peers.find_llama_server() else ()
     cfg = system.BenchConfig(str(tiny_dir[0]), str(tiny_dir[1]), {"code": code, "chat": chat}, redis_url,
-                             tmp_path / "out", load_factors=(0.8,), requests_per_level=4, context_tokens=24,
-                             max_context_tokens=48, output_tokens=6, max_output_tokens=8, window_start=0,
-                             hf_prompts=1, settle_s=1.1, max_batch_size=4)
+                             tmp_path / "out", loads=(2,), requests=4, reps=1, policies=("off", "adaptive"),
+                             peers=with_peers, context_tokens=24, max_context_tokens=48, output_tokens=6,
+                             max_output_tokens=8, window_start=0, threads=1, max_batch_size=4,
+                             ramp_policies=("adaptive",), ramp_peak=2, ramp_hold_s=1.0, unused_drafter_pairs=2,
+                             torch_requests=1, settle_s=1.1)
     report = system.run(cfg)
-    assert {r["policy"] for r in report["runs"]} == set(system.POLICIES)
-    assert all(r["completed"] + r["rejected"] == r["requests"] == 4 for r in report["runs"])
+    assert [(r["system"], r["requests"]) for r in report["runs"]] == [(s, 4) for s in ("off", "adaptive", *with_peers)]
+    assert all(r["completed"] + r["refused"] == 4 for r in report["runs"])
+    assert report["ramp"]["policies"]["adaptive"]["series"] and report["unused_drafter"]["ratio"]["n"] == 2
+    assert set(report["torch"]["stack"]) == {"off@1", "off@4", "adaptive@1", "adaptive@4"}
+    assert set(report["torch"]["hf"]) == {"plain", "assisted"}
     saved = json.loads((tmp_path / "out" / "system.json").read_text())
-    assert len(saved["requests"]) == 4 * len(system.POLICIES)
-    for name in ("system.md", "attainment.png", "tpot_p99.png", "speedup_vs_k.png"):
+    assert len(saved["requests"]) == 4 * len(report["runs"])
+    for name in ("system.md", "goodput_vs_load.png", "tpot_cdf.png", "ramp.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
 
 

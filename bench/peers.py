@@ -1,0 +1,81 @@
+"""The benchmark's peer: llama.cpp's own `llama-server`, built by `make peers` from the llama.cpp
+source that the pinned llama-cpp-python vendors, run on the same GGUF files and thread count as our
+services: plain decoding, its speculative decoding with the draft model (`draft-simple`, default
+draft length) and its n-gram speculation (`ngram-simple`)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from specserve.launcher import free_port
+from specserve.runtime import find_gguf
+
+PEERS_DIR = Path.home() / ".cache" / "specserve" / "peers"
+# peer name -> llama-server's speculation arguments (the draft model is added where needed)
+VARIANTS = {
+    "llama-server": [],
+    "llama-server-draft": ["--spec-type", "draft-simple"],
+    "llama-server-ngram": ["--spec-type", "ngram-simple"],
+}
+CONTEXT_PER_SLOT = 1024
+
+
+def _cpu_flags() -> str:
+    return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+
+
+def find_llama_server() -> Path | None:
+    """The `make peers` build for this CPU (its recorded flags equal this machine's), if any."""
+    flags = _cpu_flags()
+    for binary in sorted(PEERS_DIR.glob("llama-server-*/llama-server")):
+        recorded = binary.parent / "cpu-flags"
+        if recorded.exists() and recorded.read_text().strip() == flags.strip():
+            return binary
+    return None
+
+
+def command(binary: Path, variant: str, target: str, draft: str, slots: int, threads: int, port: int) -> list[str]:
+    """The llama-server command line of a peer variant with `slots` parallel sequences."""
+    cmd = [str(binary), "-m", str(find_gguf(target)), "--host", "127.0.0.1", "--port", str(port),
+           "-np", str(slots), "-c", str(CONTEXT_PER_SLOT * slots), "-t", str(threads), "-tb", str(threads),
+           "-ngl", "0", "--no-webui", *VARIANTS[variant]]
+    if variant == "llama-server-draft":
+        cmd += ["-md", str(find_gguf(draft)), "-td", str(threads), "-ngld", "0"]
+    return cmd
+
+
+@contextmanager
+def llama_server(binary: Path, variant: str, target: str, draft: str, slots: int, threads: int, log: Path,
+                 timeout_s: float = 300.0):
+    """Run one peer until the block ends; yields its base URL once /health answers 200."""
+    port = free_port()
+    with log.open("ab") as out:
+        proc = subprocess.Popen(command(binary, variant, target, draft, slots, threads, port), stdout=out,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{variant} exited with {proc.returncode} during start-up; see {log}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{variant} did not become healthy in {timeout_s:.0f} s; see {log}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
