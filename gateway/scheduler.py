@@ -243,8 +243,10 @@ class Scheduler(Background):
         items = [PrefillItem(s.id, s.tokens[s.prefilled : s.prefilled + n], s.params,
                              partial=s.prefilled + n < len(s.tokens), append=s.prefilled > 0) for s, n in batch]
         # The drafter reads the same chunks alongside (a draft budget of 0 only fills its cache), so
-        # no decode step ever carries a whole prompt through the drafter.
-        drafting = [(s, it) for (s, _), it in zip(batch, items) if s.drafter_position == s.prefilled]
+        # no decode step ever carries a whole prompt through the drafter; a request that cannot
+        # speculate now (mode off) leaves the drafter alone and it catches up if speculation starts.
+        drafting = [(s, it) for (s, _), it in zip(batch, items)
+                    if s.drafter_position == s.prefilled and (s.mode or self.planner.strategy.mode) != "off"]
         timeout = self._timeout([s for s, _ in batch])
         verified, drafted = await asyncio.gather(
             self.verifier.prefill(items, timeout=timeout),

@@ -167,7 +167,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         cfg = system.BenchConfig(target, draft, {"code": Path(args.code_trace), "chat": Path(args.chat_trace)},
                                  redis_url, Path(args.out))
         if args.quick:
-            cfg.loads, cfg.requests, cfg.reps, cfg.ramp_policies, cfg.ramp_peak = (4,), 8, 1, ("adaptive",), 4
+            cfg.loads, cfg.reps, cfg.ramp_policies, cfg.ramp_peak = (4,), 1, ("adaptive",), 4
             cfg.unused_drafter_pairs, cfg.split, cfg.torch_requests = 4, False, 0
         print(report.markdown(system.run(cfg)))
         return 0
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: the trace replay of the whole system (default) or the engine")
     bench.add_argument("which", nargs="?", choices=["system", "engine", "runtime"], default="system")
-    bench.add_argument("--quick", action="store_true", help="one load, a few requests, one repetition (minutes)")
+    bench.add_argument("--quick", action="store_true", help="one load, one repetition (minutes)")
     bench.add_argument("--target-model", default="", help="default: the built-in pair")
     bench.add_argument("--draft-model", default="")
     bench.add_argument("--code-trace", default=str(SHARED_TRACES / "azure_llm_2023_code.csv"))

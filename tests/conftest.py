@@ -9,6 +9,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The model services started by tests compute in float32, as the in-memory references do: the
+# default (bfloat16 where the CPU has it natively) would make exact greedy comparisons depend on
+# the machine.
+os.environ.setdefault("SPECSERVE_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")

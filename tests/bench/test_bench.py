@@ -135,7 +135,7 @@ def test_smoke_run_of_the_whole_bench_on_tiny_models(tiny_dir, redis_url, tmp_pa
     report = system.run(cfg)
     assert [(r["system"], r["requests"]) for r in report["runs"]] == [(s, 4) for s in ("off", "adaptive", *with_peers)]
     assert all(r["completed"] + r["refused"] == 4 for r in report["runs"])
-    assert report["ramp"]["policies"]["adaptive"]["series"] and report["unused_drafter"]["ratio"]["n"] == 2
+    assert report["ramp"]["policies"]["adaptive"]["series"] and report["unused_drafter"]["total_ms"]["n"] == 2
     assert set(report["torch"]["stack"]) == {"off@1", "off@4", "adaptive@1", "adaptive@4"}
     assert set(report["torch"]["hf"]) == {"plain", "assisted"}
     saved = json.loads((tmp_path / "out" / "system.json").read_text())

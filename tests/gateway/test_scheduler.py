@@ -71,9 +71,8 @@ def test_adaptive_prunes_slots_where_a_shape_step_pays_and_only_there(tiny_model
     assert (sum(r.pruned for r in records) > 0) == prunes
 
 
-def test_the_drafter_reads_prompts_in_the_prefill_chunks_never_in_a_decode_step(tiny_models):
-    sent = []
-    sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=64), Strategy(mode="static", static_k=3))
+def _recording_drafter(sch, sent: list) -> None:
+    """Record (draft budget, tokens sent) of each item of every Propose the scheduler makes."""
     propose = sch.drafter.propose
 
     async def recording(items, timeout=None):
@@ -81,6 +80,12 @@ def test_the_drafter_reads_prompts_in_the_prefill_chunks_never_in_a_decode_step(
         return await propose(items, timeout)
 
     sch.drafter.propose = recording
+
+
+def test_the_drafter_reads_prompts_in_the_prefill_chunks_never_in_a_decode_step(tiny_models):
+    sent = []
+    sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=64), Strategy(mode="static", static_k=3))
+    _recording_drafter(sch, sent)
     prompt = [(7 * i) % 300 + 3 for i in range(300)]
     seq = Sequence("long", prompt, SamplingParams(max_new_tokens=8))
     (tokens, _, _), = _run(sch, [seq])
@@ -89,6 +94,25 @@ def test_the_drafter_reads_prompts_in_the_prefill_chunks_never_in_a_decode_step(
     decode = [n for call in sent for k, n in call if k > 0]
     assert sum(prefill) == len(prompt) and max(prefill) <= 64
     assert decode and max(decode) <= 3 + 1  # only what the last step committed
+
+
+def test_with_speculation_off_the_drafter_is_left_alone_and_catches_up_when_it_starts(tiny_models):
+    sent = []
+    sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=64), Strategy(mode="off"))
+    _recording_drafter(sch, sent)
+    prompt = [(7 * i) % 300 + 3 for i in range(100)]
+    off = Sequence("off", prompt, SamplingParams(max_new_tokens=6))
+    (tokens, _, _), = _run(sch, [off])
+    assert tokens == target_only(tiny_models.target, prompt, 6, tiny_models.tokenizer.eos_token_id)
+    assert sent == []
+    # A request with a mode of its own speculates, so the drafter reads its prompt alongside.
+    sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=64), Strategy(mode="off"))
+    _recording_drafter(sch, sent)
+    own = Sequence("own", prompt, SamplingParams(max_new_tokens=6))
+    own.mode, own.static_k = "static", 2
+    (tokens, _, _), = _run(sch, [own])
+    assert tokens == target_only(tiny_models.target, prompt, 6, tiny_models.tokenizer.eos_token_id)
+    assert sum(n for call in sent for k, n in call if k == 0) == len(prompt)
 
 
 def test_a_session_exactly_on_schedule_is_not_late():
