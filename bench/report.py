@@ -153,8 +153,9 @@ def markdown(report: dict) -> str:
              f"llama-cpp-python {machine.get('llama_cpp_python')}. Models: {report.get('versions', {})}. "
              f"Peer binary: {report.get('peers', {}).get('binary')}; skipped: {report.get('peers', {}).get('skipped') or 'none'}.",
              "", f"Run time: {_fmt(report.get('minutes'))} minutes.", "",
-             f"Workload: {cfg.get('requests')} requests per system and load (half from each of the Azure code and "
-             f"conversation traces, from row {cfg.get('window_start')}), {cfg.get('reps')} repetitions, systems in an "
+             f"Workload: {cfg.get('requests')} requests per system, load and repetition (half from each of the Azure "
+             f"code and conversation traces, from row {cfg.get('window_start')}), {cfg.get('reps')} repetitions, so "
+             f"{(cfg.get('requests') or 0) * (cfg.get('reps') or 0)} paired requests per system and load; systems in an "
              f"order rotated per load and repetition. Arrivals keep the trace's pattern, time-scaled so load c "
              f"sends c requests per lone-request latency; contexts scaled to a median of {cfg.get('context_tokens')} tokens "
              f"(cap {cfg.get('max_context_tokens')}), outputs to {cfg.get('output_tokens')} (cap {cfg.get('max_output_tokens')}); "
