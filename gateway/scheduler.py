@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.backends import DrafterBackend, VerifierBackend
-from gateway.planner import Drafted, DraftPlan, Planner, SessionView
+from gateway.planner import COST_MODES, Drafted, DraftPlan, Planner, SessionView
 from gateway.sequence import Delta, Finish, Sequence, Status
 from gateway.textstream import TextStream
 from specserve.background import Background
@@ -114,6 +114,7 @@ class Scheduler(Background):
         self.drafter_down_until = 0.0
         self.drafter_misses = 0  # draft calls in a row that failed or missed their deadline
         self.step_id = 0
+        self.drafting = True  # whether the last decode step drafted (cost-model modes feed the drafter then)
         self.on_step = on_step or (lambda record: None)
         self.on_finish = on_finish or (lambda seq: None)
         self._to_release: list[str] = []
@@ -243,10 +244,9 @@ class Scheduler(Background):
         items = [PrefillItem(s.id, s.tokens[s.prefilled : s.prefilled + n], s.params,
                              partial=s.prefilled + n < len(s.tokens), append=s.prefilled > 0) for s, n in batch]
         # The drafter reads the same chunks alongside (a draft budget of 0 only fills its cache), so
-        # no decode step ever carries a whole prompt through the drafter; a request that cannot
-        # speculate now (mode off) leaves the drafter alone and it catches up if speculation starts.
+        # no decode step ever carries a whole prompt through the drafter while speculating.
         drafting = [(s, it) for (s, _), it in zip(batch, items)
-                    if s.drafter_position == s.prefilled and (s.mode or self.planner.strategy.mode) != "off"]
+                    if s.drafter_position == s.prefilled and self._feeds_drafter(s)]
         timeout = self._timeout([s for s, _ in batch])
         verified, drafted = await asyncio.gather(
             self.verifier.prefill(items, timeout=timeout),
@@ -269,6 +269,14 @@ class Scheduler(Background):
             seq.status = Status.RUNNING
             self.running[seq.id] = seq
             self._commit(seq, [result.token_id], now)
+
+    def _feeds_drafter(self, seq: Sequence) -> bool:
+        """Whether the drafter reads this prompt now: never in mode off, and in a mode that decides
+        from the cost model only while its last step drafted. Where drafting does not pay, a drafter
+        prefill nobody uses only competes with the verifier's (on a small CPU it doubled TTFT); the
+        drafter catches up on the history at the first draft instead."""
+        mode = seq.mode or self.planner.strategy.mode
+        return mode != "off" and (mode not in COST_MODES or self.drafting)
 
     async def _drafter_prefill(self, pairs: list[tuple[Sequence, PrefillItem]], timeout: float) -> None:
         if not pairs or not self.drafter_available:
@@ -388,6 +396,7 @@ class Scheduler(Background):
         step_ms = (time.perf_counter() - step.started) * 1000
         self.planner.observe_step(step.predicted_ms, step_ms)
         self.step_id += 1
+        self.drafting = any(i.drafts for i in step.items)
         self.on_step(StepRecord(
             step_id=self.step_id, batch_size=len(step.seqs), verified_positions=out.verified_positions,
             draft_steps=step.draft_steps, drafted=[len(i.drafts) for i in step.items], accepted=step.accepted,

@@ -169,6 +169,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if args.quick:
             cfg.loads, cfg.reps, cfg.ramp_policies, cfg.ramp_peak = (4,), 1, ("adaptive",), 4
             cfg.unused_drafter_pairs, cfg.split, cfg.torch_requests = 4, False, 0
+        if args.loads:
+            cfg.loads = tuple(int(x) for x in args.loads.split(","))
+        if args.policies:
+            cfg.policies = tuple(args.policies.split(","))
+            cfg.ramp_policies = tuple(p for p in cfg.ramp_policies if p in cfg.policies)
+        if args.peers is not None:
+            cfg.peers = tuple(p for p in args.peers.split(",") if p)
         print(report.markdown(system.run(cfg)))
         return 0
     finally:
@@ -246,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-dir", default=str(models.default_cache_dir()))
     bench.add_argument("--out", default="bench/results")
     bench.add_argument("--redis-url", default="", help="default: a fresh redis-server for the run")
+    bench.add_argument("--loads", default="", help="system: comma-separated offered concurrencies (default 1,2,4,8)")
+    bench.add_argument("--policies", default="", help="system: comma-separated policies (default: all)")
+    bench.add_argument("--peers", default=None, help="system: comma-separated llama-server variants ('' for none)")
     bench.add_argument("--parts", default="", help="runtime: comma-separated parts (costs,decode,policies,http)")
     bench.set_defaults(func=_cmd_bench)
     return parser

@@ -115,6 +115,33 @@ def test_with_speculation_off_the_drafter_is_left_alone_and_catches_up_when_it_s
     assert sum(n for call in sent for k, n in call if k == 0) == len(prompt)
 
 
+def test_a_cost_model_that_decodes_plainly_stops_feeding_the_drafter(tiny_models):
+    # Drafting costs far more than it saves here, so adaptive decodes plainly from its first step.
+    costly = CostModel(draft_fixed=500.0, draft_per_seq=500.0)
+    sent = []
+    sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=64), Strategy(mode="adaptive", cost=costly))
+    _recording_drafter(sch, sent)
+    first = Sequence("first", PROMPT, SamplingParams(max_new_tokens=4))
+    later = Sequence("later", PROMPT * 3, SamplingParams(max_new_tokens=4))
+    fed = []
+
+    async def main():
+        sch.start()
+        sch.submit(first)
+        outs = [await collect(first)]
+        fed.append(sum(n for call in sent for _, n in call))
+        sch.submit(later)
+        outs.append(await collect(later))
+        await sch.stop()
+        return outs
+
+    (first_tokens, _, _), (later_tokens, _, _) = asyncio.run(main())
+    assert first_tokens == target_only(tiny_models.target, PROMPT, 4, tiny_models.tokenizer.eos_token_id)
+    assert later_tokens == target_only(tiny_models.target, PROMPT * 3, 4, tiny_models.tokenizer.eos_token_id)
+    assert fed == [len(PROMPT)]  # the first prompt, read before any step had decided
+    assert sum(n for call in sent for _, n in call) == len(PROMPT) and not sch.drafting
+
+
 def test_a_session_exactly_on_schedule_is_not_late():
     import time
 
