@@ -114,7 +114,7 @@ class Scheduler(Background):
         self.drafter_down_until = 0.0
         self.drafter_misses = 0  # draft calls in a row that failed or missed their deadline
         self.step_id = 0
-        self.drafting = True  # whether the last decode step drafted (cost-model modes feed the drafter then)
+        self.last_step_drafted = True  # cost-model modes feed the drafter prompts only then
         self.on_step = on_step or (lambda record: None)
         self.on_finish = on_finish or (lambda seq: None)
         self._to_release: list[str] = []
@@ -276,7 +276,7 @@ class Scheduler(Background):
         prefill nobody uses only competes with the verifier's (on a small CPU it doubled TTFT); the
         drafter catches up on the history at the first draft instead."""
         mode = seq.mode or self.planner.strategy.mode
-        return mode != "off" and (mode not in COST_MODES or self.drafting)
+        return mode != "off" and (mode not in COST_MODES or self.last_step_drafted)
 
     async def _drafter_prefill(self, pairs: list[tuple[Sequence, PrefillItem]], timeout: float) -> None:
         if not pairs or not self.drafter_available:
@@ -396,7 +396,7 @@ class Scheduler(Background):
         step_ms = (time.perf_counter() - step.started) * 1000
         self.planner.observe_step(step.predicted_ms, step_ms)
         self.step_id += 1
-        self.drafting = any(i.drafts for i in step.items)
+        self.last_step_drafted = any(i.drafts for i in step.items)
         self.on_step(StepRecord(
             step_id=self.step_id, batch_size=len(step.seqs), verified_positions=out.verified_positions,
             draft_steps=step.draft_steps, drafted=[len(i.drafts) for i in step.items], accepted=step.accepted,

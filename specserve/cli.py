@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from specserve import models
+from specserve.strategy import MODES
 
 
 def runtime_names() -> tuple[str, ...]:
@@ -176,6 +177,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             cfg.ramp_policies = tuple(p for p in cfg.ramp_policies if p in cfg.policies)
         if args.peers is not None:
             cfg.peers = tuple(p for p in args.peers.split(",") if p)
+        unknown = [p for p in cfg.peers if p not in system.PEERS] + [
+            p for p in cfg.policies if p.partition(":")[0] not in MODES]
+        if unknown:
+            raise SystemExit(f"--policies/--peers: unknown {', '.join(unknown)} (policies: modes {', '.join(MODES)}"
+                             f" with :k for static; peers: {', '.join(system.PEERS)})")
         print(report.markdown(system.run(cfg)))
         return 0
     finally:

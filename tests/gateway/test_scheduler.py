@@ -139,7 +139,7 @@ def test_a_cost_model_that_decodes_plainly_stops_feeding_the_drafter(tiny_models
     assert first_tokens == target_only(tiny_models.target, PROMPT, 4, tiny_models.tokenizer.eos_token_id)
     assert later_tokens == target_only(tiny_models.target, PROMPT * 3, 4, tiny_models.tokenizer.eos_token_id)
     assert fed == [len(PROMPT)]  # the first prompt, read before any step had decided
-    assert sum(n for call in sent for _, n in call) == len(PROMPT) and not sch.drafting
+    assert sum(n for call in sent for _, n in call) == len(PROMPT) and not sch.last_step_drafted
 
 
 def test_a_session_exactly_on_schedule_is_not_late():
