@@ -25,16 +25,21 @@ VARIANTS = {
 CONTEXT_PER_SLOT = 1024
 
 
-def _cpu_flags() -> str:
-    return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+def cpuinfo(field: str) -> str:
+    """The value of a /proc/cpuinfo field for the first CPU ("" where there is none)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == field), "")
 
 
 def find_llama_server() -> Path | None:
-    """The `make peers` build for this CPU (its recorded flags equal this machine's), if any."""
-    flags = _cpu_flags()
+    """The `make peers` build for this CPU (its recorded flags line equals this machine's), if any."""
+    flags = cpuinfo("flags")
     for binary in sorted(PEERS_DIR.glob("llama-server-*/llama-server")):
         recorded = binary.parent / "cpu-flags"
-        if recorded.exists() and recorded.read_text().strip() == flags.strip():
+        if recorded.exists() and recorded.read_text().split(":", 1)[-1].strip() == flags:
             return binary
     return None
 

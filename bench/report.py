@@ -94,8 +94,11 @@ class Pooled:
                 if q["status"] == 200 and (key != "tpot_ms" or q["output_tokens"] > 1)]
 
     def spec(self, system: str, load: int, key: str):
+        """A speculation figure over the repetitions: the mean accepted length averaged, counts summed."""
         values = [r[key] for r in self.runs if r["system"] == system and r["load"] == load and r.get(key) is not None]
-        return sum(values) / len(values) if values and key == "mean_accepted_length" else (sum(values) if values else None)
+        if not values:
+            return None
+        return sum(values) / len(values) if key == "mean_accepted_length" else sum(values)
 
     def best(self, load: int, policies: list[str]) -> str:
         return max((p for p in policies if p in self.at(load)), key=lambda p: self.goodput(p, load))

@@ -35,6 +35,7 @@ import redis
 from tqdm import tqdm
 
 from bench import peers
+from bench.peers import cpuinfo
 from bench import prompts as prompt_sets
 from bench.client import Request, Result, closed_loop, replay
 from bench.ramp import step_series, switch_stalls, triangle
@@ -444,14 +445,9 @@ def machine_facts() -> dict:
     import torch
     import transformers
 
-    flags = ""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
+    flags = cpuinfo("flags").split()
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "cpu_flags": [f for f in wanted if f" {f}" in flags],
+    model = cpuinfo("model name") or platform.processor()
+    return {"cpu": model, "cores": os.cpu_count(), "cpu_flags": [f for f in wanted if f in flags],
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "llama_cpp_python": llama_cpp.__version__}
