@@ -21,6 +21,7 @@ run: install models
 	$(VENV)/bin/specserve up
 
 test: install models
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 install: $(STAMP) proto
@@ -45,8 +46,9 @@ proto: $(STAMP)
 models: install
 	$(VENV)/bin/specserve models prepare
 
+# The system benchmark replays the Azure LLM traces: TRACES names their folder.
 bench: install models
-	$(VENV)/bin/specserve bench
+	$(VENV)/bin/specserve bench --traces "$(TRACES)"
 
 # The benchmark's peer: llama.cpp's own server, built from the llama.cpp source that the pinned
 # llama-cpp-python release vendors (the same kernels our llama.cpp runtime runs), once per CPU.

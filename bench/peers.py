@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from specserve.cpu import cpuinfo
 from specserve.launcher import free_port
 from specserve.runtime import find_gguf
 
@@ -23,15 +24,6 @@ VARIANTS = {
     "llama-server-ngram": ["--spec-type", "ngram-simple"],
 }
 CONTEXT_PER_SLOT = 1024
-
-
-def cpuinfo(field: str) -> str:
-    """The value of a /proc/cpuinfo field for the first CPU ("" where there is none)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == field), "")
 
 
 def find_llama_server() -> Path | None:

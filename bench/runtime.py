@@ -69,15 +69,14 @@ def _tokens(n: int, salt: int = 0) -> list[int]:
 def cost_table(cfg: RuntimeBenchConfig) -> list[dict]:
     """Per runtime and context, the largest batch of sessions is prefilled once (in chunks, through
     the target worker, as the verifier does); each measured forward rolls back afterwards."""
-    from specserve.contracts import PrefillItem
-    from specserve.contracts import SamplingParams
-    from specserve.target import TargetWorker
+    from services.verifier.worker import VerifierWorker
+    from specserve.contracts import PrefillItem, SamplingParams
 
     rows = []
     for name in cfg.runtimes:
         runtime = open_runtime(cfg.target, name, threads=cfg.threads, max_sessions=max(cfg.sessions),
                                kv_tokens=max(cfg.sessions) * (max(cfg.contexts) + 64), max_context=max(cfg.contexts) + 64)
-        worker = TargetWorker(runtime)
+        worker = VerifierWorker(runtime)
         for ctx in cfg.contexts:
             ids = [f"c{i}" for i in range(max(cfg.sessions))]
             for i, sid in enumerate(tqdm(ids, desc=f"prefill {name} x{ctx}")):
@@ -104,7 +103,7 @@ def cost_table(cfg: RuntimeBenchConfig) -> list[dict]:
 
 
 def torch_step_overhead(worker, ids: list[str], repeats: int, drafts: int = 3) -> dict:
-    """A verify step (TargetWorker.verify: rows, forward, acceptance, rollback) over the prefilled
+    """A verify step (VerifierWorker.verify: rows, forward, acceptance, rollback) over the prefilled
     sessions: the share of its time spent outside the model forward."""
     from specserve.contracts import VerifyItem
 

@@ -35,12 +35,12 @@ import redis
 from tqdm import tqdm
 
 from bench import peers
-from bench.peers import cpuinfo
 from bench import prompts as prompt_sets
 from bench.client import Request, Result, closed_loop, replay
 from bench.ramp import step_series, switch_stalls, triangle
 from bench.replay import fit_prompt, plan, read_trace, window
 from bench.report import position_sums
+from specserve.cpu import cpuinfo
 from specserve.launcher import Stack
 from specserve.ops import OPS_PREFIX
 from specserve.strategy import STRATEGY_KEY, Strategy
@@ -89,10 +89,8 @@ def fresh_policy(stack: Stack, client: redis.Redis) -> None:
 
     stack.services["policy"].stop()
     client.delete(STRATEGY_KEY)
-    try:
-        client.xgroup_destroy(STREAM, GROUP)
-    except redis.ResponseError:
-        pass  # no group yet
+    if client.exists(STREAM):  # without the stream there is no group to destroy
+        client.xgroup_destroy(STREAM, GROUP)  # 0 when the group does not exist yet
     stale = [entry_id for entry_id, fields in client.xrange(STREAM) if decode(fields).get("call") != "profile"]
     for start in range(0, len(stale), 1000):
         client.xdel(STREAM, *stale[start : start + 1000])
@@ -316,7 +314,7 @@ def hf_generate(cfg: BenchConfig, tokenizer, requests: list[Request]) -> dict:
     """Hugging Face `generate` at batch 1, plain and with `assistant_model`, on the same requests."""
     import torch
 
-    from specserve.models import load_causal_lm
+    from specserve.runtime.torch_runtime import load_causal_lm
 
     target, draft = load_causal_lm(cfg.target), load_causal_lm(cfg.draft)
     out = {}
@@ -390,7 +388,7 @@ def split_overhead(cfg: BenchConfig, address: str, client: redis.Redis, tokenize
     """Per-step time outside the models (scheduling, gRPC, serialization): through the services
     vs the same steps with the engine core in one process. The services run while this runs the
     in-process engine, so each measures its own steps' overhead: step time minus model time."""
-    from bench.local import local_scheduler
+    from gateway.backends.local import local_scheduler
     from gateway.sequence import Sequence
     from specserve.contracts import SamplingParams
     from specserve.runtime import open_runtime

@@ -9,7 +9,6 @@ OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -29,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.sequence import Finish, Sequence
 from gateway.servicer import GatewayServicer
 from specserve.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, SpecServeError, Unavailable
-from specserve.server import Server
+from specserve.server import Server, api_key
 from specserve.v1 import common_pb2, gateway_pb2
 
 log = logging.getLogger(__name__)
@@ -203,7 +202,7 @@ class HttpApi:
 
     def _authenticate(self, request: Request) -> str:
         """The client's id (its key, else its address) once its key checks out."""
-        key = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or request.headers.get("x-api-key", "")
+        key = api_key(request.headers.items())
         if self.keys and key not in self.keys:
             raise HttpError(401, "a valid API key is required (Authorization: Bearer KEY)", "authentication_error",
                             code="invalid_api_key")
@@ -338,9 +337,8 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve_http(api: HttpApi, sock: socket.socket, tls_cert: str = "", tls_key: str = "") -> _EmbeddedServer:
+def http_server(api: HttpApi, tls_cert: str = "", tls_key: str = "") -> _EmbeddedServer:
+    """The HTTP server over the API; its owner runs `serve(sockets=...)` as a task."""
     config = uvicorn.Config(api.app, log_level="warning", access_log=False, lifespan="off", ssl_certfile=tls_cert or None,
                             ssl_keyfile=tls_key or None, timeout_graceful_shutdown=5)
-    server = _EmbeddedServer(config)
-    asyncio.create_task(server.serve(sockets=[sock]))
-    return server
+    return _EmbeddedServer(config)

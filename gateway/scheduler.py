@@ -16,7 +16,7 @@ from gateway.backends import DrafterBackend, VerifierBackend
 from gateway.planner import COST_MODES, Drafted, DraftPlan, Planner, SessionView
 from gateway.sequence import Delta, Finish, Sequence, Status
 from gateway.textstream import TextStream
-from specserve.background import Background
+from specserve.background import Background, Tasks
 from specserve.contracts import PrefillItem, ProposeItem, SessionStatus, Sparse, VerifyItem, VerifyOutput
 from specserve.errors import DeadlineExceeded, ResourceExhausted, SpecServeError, Unavailable
 from specserve.strategy import Strategy
@@ -32,7 +32,7 @@ class SchedulerConfig:
     max_batch_size: int = 16
     max_queued: int = 256
     max_prefill_tokens: int = 2048  # prompt tokens prefilled per step (one prompt always fits)
-    call_timeout_s: float = 60.0  # cap on any downstream call
+    call_timeout_s: float = 120.0  # cap on any downstream call (a long prefill on a slow CPU takes a while)
     drafter_retry_s: float = 2.0  # after a drafter failure, plain decoding for this long
     # A draft call may take this many times its predicted time (never less than the floor) before
     # the step goes on as plain decoding; after `drafter_max_misses` misses in a row the drafter is
@@ -118,6 +118,7 @@ class Scheduler(Background):
         self.on_step = on_step or (lambda record: None)
         self.on_finish = on_finish or (lambda seq: None)
         self._to_release: list[str] = []
+        self.tasks = Tasks()  # the drafter probe
 
     # --- admission ---------------------------------------------------------------------------
     @property
@@ -143,6 +144,7 @@ class Scheduler(Background):
     # --- the loop ----------------------------------------------------------------------------
     async def stop(self) -> None:
         await super().stop()
+        await self.tasks.stop()
         for seq in [*self.waiting, *self.prefilling, *self.resync, *self.running.values()]:
             self._finish(seq, Finish.ERROR, Unavailable("gateway is shutting down"))
         await self._release()
@@ -198,14 +200,16 @@ class Scheduler(Background):
             log.warning("drafter missed %d calls in a row; plain decoding until it answers a health check",
                         self.drafter_misses)
             self.drafter_down_until = float("inf")
-            asyncio.create_task(self._probe_drafter())
+            if not self.tasks.has("probe-drafter"):
+                self.tasks.spawn(self._probe_drafter(), "probe-drafter")
 
     async def _probe_drafter(self) -> None:
         while True:
             await asyncio.sleep(self.config.drafter_retry_s)
             try:
                 await self.drafter.info(timeout=self.config.draft_timeout_floor_s)
-            except SpecServeError:
+            except SpecServeError as exc:
+                log.debug("drafter still not answering: %s", exc)
                 continue
             self.drafter_misses, self.drafter_down_until = 0, 0.0
             log.info("drafter answers again; speculation resumes")
@@ -251,6 +255,10 @@ class Scheduler(Background):
         verified, drafted = await asyncio.gather(
             self.verifier.prefill(items, timeout=timeout),
             self._drafter_prefill(drafting, timeout), return_exceptions=True)
+        if isinstance(drafted, BaseException):
+            # Domain errors are handled inside; anything else is a bug, logged, and the drafter
+            # catches up at its next draft round.
+            log.error("drafter prefill failed unexpectedly", exc_info=drafted)
         if isinstance(verified, SpecServeError):
             for seq, _ in batch:
                 self._finish(seq, Finish.ERROR, _as_unavailable(verified, "verifier"))

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-from specserve import models
-from specserve.strategy import MODES
+from specserve import config as cfg
+from specserve import pair
 
 
 def runtime_names() -> tuple[str, ...]:
@@ -21,7 +20,7 @@ def runtime_names() -> tuple[str, ...]:
 
 
 def _cmd_models_prepare(args: argparse.Namespace) -> int:
-    paths = models.prepare(Path(args.cache_dir), torch_weights=args.torch, progress=not args.quiet)
+    paths = pair.prepare(Path(args.cache_dir), torch_weights=args.torch, progress=not args.quiet)
     for role, path in paths.items():
         print(f"{role}: {path}")
     return 0
@@ -35,7 +34,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from specserve import launcher
 
     target, draft = _pair(args)
-    redis_url, redis_proc = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), None
+    redis_url, redis_proc = os.environ.get("REDIS_URL", cfg.DEFAULT_REDIS_URL), None
     if not launcher.redis_reachable(redis_url):
         redis_url, redis_proc = launcher.start_redis()
         print(f"started redis-server at {redis_url}")
@@ -128,65 +127,12 @@ def _cmd_ops(args: argparse.Namespace) -> int:
     return 0
 
 
-SHARED_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
-
-
-def _pair(args: argparse.Namespace, torch_weights: bool = False) -> tuple[str, str]:
+def _pair(args: argparse.Namespace) -> tuple[str, str]:
     if args.target_model and args.draft_model:
         return args.target_model, args.draft_model
-    torch_weights = torch_weights or getattr(args, "runtime", "auto") == "torch"
-    paths = models.prepare(Path(args.cache_dir), torch_weights=torch_weights)
+    torch_weights = getattr(args, "runtime", "auto") == "torch"
+    paths = pair.prepare(Path(args.cache_dir), torch_weights=torch_weights)
     return str(paths["target"]), str(paths["draft"])
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from specserve import launcher
-
-    # The system benchmark's full run also measures the torch runtime and Hugging Face generate.
-    target, draft = _pair(args, torch_weights=args.which in ("runtime", "engine") or not args.quick)
-    if args.which == "engine":
-        from bench import engine
-
-        prompts, tokens = (3, 32) if args.quick else (args.prompts, args.max_new_tokens)
-        print(engine.markdown(engine.main(target, draft, prompts, tokens, Path(args.out))))
-        return 0
-    # A Redis of its own, so telemetry from earlier runs never feeds this run's policy.
-    redis_url, redis_proc = (args.redis_url, None) if args.redis_url else launcher.start_redis()
-    try:
-        if args.which == "runtime":
-            from bench import runtime
-
-            rcfg = runtime.RuntimeBenchConfig(target, draft, redis_url, Path(args.out))
-            if args.quick:
-                rcfg.contexts, rcfg.sessions, rcfg.prompts_per_set, rcfg.decode_rounds = (200,), (1, 4), 2, 1
-            if args.parts:
-                rcfg.parts = tuple(args.parts.split(","))
-            print(runtime.markdown(runtime.run(rcfg)))
-            return 0
-        from bench import report, system
-
-        cfg = system.BenchConfig(target, draft, {"code": Path(args.code_trace), "chat": Path(args.chat_trace)},
-                                 redis_url, Path(args.out))
-        if args.quick:
-            cfg.loads, cfg.reps, cfg.ramp_policies, cfg.ramp_peak = (4,), 1, ("adaptive",), 4
-            cfg.unused_drafter_pairs, cfg.split, cfg.torch_requests = 4, False, 0
-        if args.loads:
-            cfg.loads = tuple(int(x) for x in args.loads.split(","))
-        if args.policies:
-            cfg.policies = tuple(args.policies.split(","))
-            cfg.ramp_policies = tuple(p for p in cfg.ramp_policies if p in cfg.policies)
-        if args.peers is not None:
-            cfg.peers = tuple(p for p in args.peers.split(",") if p)
-        unknown = [p for p in cfg.peers if p not in system.PEERS] + [
-            p for p in cfg.policies if p.partition(":")[0] not in MODES]
-        if unknown:
-            raise SystemExit(f"--policies/--peers: unknown {', '.join(unknown)} (policies: modes {', '.join(MODES)}"
-                             f" with :k for static; peers: {', '.join(system.PEERS)})")
-        print(report.markdown(system.run(cfg)))
-        return 0
-    finally:
-        if redis_proc:
-            redis_proc.terminate()
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
@@ -205,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_p = sub.add_parser("models", help="manage the built-in model pair")
     models_sub = models_p.add_subparsers(dest="models_command", required=True)
     prep = models_sub.add_parser("prepare", help="install, check and convert the offline model pair")
-    prep.add_argument("--cache-dir", default=str(models.default_cache_dir()))
+    prep.add_argument("--cache-dir", default=str(pair.default_cache_dir()))
     prep.add_argument("--torch", action="store_true", help="also convert to safetensors for the torch runtime")
     prep.add_argument("--quiet", action="store_true")
     prep.set_defaults(func=_cmd_models_prepare)
@@ -213,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the whole system locally until Ctrl-C")
     up.add_argument("--target-model", default="", help="model folder or id (default: the built-in pair)")
     up.add_argument("--draft-model", default="")
-    up.add_argument("--cache-dir", default=str(models.default_cache_dir()))
+    up.add_argument("--cache-dir", default=str(pair.default_cache_dir()))
     up.add_argument("--runtime", default=os.environ.get("SPECSERVE_RUNTIME", "auto"), choices=runtime_names(),
                     help="model runtime of verifier and drafter (auto: llama.cpp for GGUF models off CUDA)")
     up.add_argument("--port", type=int, default=50051, help="gateway port")
@@ -231,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     ops = sub.add_parser("ops", help="read and write the live ops keys (specserve:ops:*)")
-    ops.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ops.add_argument("--redis-url", default=os.environ.get("REDIS_URL", cfg.DEFAULT_REDIS_URL))
     ops_sub = ops.add_subparsers(dest="ops_command", required=True)
     ops_sub.add_parser("list")
     get = ops_sub.add_parser("get")
@@ -247,29 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("address")
     health.set_defaults(func=_cmd_health)
 
-    bench = sub.add_parser("bench", help="benchmarks: the trace replay of the whole system (default) or the engine")
-    bench.add_argument("which", nargs="?", choices=["system", "engine", "runtime"], default="system")
-    bench.add_argument("--quick", action="store_true", help="one load, one repetition (minutes)")
-    bench.add_argument("--target-model", default="", help="default: the built-in pair")
-    bench.add_argument("--draft-model", default="")
-    bench.add_argument("--code-trace", default=str(SHARED_TRACES / "azure_llm_2023_code.csv"))
-    bench.add_argument("--chat-trace", default=str(SHARED_TRACES / "azure_llm_2023_conv.csv"))
-    bench.add_argument("--prompts", type=int, default=20, help="engine: prompts")
-    bench.add_argument("--max-new-tokens", type=int, default=64, help="engine: new tokens per prompt")
-    bench.add_argument("--cache-dir", default=str(models.default_cache_dir()))
-    bench.add_argument("--out", default="bench/results")
-    bench.add_argument("--redis-url", default="", help="default: a fresh redis-server for the run")
-    bench.add_argument("--loads", default="", help="system: comma-separated offered concurrencies (default 1,2,4,8)")
-    bench.add_argument("--policies", default="", help="system: comma-separated policies (default: all)")
-    bench.add_argument("--peers", default=None, help="system: comma-separated llama-server variants ('' for none)")
-    bench.add_argument("--parts", default="", help="runtime: comma-separated parts (costs,decode,policies,http)")
-    bench.set_defaults(func=_cmd_bench)
+    sub.add_parser("bench", add_help=False, help="benchmarks (python -m bench; see specserve bench --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        # The benchmark is its own package that depends on this one, never the other way round.
+        os.execv(sys.executable, [sys.executable, "-m", "bench", *argv[1:]])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg.setup_logging(args.log_level)
     return args.func(args)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import typing
 from collections.abc import Mapping
@@ -16,6 +17,15 @@ from typing import Any, TypeVar
 from specserve.errors import InvalidArgument
 
 C = TypeVar("C")
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+SESSION_TTL_S = 600.0  # a session idle this long is evicted by the model services and the gateway
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str | int = logging.INFO) -> None:
+    """The one logging set-up of every process (services, gateway, CLI)."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
 def doc(default: Any, help: str) -> Any:

@@ -6,6 +6,7 @@ import torch
 
 from specserve.contracts import SamplingParams
 
+
 def make_generator(seed: int | None, salt: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A per-session random stream; `salt` keeps the drafter's and the verifier's streams apart."""
     gen = torch.Generator(device=device)

@@ -99,9 +99,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 def api_key(metadata) -> str:
-    """The key sent as `x-api-key: KEY` or `authorization: Bearer KEY`; "" when none."""
+    """The key sent as `authorization: Bearer KEY`, else as `x-api-key: KEY`; "" when none. The one
+    parser of both fronts (gRPC metadata and HTTP headers, lower-case names), so a client sending
+    both headers is the same client on either."""
     pairs = dict(metadata or ())
-    return pairs.get("x-api-key") or pairs.get("authorization", "").removeprefix("Bearer ").strip()
+    return pairs.get("authorization", "").removeprefix("Bearer ").strip() or pairs.get("x-api-key", "")
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):

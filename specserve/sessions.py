@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from specserve.config import SESSION_TTL_S
 
 S = TypeVar("S")
 
@@ -12,7 +15,7 @@ class SessionTable(Generic[S]):
     """Sessions by id with their last use; those idle past `ttl_s` are evicted on the next sweep.
     `on_release` is called with each session id that leaves the table (to free its KV)."""
 
-    def __init__(self, ttl_s: float = 600.0, on_release: Callable[[str], None] | None = None):
+    def __init__(self, ttl_s: float = SESSION_TTL_S, on_release: Callable[[str], None] | None = None):
         self.ttl_s = ttl_s
         self.on_release = on_release
         self._items: dict[str, tuple[S, float]] = {}

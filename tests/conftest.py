@@ -44,12 +44,12 @@ def tiny_pair(request, tiny_models):
 
 @pytest.fixture(scope="session")
 def real_pair() -> tuple[Path, Path]:
-    from specserve import models
+    from specserve import pair
 
-    cache = Path(os.environ.get("SPECSERVE_MODEL_CACHE", models.default_cache_dir()))
-    if not (models.is_prepared(cache, "target") and models.is_prepared(cache, "draft")):
+    cache = Path(os.environ.get("SPECSERVE_MODEL_CACHE", pair.default_cache_dir()))
+    if not (pair.is_prepared(cache, "target") and pair.is_prepared(cache, "draft")):
         pytest.skip("the real model pair is not prepared (specserve models prepare)")
-    return models.prepared_path(cache, "target"), models.prepared_path(cache, "draft")
+    return pair.prepared_path(cache, "target"), pair.prepared_path(cache, "draft")
 
 
 def _docker_answers() -> bool:

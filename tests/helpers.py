@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from bench.local import local_scheduler
+from gateway.backends.local import local_scheduler
 from gateway.scheduler import Scheduler, SchedulerConfig
 from gateway.sequence import Sequence
-from specserve.runtime import Row, Runtime
 from specserve.contracts import SamplingParams
+from specserve.runtime import Row, Runtime
 from specserve.strategy import Strategy
 
 # A divergence between speculative and plain greedy output is a bug unless the target's two best

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from gateway.planner.adaptive import Adaptive
 from gateway.planner.base import Controller, Drafted, DraftPlan, SessionView, expected_tokens
+from gateway.planner.efficiency_gate import EfficiencyGate
 from gateway.planner.fixed import Static, Threshold
 from gateway.planner.smartspec import SmartSpec
-from gateway.planner.specserve import SpecServe
 from specserve.strategy import Strategy
 
 __all__ = ["Drafted", "DraftPlan", "Planner", "SessionView", "expected_tokens"]
 
 CONTROLLERS: dict[str, Controller] = {
-    "static": Static(), "threshold": Threshold(), "smartspec": SmartSpec(), "specserve": SpecServe(),
+    "static": Static(), "threshold": Threshold(), "smartspec": SmartSpec(), "specserve": EfficiencyGate(),
     "adaptive": Adaptive(),
 }
 COST_MODES = ("adaptive", "specserve", "smartspec")  # the controllers that decide from the cost model

@@ -1,4 +1,4 @@
-"""This project's controller (DESIGN.md section 4): calibrated survival probabilities, per-session
+"""This project's controller (docs/design.md section 4): calibrated survival probabilities, per-session
 early exit, a slot budget that fills up to the padded shape, the cost model corrected online, and
 per-request SLO slack."""
 

@@ -1,5 +1,5 @@
 """What every controller shares: the views it plans over, its small interface, and the cost and
-efficiency helpers. Notation (DESIGN.md section 4): n sessions, C_{i,j} the cumulative draft
+efficiency helpers. Notation (docs/design.md section 4): n sessions, C_{i,j} the cumulative draft
 confidence of session i after j drafts, T_draft(n, k) and T_verify(N, ctx) the cost model,
 G = E[tokens] / T_step."""
 

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 
-from specserve import config as cfg
-from specserve import modelservice
-from specserve.contracts import ProposeItem
-from specserve.proposers import Proposer, make_proposer
-from specserve.contracts import SamplingParams
-from specserve.v1 import drafter_pb2, drafter_pb2_grpc
+from services.drafter.proposers import Proposer, make_proposer
 from services.drafter.servicer import DrafterServicer
+from services.modelservice.compute import ComputeThread
+from services.modelservice.config import ModelServiceConfig
+from services.modelservice.loading import LoadedModel
+from services.modelservice.servicer import serve_model
+from specserve import config as cfg
+from specserve.contracts import ProposeItem, SamplingParams
+from specserve.v1 import drafter_pb2, drafter_pb2_grpc
 
 NAME = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"].full_name
 
 
-def build(config: modelservice.ModelServiceConfig, loaded: modelservice.LoadedModel) -> Proposer:
+def build(config: ModelServiceConfig, loaded: LoadedModel) -> Proposer:
     if config.proposer == "ngram":
         return make_proposer("ngram", session_ttl_s=config.session_ttl_s)
     return make_proposer("draft_model", runtime=loaded.runtime, session_ttl_s=config.session_ttl_s)
@@ -41,10 +42,10 @@ def warm(proposer: Proposer) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = cfg.load(modelservice.ModelServiceConfig, sys.argv[1:] if argv is None else argv, prog="drafter")
-    servicer = DrafterServicer(config.model, modelservice.ComputeThread(config.step_delay_ms), config.proposer)
-    asyncio.run(modelservice.serve_model(
+    cfg.setup_logging()
+    config = cfg.load(ModelServiceConfig, sys.argv[1:] if argv is None else argv, prog="drafter")
+    servicer = DrafterServicer(config.model, ComputeThread(config.step_delay_ms), config.proposer)
+    asyncio.run(serve_model(
         config, NAME, servicer, drafter_pb2_grpc.add_DrafterServicer_to_server,
         lambda loaded: build(config, loaded), warm))
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from services.modelservice.servicer import ModelServicer, unique_ids
 from specserve import codec
 from specserve.errors import InvalidArgument
-from specserve.modelservice import ModelServicer, unique_ids
 from specserve.v1 import drafter_pb2_grpc
 
 

@@ -15,7 +15,7 @@ import redis
 from services.policy.consumer import Consumer
 from services.policy.state import PolicyState, parse_algorithm
 from specserve import config as cfg
-from specserve.config import doc
+from specserve.config import DEFAULT_REDIS_URL, doc
 from specserve.errors import InvalidArgument
 from specserve.strategy import STRATEGY_KEY, UPDATES_CHANNEL, Strategy
 
@@ -26,7 +26,7 @@ log = logging.getLogger("specserve.policy")
 class PolicyConfig:
     """The policy service."""
 
-    redis_url: str = doc("redis://127.0.0.1:6379/0", "Redis holding the telemetry stream and the strategy")
+    redis_url: str = doc(DEFAULT_REDIS_URL, "Redis holding the telemetry stream and the strategy")
     algorithm: str = doc("adaptive", "adaptive, specserve, smartspec, threshold, static:K or off")
     consumer: str = doc("", "consumer name in the group; empty uses host and pid")
     publish_every_s: float = doc(1.0, "publish at least this often while traffic flows")
@@ -82,7 +82,7 @@ def run(config: PolicyConfig, stop=lambda: False) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg.setup_logging()
     config = cfg.load(PolicyConfig, sys.argv[1:] if argv is None else argv, prog="policy")
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 
-from specserve import config as cfg
-from specserve import modelservice
-from specserve.contracts import PrefillItem, VerifyItem
-from specserve.contracts import SamplingParams
-from specserve.target import TargetWorker
-from specserve.v1 import verifier_pb2, verifier_pb2_grpc
+from services.modelservice.compute import ComputeThread
+from services.modelservice.config import ModelServiceConfig
+from services.modelservice.servicer import serve_model
 from services.verifier.servicer import VerifierServicer
+from services.verifier.worker import VerifierWorker
+from specserve import config as cfg
+from specserve.contracts import PrefillItem, SamplingParams, VerifyItem
+from specserve.v1 import verifier_pb2, verifier_pb2_grpc
 
 NAME = verifier_pb2.DESCRIPTOR.services_by_name["Verifier"].full_name
 
 
-def warm(worker: TargetWorker) -> list[dict]:
+def warm(worker: VerifierWorker) -> list[dict]:
     """Warm up (the first request must not pay for lazy initialisation), then profile verify
     times at a few shapes: the policy seeds its cost model with these records."""
     worker.prefill([PrefillItem("warm-up", [1, 2, 3], SamplingParams())])
@@ -40,12 +40,12 @@ PROFILE_DRAFTS = (0, 1, 2, 3, 4, 5, 7)
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = cfg.load(modelservice.ModelServiceConfig, sys.argv[1:] if argv is None else argv, prog="verifier")
-    servicer = VerifierServicer(config.model, modelservice.ComputeThread(config.step_delay_ms))
-    asyncio.run(modelservice.serve_model(
+    cfg.setup_logging()
+    config = cfg.load(ModelServiceConfig, sys.argv[1:] if argv is None else argv, prog="verifier")
+    servicer = VerifierServicer(config.model, ComputeThread(config.step_delay_ms))
+    asyncio.run(serve_model(
         config, NAME, servicer, verifier_pb2_grpc.add_VerifierServicer_to_server,
-        lambda loaded: TargetWorker(loaded.runtime, config.session_ttl_s), warm))
+        lambda loaded: VerifierWorker(loaded.runtime, config.session_ttl_s), warm))
 
 
 if __name__ == "__main__":

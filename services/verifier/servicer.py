@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from services.modelservice.servicer import ModelServicer, unique_ids
 from specserve import codec
-from specserve.modelservice import ModelServicer, unique_ids
 from specserve.v1 import verifier_pb2_grpc
 
 

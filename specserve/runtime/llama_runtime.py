@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from specserve.errors import InvalidArgument, ResourceExhausted
-from specserve.runtime import Row, RuntimeInfo
+from specserve.runtime.base import Row, RuntimeInfo
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from specserve.runtime import Row, RuntimeInfo
+from specserve import cpu
+from specserve.errors import InvalidArgument
+from specserve.runtime.base import Row, RuntimeInfo, find_gguf, has_torch_weights
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +153,45 @@ class TorchRuntime:
 
 
 def load(path: str, device: str = "cpu", dtype: str = "auto", max_context: int = 0) -> TorchRuntime:
-    from specserve import models
-
-    model = models.load_causal_lm(path, device, dtype)
+    model = load_causal_lm(path, device, dtype)
     if device == "cpu":
         choose_matmul_layout(model)
-    return TorchRuntime(model, path, models.generation_eos_ids(model), max_context)
+    return TorchRuntime(model, path, generation_eos_ids(model), max_context)
+
+
+def resolve_dtype(name: str, device: str):
+    """`auto`: bf16 where the CPU computes it natively (avx512_bf16 or AMX), fp32 on other CPUs,
+    and the checkpoint's own dtype on CUDA."""
+    if name != "auto":
+        try:
+            return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+        except KeyError:
+            raise InvalidArgument("dtype", f"unknown dtype {name!r}") from None
+    if device.startswith("cuda"):
+        return "auto"
+    return torch.bfloat16 if cpu.has_native_bf16() else torch.float32
+
+
+def load_causal_lm(path: str, device: str = "cpu", dtype: str = "auto"):
+    """Load a model from a local folder or hub id, in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = find_gguf(path)
+    if gguf is not None and not has_torch_weights(path):
+        # Dequantized on load (slow, and the full-precision size in memory); `specserve models
+        # prepare --torch` converts the built-in pair once instead.
+        log.warning("loading %s into torch from GGUF (dequantizing)", gguf)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=resolve_dtype(dtype, device))
+        return model.to(torch.device(device)).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device))
+    return model.to(torch.device(device)).eval()
+
+
+def generation_eos_ids(model) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config else None
+    return ids if isinstance(ids, list) else [ids] if ids is not None else []
+
 
 
 LAYOUT_ROWS = (2, 3, 4, 6, 8, 12, 16)  # few-row shapes where BLAS kernels differ most

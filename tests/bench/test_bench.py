@@ -1,7 +1,10 @@
 """The benchmark's replay logic and report builder on a small synthetic trace, and a smoke run of
 the whole bench on the tiny pair."""
 
+import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,20 +122,51 @@ def test_llama_server_command_for_each_peer(tiny_dir, tmp_path):
     assert cmds["llama-server-ngram"][cmds["llama-server-ngram"].index("--spec-type") + 1] == "ngram-simple"
 
 
-def test_smoke_run_of_the_whole_bench_on_tiny_models(tiny_dir, redis_url, tmp_path):
-    from bench import peers, system
+def _cli_config(which: str, argv: list[str], tiny_dir, redis_url: str, **sizes):
+    """A benchmark's config as its command line builds it, shrunk to the tiny pair's sizes."""
+    from bench import cli
 
-    code = _trace(tmp_path / "code.csv", SYNTH)
-    chat = _trace(tmp_path / "chat.csv", SYNTH)
+    args = cli.build_parser().parse_args([which, *argv])
+    build = cli.runtime_config if which == "runtime" else cli.system_config
+    return dataclasses.replace(build(args, str(tiny_dir[0]), str(tiny_dir[1]), redis_url), **sizes)
+
+
+def test_every_bench_variant_parses_and_builds_its_config(tmp_path, tiny_dir):
+    from bench import cli, runtime, system
+
+    for name in cli.TRACE_FILES.values():
+        _trace(tmp_path / name, SYNTH)
+    quick = _cli_config("system", ["--traces", str(tmp_path), "--quick"], tiny_dir, "redis://x")
+    assert isinstance(quick, system.BenchConfig) and quick.loads == (4,) and quick.reps == 1
+    chosen = _cli_config("system", ["--traces", str(tmp_path), "--loads", "1,2", "--policies", "off,static:2",
+                                    "--peers", ""], tiny_dir, "redis://x")
+    assert chosen.loads == (1, 2) and chosen.policies == ("off", "static:2") and chosen.peers == ()
+    parts = _cli_config("runtime", ["--quick", "--parts", "costs"], tiny_dir, "redis://x")
+    assert isinstance(parts, runtime.RuntimeBenchConfig) and parts.parts == ("costs",)
+    for bad in (["--policies", "nonsense"], ["--peers", "vllm"]):
+        with pytest.raises(SystemExit, match="unknown"):
+            _cli_config("system", ["--traces", str(tmp_path), *bad], tiny_dir, "redis://x")
+    with pytest.raises(SystemExit, match="--traces"):
+        _cli_config("system", [], tiny_dir, "redis://x")
+    help_text = subprocess.run([sys.executable, "-m", "specserve.cli", "bench", "--help"], capture_output=True,
+                               text=True, timeout=60)
+    assert help_text.returncode == 0 and "--traces" in help_text.stdout
+
+
+def test_smoke_run_of_the_whole_bench_on_tiny_models(tiny_dir, redis_url, tmp_path):
+    from bench import cli, peers
+
+    for name in cli.TRACE_FILES.values():
+        _trace(tmp_path / name, SYNTH)
     # The peers run where `make peers` has built llama-server for this CPU (not part of `make test`).
     with_peers = ("llama-server-draft",) if peers.find_llama_server() else ()
-    cfg = system.BenchConfig(str(tiny_dir[0]), str(tiny_dir[1]), {"code": code, "chat": chat}, redis_url,
-                             tmp_path / "out", loads=(2,), requests=4, reps=1, policies=("off", "adaptive"),
-                             peers=with_peers, context_tokens=24, max_context_tokens=48, output_tokens=6,
-                             max_output_tokens=8, window_start=0, threads=1, max_batch_size=4,
-                             ramp_policies=("adaptive",), ramp_peak=2, ramp_hold_s=1.0, unused_drafter_pairs=2,
-                             torch_requests=1, settle_s=1.1)
-    report = system.run(cfg)
+    cfg = _cli_config("system", ["--traces", str(tmp_path), "--out", str(tmp_path / "out"), "--loads", "2",
+                                 "--policies", "off,adaptive", "--peers", ",".join(with_peers)], tiny_dir, redis_url,
+                      requests=4, reps=1, context_tokens=24, max_context_tokens=48, output_tokens=6,
+                      max_output_tokens=8, window_start=0, threads=1, max_batch_size=4, ramp_policies=("adaptive",),
+                      ramp_peak=2, ramp_hold_s=1.0, unused_drafter_pairs=2, torch_requests=1, settle_s=1.1)
+    cli.run("system", cfg)
+    report = json.loads((tmp_path / "out" / "system.json").read_text())
     assert [(r["system"], r["requests"]) for r in report["runs"]] == [(s, 4) for s in ("off", "adaptive", *with_peers)]
     assert all(r["completed"] + r["refused"] == 4 for r in report["runs"])
     assert report["ramp"]["policies"]["adaptive"]["series"] and report["unused_drafter"]["total_ms"]["n"] == 2
@@ -154,13 +188,14 @@ def test_ratio_interval_calls_a_tie_a_tie():
 
 
 def test_smoke_run_of_the_runtime_bench_on_tiny_models(tiny_dir, redis_url, tmp_path):
-    from bench import runtime
+    from bench import cli
 
-    cfg = runtime.RuntimeBenchConfig(str(tiny_dir[0]), str(tiny_dir[1]), redis_url, tmp_path / "out", threads=1,
-                                     positions=(1, 2), sessions=(1, 2), contexts=(20,), repeats=1, decode_tokens=4,
-                                     decode_rounds=1, prompts_per_set=2, new_tokens=4, concurrency=(1, 2),
-                                     policies=("off", "adaptive"), settle_s=1.1, http_rounds=1)
-    report = runtime.run(cfg)
+    cfg = _cli_config("runtime", ["--out", str(tmp_path / "out")], tiny_dir, redis_url, threads=1,
+                      positions=(1, 2), sessions=(1, 2), contexts=(20,), repeats=1, decode_tokens=4,
+                      decode_rounds=1, prompts_per_set=2, new_tokens=4, concurrency=(1, 2),
+                      policies=("off", "adaptive"), settle_s=1.1, http_rounds=1)
+    assert "## Cost of one forward" in cli.run("runtime", cfg)
+    report = json.loads((tmp_path / "out" / "runtime.json").read_text())
     costs = [c for c in report["costs"] if "positions" in c]
     assert {c["runtime"] for c in costs} == {"torch", "llama.cpp"} and len(costs) == 2 * 2 * 2
     assert 0 <= next(c for c in report["costs"] if "outside_forward_share" in c)["outside_forward_share"] < 1

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from specserve.tokenizer import load_tokenizer
 from specserve.runtime import open_runtime
+from specserve.tokenizer import load_tokenizer
 from tests.helpers import assert_lossless, greedy_reference
 
 pytestmark = pytest.mark.slow

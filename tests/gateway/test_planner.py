@@ -1,4 +1,4 @@
-"""Controllers as pure functions (BASELINES.md)."""
+"""Controllers as pure functions (docs/baselines.md)."""
 
 import pytest
 

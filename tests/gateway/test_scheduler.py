@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from bench.local import LocalVerifier
+from gateway.backends.local import LocalVerifier
 from gateway.scheduler import SchedulerConfig
 from gateway.sequence import Sequence, Slo
 from specserve.contracts import SamplingParams

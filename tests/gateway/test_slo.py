@@ -3,13 +3,12 @@
 import asyncio
 import time
 
-
 from gateway.admission import Admission, attainment
 from gateway.metrics import GatewayMetrics
 from gateway.scheduler import SchedulerConfig
 from gateway.sequence import Sequence, Slo
-from specserve.errors import ResourceExhausted
 from specserve.contracts import SamplingParams
+from specserve.errors import ResourceExhausted
 from specserve.strategy import CostModel, Strategy
 from tests.helpers import collect
 

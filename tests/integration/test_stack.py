@@ -3,7 +3,6 @@
 import random
 import threading
 import time
-
 from dataclasses import replace
 
 import grpc

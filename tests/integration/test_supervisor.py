@@ -60,8 +60,9 @@ def test_killed_drafter_and_policy_are_restarted_under_load(tiny_dir, redis_url)
             if stack.services[name].address:
                 wait_healthy(stack.services[name].address, 30, stack.services[name].proc)
             assert stack.services[name].proc.poll() is None
-        from specserve.ops import OPS_PREFIX
         import redis
+
+        from specserve.ops import OPS_PREFIX
 
         redis.Redis.from_url(redis_url).set(OPS_PREFIX + "mode", "static")
         _wait(lambda: _generate(stack.gateway_address)[1].draft_tokens > 0, 30, "drafting to resume")

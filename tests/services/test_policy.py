@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from services.policy.consumer import Consumer
-from services.policy.state import PolicyState, parse_algorithm
-from services.policy.estimators import CalibrationEstimator, CostEstimator
 from services.policy.__main__ import publish
+from services.policy.consumer import Consumer
+from services.policy.estimators import CalibrationEstimator, CostEstimator
+from services.policy.state import PolicyState, parse_algorithm
 from specserve.errors import InvalidArgument
 from specserve.live import LiveConfig
 from specserve.ops import parse_op
@@ -58,7 +58,7 @@ def test_consumer_dies_mid_batch_and_every_entry_is_applied_exactly_once(redis_c
     # "a" reads a batch, applies 10 of them, then dies before touching the rest.
     reply = redis_client.xreadgroup(dead.group, "a", {STREAM: ">"}, count=20)
     entries = reply[0][1]
-    for entry_id, fields in entries[:10]:
+    for entry_id, _ in entries[:10]:
         applied.append(entry_id)
         redis_client.xack(STREAM, dead.group, entry_id)
     state = PolicyState()

@@ -5,14 +5,21 @@ import pytest
 
 from gateway.admission import Admission
 from gateway.servicer import GatewayServicer, Limits
+from services.drafter.proposers import make_proposer
 from services.drafter.servicer import DrafterServicer
+from services.modelservice.compute import ComputeThread
+from services.modelservice.loading import LoadedModel
 from services.verifier.servicer import VerifierServicer
-from specserve.modelservice import ComputeThread, LoadedModel
-from specserve.proposers import make_proposer
+from services.verifier.worker import VerifierWorker
 from specserve.server import Server
-from specserve.target import TargetWorker
 from specserve.v1 import (
-    common_pb2, drafter_pb2, drafter_pb2_grpc, gateway_pb2, gateway_pb2_grpc, verifier_pb2, verifier_pb2_grpc,
+    common_pb2,
+    drafter_pb2,
+    drafter_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    verifier_pb2,
+    verifier_pb2_grpc,
 )
 
 
@@ -32,7 +39,7 @@ def _loaded(runtime, tokenizer):
 async def test_verifier_prefill_verify_release(tiny_pair):
     target, _ = tiny_pair.runtimes()
     servicer = VerifierServicer("tiny", ComputeThread())
-    servicer.attach(TargetWorker(target), _loaded(target, tiny_pair.tokenizer))
+    servicer.attach(VerifierWorker(target), _loaded(target, tiny_pair.tokenizer))
     server, channel = await _serve(verifier_pb2_grpc.add_VerifierServicer_to_server, servicer)
     stub = verifier_pb2_grpc.VerifierStub(channel)
     out = await stub.Prefill(verifier_pb2.PrefillRequest(items=[{"session_id": "a", "prompt_token_ids": [5, 6, 7]}]))
@@ -131,5 +138,5 @@ def test_start_up_profiles_measure_steady_state_steps(tiny_pair):
     drafts = warm_drafter(make_proposer("draft_model", runtime=draft))
     assert [r["draft_steps"] for r in drafts] == [1, 4, 2, 3, 2, 4, 1, 3]
     assert all(r["draft_ms"] > 0 for r in drafts)
-    verifies = warm_verifier(TargetWorker(target))
+    verifies = warm_verifier(VerifierWorker(target))
     assert [r["verified_positions"] for r in verifies] == [1, 2, 3, 4, 5, 6, 8] * 2

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from specserve.errors import InvalidArgument
 from specserve.contracts import SamplingParams
+from specserve.errors import InvalidArgument
 from specserve.sampling import processed_probs
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from specserve.config import SESSION_TTL_S
 from specserve.contracts import Draft, ProposeItem, ProposeOutput, SessionStatus
 from specserve.sessions import SessionTable
 
@@ -27,30 +28,28 @@ def ngram_lookup(tokens: list[int], k: int, max_n: int = 3, min_n: int = 1) -> l
 class NgramProposer:
     """No model: drafts come from the session's own tokens, each with a fixed confidence."""
 
-    def __init__(self, max_n: int = 3, min_n: int = 1, confidence: float = 0.5, session_ttl_s: float = 600.0):
+    def __init__(self, max_n: int = 3, min_n: int = 1, confidence: float = 0.5, session_ttl_s: float = SESSION_TTL_S):
         self.max_n, self.min_n, self.confidence = max_n, min_n, confidence
-        self.sessions: SessionTable[list[int]] = SessionTable(session_ttl_s)
-        self.pending: dict[str, list[int]] = {}  # drafts of the last call, per session
+        # Per session: its committed tokens and the drafts of the last call, in one value so that
+        # idle eviction frees both.
+        self.sessions: SessionTable[tuple[list[int], list[int]]] = SessionTable(session_ttl_s)
 
     def propose(self, items: list[ProposeItem]) -> ProposeOutput:
         start = time.perf_counter_ns()
         drafts = []
         for item in items:
-            tokens = [] if item.position == 0 and not item.extend else self.sessions.get(item.session_id)
-            if tokens is None or len(tokens) != item.position or (item.extend and item.new_tokens):
+            held = ([], []) if item.position == 0 and not item.extend else self.sessions.get(item.session_id)
+            if held is None or len(held[0]) != item.position or (item.extend and item.new_tokens):
                 drafts.append(Draft(item.session_id, SessionStatus.NOT_FOUND))
                 continue
-            tokens = tokens + item.new_tokens
-            self.sessions.put(item.session_id, tokens)
-            pending = self.pending.get(item.session_id, []) if item.extend else []
+            tokens = held[0] + item.new_tokens
+            pending = held[1] if item.extend else []
             out = ngram_lookup(tokens + pending, item.max_draft_tokens, self.max_n, self.min_n)
-            self.pending[item.session_id] = pending + out
+            self.sessions.put(item.session_id, (tokens, pending + out))
             # A deterministic proposer samples from a point mass on its token.
             dists = [] if item.params.greedy else [([t], [1.0]) for t in out]
             drafts.append(Draft(item.session_id, SessionStatus.OK, out, [self.confidence] * len(out), dists))
         return ProposeOutput(drafts, 0, time.perf_counter_ns() - start)
 
     def release(self, session_ids: list[str]) -> int:
-        for sid in session_ids:
-            self.pending.pop(sid, None)
         return self.sessions.release(session_ids)

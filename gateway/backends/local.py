@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 
 from gateway.scheduler import Scheduler, SchedulerConfig
-from specserve.compute import ComputeThread
-from specserve.contracts import ProposeOutput, PrefillOutput, VerifyOutput, WorkerInfo
+from services.drafter.proposers import make_proposer
+from services.modelservice.compute import ComputeThread
+from services.verifier.worker import VerifierWorker
+from specserve.contracts import PrefillOutput, ProposeOutput, VerifyOutput, WorkerInfo
 from specserve.errors import DeadlineExceeded
-from specserve.proposers import make_proposer
 from specserve.runtime import Runtime
 from specserve.strategy import Strategy
-from specserve.target import TargetWorker
 
 
 class _Local:
@@ -55,7 +55,7 @@ def local_scheduler(target: Runtime, draft: Runtime | None, tokenizer, eos_ids: 
     """target, draft: model runtimes (draft may be None for target-only decoding)."""
     info = WorkerInfo("local", "", target.max_context, target.info.device, target.info.dtype, eos_ids, 0, 0,
                       target.info.runtime)
-    verifier = LocalVerifier(TargetWorker(target), info, verify_delay_ms)
+    verifier = LocalVerifier(VerifierWorker(target), info, verify_delay_ms)
     drafter = None
     if proposer == "ngram":
         drafter = LocalDrafter(make_proposer("ngram"), info, draft_delay_ms)

@@ -1,34 +1,14 @@
-"""The two model services as the step loop sees them: in-process workers or gRPC clients.
-
-Both kinds take and return the same domain dataclasses, so the step loop runs unchanged in one
-process (tests, the benchmark's no-split baseline) or across services.
-"""
+"""The model services over gRPC: clients that take and return the backends' domain dataclasses
+and turn gRPC statuses into the domain's errors."""
 
 from __future__ import annotations
-
-from typing import Protocol
 
 import grpc
 
 from specserve import codec
-from specserve.contracts import (
-    PrefillItem, PrefillOutput, ProposeItem, ProposeOutput, VerifyItem, VerifyOutput, WorkerInfo,
-)
+from specserve.contracts import PrefillOutput, ProposeOutput, VerifyOutput, WorkerInfo
 from specserve.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from specserve.v1 import common_pb2, drafter_pb2_grpc, verifier_pb2_grpc
-
-
-class DrafterBackend(Protocol):
-    async def info(self, timeout: float | None = None) -> WorkerInfo: ...
-    async def propose(self, items: list[ProposeItem], timeout: float | None = None) -> ProposeOutput: ...
-    async def release(self, session_ids: list[str], timeout: float | None = None) -> int: ...
-
-
-class VerifierBackend(Protocol):
-    async def info(self, timeout: float | None = None) -> WorkerInfo: ...
-    async def prefill(self, items: list[PrefillItem], timeout: float | None = None) -> PrefillOutput: ...
-    async def verify(self, items: list[VerifyItem], timeout: float | None = None) -> VerifyOutput: ...
-    async def release(self, session_ids: list[str], timeout: float | None = None) -> int: ...
 
 
 def _translate(exc: grpc.aio.AioRpcError, service: str) -> Exception:

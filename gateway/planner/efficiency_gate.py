@@ -1,4 +1,4 @@
-"""SpecServe (AdaSpec, arXiv 2503.05096), as ../shared/BASELINES.md fixes it: a gate on one draft
+"""The SpecServe paper's controller (AdaSpec, arXiv 2503.05096), as docs/baselines.md fixes it: a gate on one draft
 at the running mean confidence c̄, batch-uniform drafting one round at a time while predicted G
 rises, confidence-prior pruning down to a smaller padded shape, and the TPOT cap."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 from gateway.planner.base import Controller, DraftPlan, efficiency, expected_tokens
 
 
-class SpecServe(Controller):
+class EfficiencyGate(Controller):
     def plan(self, p, sessions):
         ok = p.slo_cap_k(sessions) >= 1 and p.gate(sessions, p.running_confidence)
         return {v.key: DraftPlan(1 if ok else 0) for v in sessions}

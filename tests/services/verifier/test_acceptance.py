@@ -1,6 +1,6 @@
 import torch
 
-from specserve.acceptance import dense, verify_greedy, verify_sampled
+from services.verifier.acceptance import dense, verify_greedy, verify_sampled
 
 
 def test_greedy_accepts_matching_prefix_then_recovers():

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specserve.config import SESSION_TTL_S
 from specserve.contracts import Draft, ProposeItem, ProposeOutput, SamplingParams, SessionStatus, Sparse
 from specserve.runtime import Row, Runtime
 from specserve.sampling import make_generator, processed_probs
@@ -47,7 +48,7 @@ def stop_drafting(item: ProposeItem, drafted: int, cumulative: float, latest: fl
 class DraftModelProposer:
     """Not thread-safe: call from one worker thread."""
 
-    def __init__(self, runtime: Runtime, support_cap: int = 64, session_ttl_s: float = 600.0):
+    def __init__(self, runtime: Runtime, support_cap: int = 64, session_ttl_s: float = SESSION_TTL_S):
         self.runtime = runtime
         self.max_context = runtime.max_context
         self.support_cap = support_cap  # sampled drafts come from at most this many tokens

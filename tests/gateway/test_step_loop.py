@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from gateway.sequence import Finish
-from specserve.contracts import PrefillItem, VerifyItem
+from services.verifier.worker import VerifierWorker
+from specserve.contracts import PrefillItem, SamplingParams, VerifyItem
 from specserve.runtime import Row
-from specserve.contracts import SamplingParams
 from specserve.strategy import Strategy
-from specserve.target import TargetWorker
 from tests.helpers import assert_lossless, run_local, target_only
 
 
@@ -94,7 +93,7 @@ def test_rollback_matches_fresh_prefill(tiny_pair):
     """After a step with rejected drafts, the next step's target logits equal those of a fresh
     prefill of the committed prefix, on the same runtime."""
     runtime, _ = tiny_pair.runtimes()
-    worker = TargetWorker(runtime)
+    worker = VerifierWorker(runtime)
     prompt = [5, 9, 11, 40, 2]
     first = worker.prefill([PrefillItem("s", prompt, SamplingParams())]).results[0].token_id
     bad = [(first + 1) % 300 + 3, 7, 8, 9]  # almost surely rejected at once

@@ -1,0 +1,118 @@
+"""The benchmark command: `python -m bench` (also `specserve bench`).
+
+- `system` (default): the whole system under replayed traces, every policy and llama-server.
+- `runtime`: cost tables of both runtimes, the stack against bare llama.cpp, policies against off.
+
+The system benchmark replays the Azure LLM inference traces (2023 code and conversation CSVs);
+`--traces DIR` names the folder that holds them (`azure_llm_2023_code.csv`, `azure_llm_2023_conv.csv`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from specserve import config as cfg
+from specserve import pair
+from specserve.strategy import MODES
+
+TRACE_FILES = {"code": "azure_llm_2023_code.csv", "chat": "azure_llm_2023_conv.csv"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specserve bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", nargs="?", choices=["system", "runtime"], default="system")
+    parser.add_argument("--quick", action="store_true", help="one load, one repetition (minutes)")
+    parser.add_argument("--target-model", default="", help="default: the built-in pair")
+    parser.add_argument("--draft-model", default="")
+    parser.add_argument("--traces", default="", help="system: folder of the Azure trace CSVs")
+    parser.add_argument("--cache-dir", default=str(pair.default_cache_dir()))
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--redis-url", default="", help="default: a fresh redis-server for the run")
+    parser.add_argument("--loads", default="", help="system: comma-separated offered concurrencies (default 1,2,4,8)")
+    parser.add_argument("--policies", default="", help="system: comma-separated policies (default: all)")
+    parser.add_argument("--peers", default=None, help="system: comma-separated llama-server variants ('' for none)")
+    parser.add_argument("--parts", default="", help="runtime: comma-separated parts (costs,decode,policies,http)")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def model_pair(args: argparse.Namespace, torch_weights: bool) -> tuple[str, str]:
+    if args.target_model and args.draft_model:
+        return args.target_model, args.draft_model
+    paths = pair.prepare(Path(args.cache_dir), torch_weights=torch_weights)
+    return str(paths["target"]), str(paths["draft"])
+
+
+def runtime_config(args: argparse.Namespace, target: str, draft: str, redis_url: str):
+    from bench import runtime
+
+    rcfg = runtime.RuntimeBenchConfig(target, draft, redis_url, Path(args.out))
+    if args.quick:
+        rcfg.contexts, rcfg.sessions, rcfg.prompts_per_set, rcfg.decode_rounds = (200,), (1, 4), 2, 1
+    if args.parts:
+        rcfg.parts = tuple(args.parts.split(","))
+    return rcfg
+
+
+def system_config(args: argparse.Namespace, target: str, draft: str, redis_url: str):
+    from bench import system
+
+    if not args.traces:
+        raise SystemExit("--traces: name the folder of the Azure trace CSVs (" + ", ".join(TRACE_FILES.values()) + ")")
+    traces = {kind: Path(args.traces) / name for kind, name in TRACE_FILES.items()}
+    missing = [str(p) for p in traces.values() if not p.exists()]
+    if missing:
+        raise SystemExit(f"--traces: missing {', '.join(missing)}")
+    scfg = system.BenchConfig(target, draft, traces, redis_url, Path(args.out))
+    if args.quick:
+        scfg.loads, scfg.reps, scfg.ramp_policies, scfg.ramp_peak = (4,), 1, ("adaptive",), 4
+        scfg.unused_drafter_pairs, scfg.split, scfg.torch_requests = 4, False, 0
+    if args.loads:
+        scfg.loads = tuple(int(x) for x in args.loads.split(","))
+    if args.policies:
+        scfg.policies = tuple(args.policies.split(","))
+        scfg.ramp_policies = tuple(p for p in scfg.ramp_policies if p in scfg.policies)
+    if args.peers is not None:
+        scfg.peers = tuple(p for p in args.peers.split(",") if p)
+    unknown = [p for p in scfg.peers if p not in system.PEERS] + [
+        p for p in scfg.policies if p.partition(":")[0] not in MODES]
+    if unknown:
+        raise SystemExit(f"--policies/--peers: unknown {', '.join(unknown)} (policies: modes {', '.join(MODES)}"
+                         f" with :k for static; peers: {', '.join(system.PEERS)})")
+    return scfg
+
+
+def run(which: str, config) -> str:
+    """Run one benchmark on its config; returns the markdown report."""
+    if which == "runtime":
+        from bench import runtime
+
+        return runtime.markdown(runtime.run(config))
+    from bench import report, system
+
+    return report.markdown(system.run(config))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from specserve import launcher
+
+    args = build_parser().parse_args(argv)
+    cfg.setup_logging(args.log_level)
+    # The runtime benchmark, and the system benchmark's full run, also measure the torch runtime.
+    target, draft = model_pair(args, torch_weights=args.which == "runtime" or not args.quick)
+    # A Redis of its own, so telemetry from earlier runs never feeds this run's policy.
+    redis_url, redis_proc = (args.redis_url, None) if args.redis_url else launcher.start_redis()
+    try:
+        build = runtime_config if args.which == "runtime" else system_config
+        print(run(args.which, build(args, target, draft, redis_url)))
+        return 0
+    finally:
+        if redis_proc:
+            redis_proc.terminate()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

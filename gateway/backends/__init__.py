@@ -1,0 +1,34 @@
+"""The two model services as the step loop sees them.
+
+Two kinds implement these protocols with the same domain dataclasses: gRPC clients
+(`gateway.backends.grpc`, what the gateway process runs) and in-process workers
+(`gateway.backends.local`, for tests and the benchmark's one-process baseline), so the step loop
+runs unchanged in one process or across services.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from specserve.contracts import (
+    PrefillItem,
+    PrefillOutput,
+    ProposeItem,
+    ProposeOutput,
+    VerifyItem,
+    VerifyOutput,
+    WorkerInfo,
+)
+
+
+class DrafterBackend(Protocol):
+    async def info(self, timeout: float | None = None) -> WorkerInfo: ...
+    async def propose(self, items: list[ProposeItem], timeout: float | None = None) -> ProposeOutput: ...
+    async def release(self, session_ids: list[str], timeout: float | None = None) -> int: ...
+
+
+class VerifierBackend(Protocol):
+    async def info(self, timeout: float | None = None) -> WorkerInfo: ...
+    async def prefill(self, items: list[PrefillItem], timeout: float | None = None) -> PrefillOutput: ...
+    async def verify(self, items: list[VerifyItem], timeout: float | None = None) -> VerifyOutput: ...
+    async def release(self, session_ids: list[str], timeout: float | None = None) -> int: ...

@@ -1,0 +1,119 @@
+"""The servicer base of the drafter and the verifier, and the serve loop both run: bind, load,
+warm and profile, serve until signalled, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from services.modelservice.compute import ComputeThread
+from services.modelservice.config import ModelServiceConfig
+from services.modelservice.loading import LoadedModel, load
+from specserve.background import Tasks
+from specserve.errors import InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+def unique_ids(ids: list[str], field: str) -> None:
+    if any(not i for i in ids):
+        raise InvalidArgument(field, "session_id must not be empty")
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument(field, "a session appears twice in one batch")
+
+
+class ModelServicer:
+    """Base of the drafter and verifier servicers: registered before start, usable once attached;
+    Info and Release are the same for both."""
+
+    def __init__(self, model_id: str, compute: ComputeThread):
+        self.model_id, self.compute = model_id, compute
+        self.worker: Any = None
+        self.loaded: LoadedModel | None = None
+        self.telemetry: Any = None  # a TelemetryEmitter when Redis is configured
+        self.steps = 0
+
+    def record(self, call: str, batch: int, **fields: Any) -> None:
+        """One telemetry record per model call (raw counts and times), never blocking."""
+        self.steps += 1
+        if self.telemetry is not None:
+            self.telemetry.emit({"call": call, "step_id": self.steps, "batch_size": batch,
+                                 "sessions": len(self.worker.sessions), "kv_tokens": getattr(self.worker, "kv_tokens", 0),
+                                 **fields})
+
+    def attach(self, worker: Any, loaded: LoadedModel) -> None:
+        self.worker, self.loaded = worker, loaded
+
+    def ready(self) -> Any:
+        if self.worker is None:
+            raise Unavailable(f"{self.model_id} is still loading")
+        return self.worker
+
+    async def Info(self, request, context):
+        from specserve import __version__, codec
+
+        worker = self.ready()
+        info = self.loaded.info(self.model_id, len(worker.sessions), getattr(worker, "kv_tokens", 0))
+        return codec.info_to_pb(info, __version__)
+
+    async def Release(self, request, context):
+        from specserve.v1 import common_pb2
+
+        released = await self.compute.run(self.ready().release, list(request.session_ids))
+        return common_pb2.ReleaseResponse(released=released)
+
+
+async def serve_model(config: ModelServiceConfig, name: str, servicer: ModelServicer,
+                      add_to_server: Callable[[Any, Any], None],
+                      build: Callable[[LoadedModel], Any], warm: Callable[[Any], list[dict]]) -> None:
+    """Bind, load the model (health NOT_SERVING meanwhile), warm and profile it, serve until
+    signalled, drain. The profile records go to telemetry, where the policy seeds its cost model."""
+    from specserve.server import Server, run_until_signalled
+
+    server = Server([name])
+    add_to_server(servicer, server.grpc)
+    port = server.bind(f"{config.host}:{config.port}")
+    print(f"{name} listening on {config.host}:{port}", flush=True)
+    tasks, client = Tasks(), None
+    if config.redis_url:
+        import redis.asyncio
+
+        from specserve.telemetry import TelemetryEmitter
+
+        client = redis.asyncio.Redis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        component = name.rsplit(".", 1)[-1].lower()
+        servicer.telemetry = TelemetryEmitter(client, component, config.instance or f"{config.host}:{port}")
+
+    async def warm_up() -> None:
+        loaded = await asyncio.to_thread(load, config)
+        worker = build(loaded)
+        profile = await servicer.compute.run(warm, worker)
+        servicer.attach(worker, loaded)
+        for record in profile if servicer.telemetry is not None else []:
+            servicer.telemetry.emit(record)
+        tasks.spawn(_evict_forever(servicer.compute, worker.sessions), "evict-idle-sessions")
+        if servicer.telemetry is not None:
+            servicer.telemetry.start()
+
+    async def stop() -> None:
+        await tasks.stop()
+        await asyncio.to_thread(servicer.compute.shutdown)
+        if servicer.telemetry is not None:
+            await servicer.telemetry.stop()
+        if client is not None:
+            await client.aclose()
+
+    await run_until_signalled(server, warm_up, config.grace_s, on_stop=stop)
+
+
+EVICT_EVERY_S = 30.0  # idle sessions live their TTL plus at most this long
+
+
+async def _evict_forever(compute: ComputeThread, sessions: Any, every_s: float = EVICT_EVERY_S) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        evicted = await compute.run(sessions.evict_idle)
+        if evicted:
+            log.info("evicted %d idle sessions", evicted)
