@@ -16,8 +16,9 @@ from gateway import http
 from gateway.admission import ADMISSION_MODES, Admission
 from gateway.backends.grpc import connect_drafter, connect_verifier
 from gateway.metrics import GatewayMetrics
+from gateway.request import Limits
 from gateway.scheduler import Scheduler, SchedulerConfig
-from gateway.servicer import GatewayServicer, Limits
+from gateway.servicer import GatewayServicer
 from specserve.background import Tasks
 from specserve.config import doc
 from specserve.errors import FailedPrecondition, InvalidArgument, SpecServeError

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API, beside gRPC in the gateway process.
 
-Each request body is validated by a typed model, turned into the gRPC `GenerateRequest` and sent
-through the same path as a gRPC call (`GatewayServicer.open_stream`: limits, admission, the same
-scheduler), so both fronts validate alike and a greedy request returns the same tokens over either.
+Each request body is validated by a typed model, turned into the transport-free `GenerateInput`
+and sent through the same path as a gRPC call (`GatewayServicer.open_stream`: limits, validation,
+admission, the same scheduler), so both fronts validate alike and a greedy request returns the same
+tokens over either.
 Extensions in the body, as vLLM accepts its extras: `top_k`, `slo` and `priority`. Errors take
 OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -25,11 +26,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.request import GenerateInput
 from gateway.sequence import Finish, Sequence
-from gateway.servicer import GatewayServicer
+from gateway.sequence import Slo as SequenceSlo
+from gateway.servicer import GatewayServicer, deltas
 from specserve.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, SpecServeError, Unavailable
 from specserve.server import Server, api_key
-from specserve.v1 import common_pb2, gateway_pb2
 
 log = logging.getLogger(__name__)
 
@@ -98,38 +100,31 @@ class _Common(BaseModel):
     slo: Slo | None = None
     priority: int = Field(0, ge=-2**31, lt=2**31)
 
-    def to_pb(self, max_tokens: int | None) -> gateway_pb2.GenerateRequest:
+    def to_input(self, max_tokens: int | None, **inputs) -> GenerateInput:
         if self.n != 1:
             raise HttpError(400, f"n: only n = 1 is supported, got {self.n}", "invalid_request_error", "n")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        sampling = common_pb2.SamplingParams(
+        slo = SequenceSlo(**self.slo.model_dump()) if self.slo is not None else SequenceSlo()
+        return GenerateInput(
             max_new_tokens=max_tokens or 0, top_k=self.top_k or 0, top_p=self.top_p or 0.0, stop=stop,
-            temperature=OPENAI_DEFAULT_TEMPERATURE if self.temperature is None else self.temperature)
-        if self.seed is not None:
-            sampling.seed = self.seed
-        request = gateway_pb2.GenerateRequest(sampling=sampling, priority=self.priority)
-        if self.slo is not None:
-            request.slo.CopyFrom(gateway_pb2.Slo(**self.slo.model_dump()))
-        return request
+            temperature=OPENAI_DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
+            seed=self.seed, slo=slo, priority=self.priority, **inputs)
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int]
 
-    def to_request(self) -> gateway_pb2.GenerateRequest:
-        request = self.to_pb(self.max_tokens)
+    def to_request(self) -> GenerateInput:
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
                 raise HttpError(400, "prompt: one prompt per request", "invalid_request_error", "prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            request.prompt = prompt
-        else:
-            request.prompt_token_ids.ids.extend(prompt)
-            if not prompt:
-                raise HttpError(400, "prompt: must not be empty", "invalid_request_error", "prompt")
-        return request
+            return self.to_input(self.max_tokens, prompt=prompt)
+        if not prompt:
+            raise HttpError(400, "prompt: must not be empty", "invalid_request_error", "prompt")
+        return self.to_input(self.max_tokens, prompt_token_ids=list(prompt))
 
 
 class TextPart(BaseModel):
@@ -146,13 +141,10 @@ class ChatRequest(_Common):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=0)
 
-    def to_request(self) -> gateway_pb2.GenerateRequest:
-        request = self.to_pb(self.max_completion_tokens or self.max_tokens)
-        request.messages.SetInParent()
-        for m in self.messages:
-            text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-            request.messages.messages.add(role=m.role, content=text)
-        return request
+    def to_request(self) -> GenerateInput:
+        messages = [(m.role, m.content if isinstance(m.content, str) else "".join(p.text for p in m.content))
+                    for m in self.messages]
+        return self.to_input(self.max_completion_tokens or self.max_tokens, messages=messages)
 
 
 _FINISH = {Finish.LENGTH: "length", Finish.EOS: "stop", Finish.STOP: "stop"}
@@ -248,7 +240,7 @@ class HttpApi:
         cancelled = True
         try:
             text, finish = "", None
-            async for delta in _deltas(seq):
+            async for delta in deltas(seq):
                 text += delta.text
                 finish = delta.finish
             cancelled = False
@@ -280,7 +272,7 @@ class HttpApi:
         cancelled = True
         try:
             first = True
-            async for delta in _deltas(seq, raise_errors=False):
+            async for delta in deltas(seq, raise_errors=False):
                 if delta.error is not None or delta.finish is Finish.DEADLINE:
                     err = delta.error if delta.error is not None else DeadlineExceeded("the request passed its deadline")
                     e = http_error(err)
@@ -297,19 +289,6 @@ class HttpApi:
             cancelled = False
         finally:
             self.servicer.close_stream(seq, client, cancelled)
-
-
-async def _deltas(seq: Sequence, raise_errors: bool = True):
-    """The sequence's deltas up to and including the finishing one."""
-    while True:
-        delta = await seq.out.get()
-        if delta.error is not None and raise_errors:
-            raise delta.error
-        if delta.finish is Finish.CANCELLED:
-            return
-        yield delta
-        if delta.finish is not None or delta.error is not None:
-            return
 
 
 def _sse(doc: dict) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from specserve.errors import InvalidArgument
-from specserve.strategy import MODES
+from specserve.strategy import MAX_DRAFT_TOKENS_LIMIT, MODES
 
 OPS_PREFIX = "specserve:ops:"
 
@@ -38,8 +38,8 @@ def _choice(*options: str) -> Callable[[str], str]:
 # Each ops key with its parser; a parser raises ValueError on a bad value.
 OPS_KEYS: dict[str, Callable[[str], Any]] = {
     "mode": _choice(*MODES),
-    "static_k": _int_in(0, 64),
-    "max_draft_tokens": _int_in(0, 64),
+    "static_k": _int_in(0, MAX_DRAFT_TOKENS_LIMIT),
+    "max_draft_tokens": _int_in(0, MAX_DRAFT_TOKENS_LIMIT),
     "max_batch_size": _int_in(1, 1024),
     "default_ttft_ms": _ms,
     "default_tpot_ms": _ms,

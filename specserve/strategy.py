@@ -17,6 +17,11 @@ STRATEGY_KEY = "specserve:strategy"
 UPDATES_CHANNEL = "specserve:strategy:updates"
 
 MODES: tuple[str, ...] = ("off", "static", "threshold", "smartspec", "specserve", "adaptive")
+MAX_DRAFT_TOKENS_LIMIT = 64  # longest draft any strategy, ops key or request may ask for
+# Priors before any draft outcome is seen: the SpecServe paper's initial c̄, and a per-token
+# acceptance typical of a same-family draft model.
+PRIOR_MEAN_CONFIDENCE = 0.6
+PRIOR_ACCEPTANCE_RATE = 0.7
 
 
 # A verify shape ends where one more position costs this much more (kernels change shape there).
@@ -113,8 +118,8 @@ class Strategy:
     threshold: float = 0.6  # the threshold controller's per-token cut
     gate_margin: float = 1.0  # speculate only if predicted gain beats plain decoding by this factor
     smartspec_margin: float = 1.1
-    mean_confidence: float = 0.6  # c̄: confidence assumed for a position not drafted yet
-    acceptance_rate: float = 0.7  # α: global accepted / drafted
+    mean_confidence: float = PRIOR_MEAN_CONFIDENCE  # c̄: confidence assumed for a position not drafted yet
+    acceptance_rate: float = PRIOR_ACCEPTANCE_RATE  # α: global accepted / drafted
     cost: CostModel = field(default_factory=CostModel)
     calibration: Calibration = field(default_factory=Calibration)
     version: int = 0
@@ -125,10 +130,9 @@ class Strategy:
     def validate(self) -> "Strategy":
         if self.mode not in MODES:
             raise InvalidArgument("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not 0 <= self.max_draft_tokens <= 64:
-            raise InvalidArgument("max_draft_tokens", f"must be in [0, 64], got {self.max_draft_tokens}")
-        if not 0 <= self.static_k <= 64:
-            raise InvalidArgument("static_k", f"must be in [0, 64], got {self.static_k}")
+        for name in ("max_draft_tokens", "static_k"):
+            if not 0 <= getattr(self, name) <= MAX_DRAFT_TOKENS_LIMIT:
+                raise InvalidArgument(name, f"must be in [0, {MAX_DRAFT_TOKENS_LIMIT}], got {getattr(self, name)}")
         for name in ("threshold", "mean_confidence", "acceptance_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InvalidArgument(name, f"must be in [0, 1], got {getattr(self, name)}")

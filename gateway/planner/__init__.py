@@ -14,7 +14,7 @@ from gateway.planner.base import Controller, Drafted, DraftPlan, SessionView, ex
 from gateway.planner.efficiency_gate import EfficiencyGate
 from gateway.planner.fixed import Static, Threshold
 from gateway.planner.smartspec import SmartSpec
-from specserve.strategy import Strategy
+from specserve.strategy import PRIOR_MEAN_CONFIDENCE, Strategy
 
 __all__ = ["Drafted", "DraftPlan", "Planner", "SessionView", "expected_tokens"]
 
@@ -25,7 +25,6 @@ CONTROLLERS: dict[str, Controller] = {
 COST_MODES = ("adaptive", "specserve", "smartspec")  # the controllers that decide from the cost model
 OVERRIDE_REASONS = {"off": "speculation off for this request", "static": "static k = 0 requested"}
 
-INITIAL_MEAN_CONFIDENCE = 0.6  # specserve's c̄ before any draft is seen (the paper's initial value)
 # The step-time correction: an exponential mean of measured / predicted time. Weight 0.3 follows a
 # change within a few steps; the clamp keeps one outlier (a GC pause, a cold cache) from swinging it.
 TIME_SCALE_WEIGHT = 0.3
@@ -38,7 +37,7 @@ class Planner:
         self.reasons: dict[str, str] = {}  # why a session got no drafts in the last plan
         # specserve's c̄: the running mean of the draft confidences of every draft round that did not
         # lower G, over all steps; its prior counts as one observation.
-        self._confidence_sum, self._confidence_n = INITIAL_MEAN_CONFIDENCE, 1
+        self._confidence_sum, self._confidence_n = PRIOR_MEAN_CONFIDENCE, 1  # the paper's initial c̄
         self.time_scale = 1.0  # measured / predicted step time, tracked online
 
     def set_strategy(self, strategy: Strategy) -> None:

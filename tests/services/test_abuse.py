@@ -6,7 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.admission import Admission
-from gateway.servicer import GatewayServicer, Limits
+from gateway.request import Limits
+from gateway.servicer import GatewayServicer
 from specserve.errors import InvalidArgument
 from specserve.ops import OPS_KEYS, parse_op
 from specserve.server import ApiKeyInterceptor, Server

@@ -4,7 +4,8 @@ import grpc
 import pytest
 
 from gateway.admission import Admission
-from gateway.servicer import GatewayServicer, Limits
+from gateway.request import Limits
+from gateway.servicer import GatewayServicer
 from services.drafter.proposers import make_proposer
 from services.drafter.servicer import DrafterServicer
 from services.modelservice.compute import ComputeThread
