@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from specserve.strategy import Calibration, CostModel
+from specserve.strategy import PRIOR_ACCEPTANCE_RATE, Calibration, CostModel
 
 
 def _nonneg_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -86,9 +86,12 @@ class CalibrationEstimator:
     non-decreasing by pooling adjacent violators."""
 
     bins: int = 10
-    seen: np.ndarray = field(default_factory=lambda: np.zeros(10))
-    survived: np.ndarray = field(default_factory=lambda: np.zeros(10))
     min_samples: int = 50
+    seen: np.ndarray = field(init=False)
+    survived: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.seen, self.survived = np.zeros(self.bins), np.zeros(self.bins)
 
     def observe(self, confidences: list[float], outcomes: list[int]) -> None:
         for c, o in zip(confidences, outcomes):
@@ -120,7 +123,7 @@ class CalibrationEstimator:
 class AcceptanceEstimator:
     drafted: float = 0.0
     accepted: float = 0.0
-    prior: float = 0.7
+    prior: float = PRIOR_ACCEPTANCE_RATE
 
     def observe(self, drafted: int, accepted: int) -> None:
         self.drafted += drafted

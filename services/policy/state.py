@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from services.policy.estimators import AcceptanceEstimator, CalibrationEstimator, CostEstimator
 from specserve.errors import InvalidArgument
-from specserve.strategy import Strategy
+from specserve.strategy import MAX_DRAFT_TOKENS_LIMIT, MODES, PRIOR_MEAN_CONFIDENCE, Strategy
 
 
 def parse_algorithm(name: str) -> tuple[str, int]:
@@ -17,10 +17,10 @@ def parse_algorithm(name: str) -> tuple[str, int]:
             k = int(name.split(":", 1)[1])
         except ValueError:
             raise InvalidArgument("algorithm", f"static needs an integer k, got {name!r}") from None
-        if not 0 <= k <= 64:
-            raise InvalidArgument("algorithm", f"static k must be in [0, 64], got {k}")
+        if not 0 <= k <= MAX_DRAFT_TOKENS_LIMIT:
+            raise InvalidArgument("algorithm", f"static k must be in [0, {MAX_DRAFT_TOKENS_LIMIT}], got {k}")
         return "static", k
-    if name not in ("adaptive", "specserve", "smartspec", "threshold", "off"):
+    if name not in MODES or name == "static":
         raise InvalidArgument("algorithm", f"unknown algorithm {name!r}")
     return name, 4
 
@@ -64,7 +64,7 @@ class PolicyState:
         mode, k = parse_algorithm(self.algorithm)
         self.version += 1
         acc = self.acceptance
-        per_token = acc.accepted / acc.drafted if acc.drafted else 0.6
+        per_token = acc.accepted / acc.drafted if acc.drafted else PRIOR_MEAN_CONFIDENCE
         return Strategy(
             mode=mode, static_k=k, cost=self.cost.fit(), calibration=self.calibration.fit(),
             acceptance_rate=min(acc.rate, 0.99), mean_confidence=min(max(per_token, 0.05), 0.99),

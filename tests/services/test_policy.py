@@ -44,6 +44,14 @@ def test_calibration_converges_to_observed_survival():
     assert list(cal.survival) == sorted(cal.survival)
 
 
+@pytest.mark.parametrize("bins", [4, 20])
+def test_calibration_has_the_bins_it_is_given(bins):
+    est = CalibrationEstimator(bins=bins, min_samples=1)
+    est.observe([i / 100 for i in range(100)], [i % 2 for i in range(100)])
+    assert len(est.seen) == bins and est.seen.sum() == 100
+    assert len(est.fit().raw) == bins + 2  # the bin centres between 0 and 1
+
+
 def _record(i: int) -> dict:
     return encode({"batch_size": 2, "verified_positions": 6, "draft_steps": 2, "draft_ms": 20.0 + i % 3,
                    "context_tokens": 100, "verify_ms": 50.0, "confidences": [0.9, 0.5], "outcomes": [1, 0],
