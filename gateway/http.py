@@ -304,8 +304,10 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket; no port sharing, so a busy port fails here, naming it."""
+    """A listening socket; no port sharing (a port with a listener fails here, naming it), but
+    address reuse, so a restart right after a stop binds despite connections in TIME_WAIT."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:

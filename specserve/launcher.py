@@ -40,7 +40,10 @@ def _die_with_parent() -> None:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could bind the port now. Servers bind with address reuse (grpc, uvicorn and
+    our HTTP front do), so connections of an earlier run in TIME_WAIT do not make it busy."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return True
