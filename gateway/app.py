@@ -68,7 +68,7 @@ class GatewayConfig:
     tls_key: str = doc("", "PEM private key for tls_cert")
     max_prompt_tokens: int = doc(0, "longest prompt accepted; 0 is the context window")
     max_streams_per_client: int = doc(64, "concurrent Generate streams per API key (or peer address)")
-    max_request_bytes: int = doc(4 << 20, "largest request message accepted")
+    max_request_bytes: int = doc(4 << 20, "largest request accepted (gRPC message or HTTP body)")
 
     def validate(self) -> None:
         if not self.tokenizer:
@@ -211,7 +211,8 @@ class Gateway:
     async def serve(self) -> None:
         self.bind()
         if self.http_sock is not None:
-            api = http.HttpApi(self.servicer, self.server, self.metrics.registry, self.keys, self.config.served_model_name)
+            api = http.HttpApi(self.servicer, self.server, self.metrics.registry, self.keys, self.config.served_model_name,
+                               self.config.max_request_bytes)
             self.http_server = http.http_server(api, self.config.tls_cert, self.config.tls_key)
             self.tasks.spawn(self.http_server.serve(sockets=[self.http_sock]), "http-server")
         await run_until_signalled(self.server, self.warm_up, self.config.grace_s, on_stop=self.stop)

@@ -40,6 +40,7 @@ _PARAMS = {"sampling.max_new_tokens": "max_tokens", "sampling.temperature": "tem
            "sampling.top_k": "top_k", "sampling.seed": "seed", "sampling.stop": "stop", "prompt_token_ids": "prompt",
            "input": "prompt"}
 OPENAI_DEFAULT_TEMPERATURE = 1.0  # OpenAI's default: a request that sets none is sampled
+INT32_END = 2**31  # counts travel as int32 on the way to the model services
 
 
 class HttpError(Exception):
@@ -87,10 +88,10 @@ class _Common(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     model: str
-    max_tokens: int | None = Field(None, ge=0)
-    temperature: float | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=0, lt=INT32_END)
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, lt=INT32_END)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     n: int = 1
@@ -139,7 +140,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0, lt=INT32_END)
 
     def to_request(self) -> GenerateInput:
         messages = [(m.role, m.content if isinstance(m.content, str) else "".join(p.text for p in m.content))
@@ -159,9 +160,10 @@ class HttpApi:
     """The FastAPI app over a gateway servicer; `served_model` is the name clients send as `model`."""
 
     def __init__(self, servicer: GatewayServicer, server: Server, registry: CollectorRegistry, keys: set[str],
-                 served_model_name: str = ""):
+                 served_model_name: str = "", max_body_bytes: int = 4 << 20):
         self.servicer, self.server, self.keys, self.served_model_name = servicer, server, keys, served_model_name
         self.app = FastAPI(title="SpecServe", docs_url=None, redoc_url=None)
+        self.app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
         self.app.add_exception_handler(HttpError, lambda request, exc: exc.response())
         self.app.add_exception_handler(SpecServeError, lambda request, exc: http_error(exc).response())
         self.app.add_exception_handler(RequestValidationError, self._invalid_body)
@@ -293,6 +295,47 @@ class HttpApi:
 
 def _sse(doc: dict) -> str:
     return f"data: {json.dumps(doc, separators=(',', ':'))}\n\n"
+
+
+class BodyLimit:
+    """ASGI middleware: a request body past `max_bytes` (declared or streamed) gets 413 before any
+    handler reads it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._too_large(send)
+
+    async def _too_large(self, send) -> None:
+        doc = {"error": {"message": f"the request body exceeds {self.max_bytes} bytes",
+                         "type": "invalid_request_error", "param": None, "code": None}}
+        body = json.dumps(doc).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    """A streamed body passed the limit."""
 
 
 class _EmbeddedServer(uvicorn.Server):

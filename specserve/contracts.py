@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 from specserve.errors import InvalidArgument
 
 MAX_NEW_TOKENS_LIMIT = 8192
+# A temperature below this decodes greedily (vLLM's sampling epsilon): dividing logits by a tiny
+# positive temperature overflows to inf and the distribution to NaN.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 is greedy
+    temperature: float = 0.0  # below GREEDY_BELOW_TEMPERATURE (0 included) is greedy
     top_k: int = 0  # 0 disables
     top_p: float = 1.0  # 1 disables
     seed: int | None = None
@@ -26,7 +29,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def validate(self, prefix: str = "sampling", max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT) -> "SamplingParams":
         """Raise InvalidArgument naming the first bad field; return self when all are good."""

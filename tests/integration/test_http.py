@@ -139,7 +139,10 @@ def test_client_disconnect_mid_stream_frees_the_session(stack):
     assert _verifier_sessions(stack) == 0 and _metric(stack, cancelled) == before + 1
 
 
-_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3000), st.floats(-2, 3, allow_nan=False),
+# Full integer ranges and subnormal floats, and the edges where int32 and int64 end.
+_EDGES = st.sampled_from([2**31 - 1, 2**31, 2**63, 2**64, -(2**31) - 1, 5e-324, 1e-38, 1e-300])
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3000), st.integers(), _EDGES,
+                    st.floats(-2, 3, allow_nan=False), st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=True),
                     st.text(max_size=8), st.lists(st.integers(-1, 400), max_size=4), st.lists(st.text(max_size=3), max_size=2))
 _BODIES = st.fixed_dictionaries(
     {"model": st.sampled_from(["tiny-target", "other", 3])},
@@ -163,6 +166,29 @@ def test_fuzzed_bodies_get_a_2xx_or_an_openai_shaped_4xx(stack, body, chat):
     else:
         assert json.loads(response.text)["usage"]["completion_tokens"] >= 0
     assert httpx.get(f"{stack.http_address}/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("field, value", [("max_tokens", 2**31), ("top_k", 2**31), ("max_tokens", 2**63),
+                                          ("top_k", 2**40), ("max_completion_tokens", 2**31)])
+def test_out_of_range_counts_are_a_400_naming_the_field(stack, field, value):
+    body = {"model": "tiny-target", "messages": [{"role": "user", "content": "hi"}], field: value}
+    response = httpx.post(f"{stack.http_address}/v1/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert field in response.json()["error"]["param"]
+
+
+def test_a_tiny_temperature_decodes_greedily(client):
+    greedy = client.completions.create(model="tiny-target", prompt="def add(a, b):", max_tokens=6, temperature=0)
+    tiny = client.completions.create(model="tiny-target", prompt="def add(a, b):", max_tokens=6, temperature=1e-38)
+    assert tiny.choices[0].text == greedy.choices[0].text
+
+
+def test_a_body_past_the_limit_is_a_413(stack):
+    body = {"model": "tiny-target", "prompt": "x" * (5 << 20)}
+    response = httpx.post(f"{stack.http_address}/v1/completions", json=body,
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert response.status_code == 413 and "exceeds" in response.json()["error"]["message"]
 
 
 def test_metrics_follow_prometheus_conventions(client, stack):
