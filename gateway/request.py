@@ -104,5 +104,6 @@ def validate(request: GenerateInput, tokenizer, vocab: int, limits: Limits) -> S
         raise InvalidArgument("speculation.static_k", f"must be in [0, {MAX_DRAFT_TOKENS_LIMIT}], got {request.static_k}")
     slo = Slo(request.slo.ttft_ms or limits.default_ttft_ms, request.slo.tpot_ms or limits.default_tpot_ms,
               request.slo.deadline_ms, request.slo.best_effort)
-    return Sequence(request.request_id or uuid.uuid4().hex, prompt, params, slo, request.priority, request.mode,
-                    request.static_k if request.mode == "static" else 0)
+    # The session id is the gateway's own: two requests may send the same request_id.
+    return Sequence(uuid.uuid4().hex, prompt, params, slo, request.priority, request.mode,
+                    request.static_k if request.mode == "static" else 0, request_id=request.request_id)

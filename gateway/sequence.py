@@ -47,13 +47,14 @@ class Delta:
 
 @dataclass
 class Sequence:
-    id: str
+    id: str  # the session id on both model services: the gateway's own, never the client's
     prompt: list[int]
     params: SamplingParams
     slo: Slo = field(default_factory=Slo)
     priority: int = 0
     mode: str = ""  # per-request speculation override: "", "off" or "static"
     static_k: int = 0
+    request_id: str = ""  # the client's id, echoed back
     arrival: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     generated: list[int] = field(default_factory=list)

@@ -145,7 +145,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         cancelled = True
         try:
             async for delta in deltas(seq):
-                message = gateway_pb2.GenerateResponse(request_id=seq.id, token_ids=delta.token_ids, text=delta.text)
+                message = gateway_pb2.GenerateResponse(request_id=seq.request_id or seq.id, token_ids=delta.token_ids, text=delta.text)
                 if delta.finish is not None:
                     message.finish_reason = _FINISH_TO_PB[delta.finish]
                     message.stats.CopyFrom(stats_to_pb(seq))

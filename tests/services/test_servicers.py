@@ -131,6 +131,20 @@ async def test_gateway_streams_text_and_stats(gateway_stub):
     assert last.stats.prompt_tokens > 0 and last.stats.slo_attained
 
 
+async def test_two_requests_with_one_request_id_both_complete(gateway_stub):
+    """The client's request_id is echoed, never the session key: the same id twice runs two sessions."""
+    import asyncio
+
+    async def run(prompt: str) -> list:
+        request = gateway_pb2.GenerateRequest(request_id="same", prompt=prompt, sampling={"max_new_tokens": 6})
+        return [m async for m in gateway_stub.Generate(request)]
+
+    first, second = await asyncio.wait_for(asyncio.gather(run("def add(a, b):"), run("class Stack:")), 120)
+    for messages in (first, second):
+        assert messages[-1].HasField("stats") and messages[-1].stats.output_tokens >= 1
+        assert {m.request_id for m in messages} == {"same"}
+
+
 def test_start_up_profiles_measure_steady_state_steps(tiny_pair):
     from services.drafter.__main__ import warm as warm_drafter
     from services.verifier.__main__ import warm as warm_verifier
