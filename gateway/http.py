@@ -16,7 +16,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import uvicorn
@@ -238,7 +238,8 @@ class HttpApi:
                 "model": self.served_model}
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._events(seq, client, meta, chat, usage), media_type="text/event-stream")
+            return _ClosingStream(self._events(seq, client, meta, chat, usage),
+                                  lambda: self.servicer.close_stream(seq, client, cancelled=True))
         cancelled = True
         try:
             text, finish = "", None
@@ -295,6 +296,21 @@ class HttpApi:
 
 def _sse(doc: dict) -> str:
     return f"data: {json.dumps(doc, separators=(',', ':'))}\n\n"
+
+
+class _ClosingStream(StreamingResponse):
+    """Server-sent events whose stream is closed however the response ends: a client gone before
+    the first byte means the body generator never starts, so its own `finally` never runs."""
+
+    def __init__(self, events: AsyncIterator[str], close: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream")
+        self.close = close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.close()  # a no-op when the events closed the stream themselves
 
 
 class BodyLimit:

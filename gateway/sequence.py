@@ -72,6 +72,7 @@ class Sequence:
     accepted_tokens: int = 0
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    stream_closed: bool = False  # the front's stream slot is given back
     plain_reason: str = ""  # why the latest step gave it no drafts
 
     @property

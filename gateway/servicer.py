@@ -127,7 +127,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def close_stream(self, seq: Sequence, client: str, cancelled: bool) -> None:
         """The stream is over; a cancelled one (the client went away before its end) frees its
-        sessions on both model services."""
+        sessions on both model services. Closing twice is a no-op, so every path that may end a
+        stream can close it."""
+        if seq.stream_closed:
+            return
+        seq.stream_closed = True
         if cancelled:
             self.scheduler.cancel(seq)
         self.streams[client] -= 1

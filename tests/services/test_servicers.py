@@ -155,3 +155,52 @@ def test_start_up_profiles_measure_steady_state_steps(tiny_pair):
     assert all(r["draft_ms"] > 0 for r in drafts)
     verifies = warm_verifier(VerifierWorker(target))
     assert [r["verified_positions"] for r in verifies] == [1, 2, 3, 4, 5, 6, 8] * 2
+
+
+async def test_a_stream_whose_client_left_before_the_first_byte_gives_its_slot_back(tiny_models):
+    """The HTTP response fails at its first send (the client is gone): the stream is closed anyway
+    and its session cancelled, so no slot leaks."""
+    import asyncio
+    import json
+
+    from prometheus_client import CollectorRegistry
+    from starlette.requests import ClientDisconnect
+
+    from gateway.http import HttpApi
+
+    tokenizer = tiny_models.tokenizer
+    scheduler = tiny_models.scheduler()
+    servicer = GatewayServicer()
+    servicer.attach(scheduler, tokenizer, len(tokenizer), Limits(1024), gateway_pb2.GatewayInfo(target_model="tiny"),
+                    Admission(scheduler))
+    scheduler.start()
+    server = Server(["test"])
+    server.serving = True
+    api = HttpApi(servicer, server, CollectorRegistry(), set(), "tiny")
+    body = json.dumps({"model": "tiny", "prompt": "def add(a, b):", "max_tokens": 50, "stream": True}).encode()
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message["type"])
+        if message["type"] == "http.response.start":
+            raise OSError("client went away")
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    try:
+        for _ in range(3):
+            with pytest.raises((OSError, ClientDisconnect)):
+                await api.app(scope, receive, send)
+        assert sent.count("http.response.start") == 3  # each response failed at its first byte
+        assert servicer.streams == {}
+        deadline = asyncio.get_running_loop().time() + 60
+        while (scheduler.running or scheduler.waiting) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        assert not scheduler.running and not scheduler.waiting
+    finally:
+        await scheduler.stop()
