@@ -11,6 +11,7 @@ import asyncio
 import collections
 import json
 import logging
+import math
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
@@ -28,14 +29,32 @@ def encode(record: Any, **extra: Any) -> dict[str, str]:
     return {k: json.dumps(v) if isinstance(v, (list, dict, tuple)) else str(v) for k, v in doc.items()}
 
 
+class MalformedRecord(ValueError):
+    """A record no consumer should apply (a non-finite number anywhere in it)."""
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise MalformedRecord(f"non-finite number {text}")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise MalformedRecord(f"non-finite number {name}")
+
+
 def decode(fields: dict[bytes | str, bytes | str]) -> dict[str, Any]:
-    """Stream fields back to values: JSON where it parses, else numbers, else strings."""
+    """Stream fields back to values: JSON where it parses, else strings. A non-finite number
+    (`1e400`, `Infinity`, `NaN`, also inside a list) raises MalformedRecord."""
     out: dict[str, Any] = {}
     for k, v in fields.items():
         key = k.decode() if isinstance(k, bytes) else k
         text = v.decode() if isinstance(v, bytes) else v
         try:
-            out[key] = json.loads(text)
+            out[key] = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+        except MalformedRecord:
+            raise
         except ValueError:
             out[key] = text
     return out

@@ -59,7 +59,7 @@ class Consumer:
                 continue
             try:
                 self.apply(decode(fields))
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:  # one bad record never kills the loop
                 self.malformed += 1
                 log.warning("skipping malformed telemetry entry %s: %s", entry_id, exc)
             self.client.xack(self.stream, self.group, entry_id)

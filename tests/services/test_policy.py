@@ -86,6 +86,20 @@ def test_consumer_dies_mid_batch_and_every_entry_is_applied_exactly_once(redis_c
     assert redis_client.xpending(STREAM, survivor.group)["pending"] == 0
 
 
+@pytest.mark.parametrize("field, raw", [("batch_size", "1e400"), ("confidences", "[Infinity, 0.5]"),
+                                        ("verify_ms", "NaN"), ("draft_ms", "-1e999"), ("batch_size", "[1, 2]")])
+def test_a_bad_record_is_acked_counted_and_the_next_one_applied(redis_client, field, raw):
+    bad = {**_record(0), field: raw}
+    redis_client.xadd(STREAM, bad)
+    redis_client.xadd(STREAM, _record(1))
+    state = PolicyState()
+    consumer = Consumer(redis_client, "c", state.observe, min_idle_ms=0)
+    while consumer.poll(block_ms=10):
+        pass
+    assert consumer.malformed == 1 and state.applied == 1
+    assert redis_client.xpending(STREAM, consumer.group)["pending"] == 0
+
+
 def test_policy_publishes_a_valid_strategy_from_records(redis_client):
     state = PolicyState("specserve")
     from specserve.telemetry import decode
