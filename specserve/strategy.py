@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from specserve.errors import InvalidArgument
 
@@ -22,6 +23,37 @@ MAX_DRAFT_TOKENS_LIMIT = 64  # longest draft any strategy, ops key or request ma
 # acceptance typical of a same-family draft model.
 PRIOR_MEAN_CONFIDENCE = 0.6
 PRIOR_ACCEPTANCE_RATE = 0.7
+
+
+CLOCK_SKEW_S = 5.0  # a document may be issued this far in the future (clocks of two hosts differ)
+
+
+def _int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(name, f"must be an integer, got {value!r}")
+    return value
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidArgument(name, f"must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _validate_cost(cost: "CostModel") -> None:
+    for name in ("draft_fixed", "draft_per_seq", "verify_fixed", "verify_per_pos", "verify_per_ctx"):
+        if _number(f"cost.{name}", getattr(cost, name)) < 0:
+            raise InvalidArgument(f"cost.{name}", f"must be >= 0, got {getattr(cost, name)}")
+    buckets = [_int("cost.shape_buckets", b) for b in cost.shape_buckets]
+    if any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
+        raise InvalidArgument("cost.shape_buckets", "must be positive, increasing and unique")
+    positions = [_int("cost.verify_table", p) for p, _ in cost.verify_table]
+    if any(p <= 0 for p in positions) or positions != sorted(set(positions)):
+        raise InvalidArgument("cost.verify_table", "positions must be positive, increasing and unique")
+    if any(_number("cost.verify_table", t) <= 0 for _, t in cost.verify_table):
+        raise InvalidArgument("cost.verify_table", "every time must be > 0")
+    if not cost.verify_table and cost.verify_fixed + cost.verify_per_pos <= 0:
+        raise InvalidArgument("cost.verify_fixed", "a verify must cost > 0 (verify_fixed + verify_per_pos)")
 
 
 # A verify shape ends where one more position costs this much more (kernels change shape there).
@@ -128,17 +160,31 @@ class Strategy:
     ttl_s: float = 30.0
 
     def validate(self) -> "Strategy":
+        """Raise InvalidArgument naming the first bad field: counts are integers, every number is
+        finite, costs are >= 0 and every verify shape costs > 0, the table is sorted and unique,
+        the TTL is positive and the document is not issued in the future."""
         if self.mode not in MODES:
             raise InvalidArgument("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         for name in ("max_draft_tokens", "static_k"):
-            if not 0 <= getattr(self, name) <= MAX_DRAFT_TOKENS_LIMIT:
-                raise InvalidArgument(name, f"must be in [0, {MAX_DRAFT_TOKENS_LIMIT}], got {getattr(self, name)}")
+            value = _int(name, getattr(self, name))
+            if not 0 <= value <= MAX_DRAFT_TOKENS_LIMIT:
+                raise InvalidArgument(name, f"must be in [0, {MAX_DRAFT_TOKENS_LIMIT}], got {value}")
+        _int("version", self.version)
         for name in ("threshold", "mean_confidence", "acceptance_rate"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
+            if not 0.0 <= _number(name, getattr(self, name)) <= 1.0:
                 raise InvalidArgument(name, f"must be in [0, 1], got {getattr(self, name)}")
-        if self.ttl_s <= 0:
-            raise InvalidArgument("ttl_s", "must be > 0")
+        for name in ("gate_margin", "smartspec_margin"):
+            if _number(name, getattr(self, name)) <= 0:
+                raise InvalidArgument(name, f"must be > 0, got {getattr(self, name)}")
+        if _number("ttl_s", self.ttl_s) <= 0:
+            raise InvalidArgument("ttl_s", f"must be > 0, got {self.ttl_s}")
+        if _number("issued_at", self.issued_at) > time.time() + CLOCK_SKEW_S:
+            raise InvalidArgument("issued_at", f"{self.issued_at} is in the future")
+        _validate_cost(self.cost)
         cal = self.calibration
+        for name, values in (("calibration.raw", cal.raw), ("calibration.survival", cal.survival)):
+            if any(not 0.0 <= _number(name, v) <= 1.0 for v in values):
+                raise InvalidArgument(name, "values must be in [0, 1]")
         if len(cal.raw) != len(cal.survival) or len(cal.raw) < 2 or list(cal.raw) != sorted(cal.raw) \
                 or list(cal.survival) != sorted(cal.survival):
             raise InvalidArgument("calibration", "raw and survival must be increasing and of equal length >= 2")
@@ -157,11 +203,21 @@ class Strategy:
     def from_json(cls, text: str | bytes) -> "Strategy":
         try:
             doc = json.loads(text)
-            cost = CostModel(**{**doc.pop("cost", {})})
+            if not isinstance(doc, dict):
+                raise TypeError("the document must be a JSON object")
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(doc) - known)
+            if unknown:
+                raise InvalidArgument("strategy", f"unknown field {unknown[0]!r}")
+            cost_doc, cal_doc = doc.pop("cost", {}), doc.pop("calibration", {})
+            if not isinstance(cost_doc, dict) or not isinstance(cal_doc, dict):
+                raise TypeError("cost and calibration must be JSON objects")
+            cost = CostModel(**cost_doc)
             cost = replace(cost, shape_buckets=tuple(cost.shape_buckets),
-                           verify_table=tuple((int(p), float(t)) for p, t in cost.verify_table))
-            cal_doc = doc.pop("calibration", {})
+                           verify_table=tuple((p, t) for p, t in cost.verify_table))
             cal = Calibration(tuple(cal_doc.get("raw", (0.0, 1.0))), tuple(cal_doc.get("survival", (0.0, 1.0))))
             return cls(**doc, cost=cost, calibration=cal).validate()
-        except (ValueError, TypeError, AttributeError) as exc:
+        except InvalidArgument:
+            raise
+        except (ValueError, TypeError, AttributeError, OverflowError) as exc:
             raise InvalidArgument("strategy", f"not a valid strategy document: {exc}") from None

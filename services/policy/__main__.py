@@ -39,9 +39,18 @@ class PolicyConfig:
             raise InvalidArgument("redis_url", "the policy needs Redis")
 
 
-def publish(client: redis.Redis, strategy: Strategy) -> None:
-    client.set(STRATEGY_KEY, strategy.to_json())
+def publish(client: redis.Redis, strategy: Strategy) -> bool:
+    """Publish the strategy once it validates as every reader will (through its JSON); a fit that
+    does not is logged and not published, so readers keep the last valid one."""
+    text = strategy.to_json()
+    try:
+        Strategy.from_json(text)
+    except InvalidArgument as exc:
+        log.warning("not publishing an invalid fit: %s", exc)
+        return False
+    client.set(STRATEGY_KEY, text)
     client.publish(UPDATES_CHANNEL, str(strategy.version))
+    return True
 
 
 def last_version(client: redis.Redis) -> int:

@@ -100,6 +100,12 @@ def test_a_bad_record_is_acked_counted_and_the_next_one_applied(redis_client, fi
     assert redis_client.xpending(STREAM, consumer.group)["pending"] == 0
 
 
+def test_an_invalid_fit_is_not_published(redis_client):
+    bad = Strategy(cost=CostModel(verify_fixed=0.0, verify_per_pos=0.0))
+    assert not publish(redis_client, bad) and redis_client.get(STRATEGY_KEY) is None
+    assert publish(redis_client, Strategy()) and Strategy.from_json(redis_client.get(STRATEGY_KEY)) == Strategy()
+
+
 def test_policy_publishes_a_valid_strategy_from_records(redis_client):
     state = PolicyState("specserve")
     from specserve.telemetry import decode
