@@ -190,7 +190,7 @@ class Gateway:
             limits.default_ttft_ms = live.ops.get("default_ttft_ms", c.default_ttft_ms)
             limits.default_tpot_ms = live.ops.get("default_tpot_ms", c.default_tpot_ms)
             admission.mode = live.ops.get("admission", c.admission)
-            self.metrics.observe_invalid_ops(live.invalid_ops)
+            self.metrics.observe_invalid(live.invalid_ops, live.invalid_strategies)
 
         reader = LiveReader(self.redis, LiveConfig(self.strategy), on_change)
         await reader.refresh_safely()

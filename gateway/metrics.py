@@ -41,12 +41,14 @@ class GatewayMetrics:
         self.running = Gauge("specserve_running", "Running sessions", registry=r)
         self.queued = Gauge("specserve_queued", "Waiting requests", registry=r)
         self.invalid_ops = Counter("specserve_ops_invalid", "Ops key values rejected as invalid", registry=r)
+        self.invalid_strategies = Counter("specserve_strategy_invalid", "Strategy documents ignored as invalid",
+                                          registry=r)
         self.drafter_available = Gauge("specserve_drafter_available", "1 while the drafter answers", registry=r)
         self.strategy_version = Gauge("specserve_strategy_version", "Version of the strategy in force", registry=r)
         self.strategy_age = Gauge("specserve_strategy_age_seconds", "Age of the strategy in force", registry=r)
         self.telemetry_dropped = Gauge("specserve_telemetry_dropped", "Telemetry records dropped (Redis away or "
                                        "the buffer full), since start", registry=r)
-        self._invalid_seen = 0
+        self._invalid_seen = {"ops": 0, "strategies": 0}
 
     def follow(self, scheduler, telemetry=None) -> None:
         """Gauges read at scrape time from the running scheduler (and telemetry emitter)."""
@@ -57,11 +59,13 @@ class GatewayMetrics:
         if telemetry is not None:
             self.telemetry_dropped.set_function(lambda: telemetry.dropped)
 
-    def observe_invalid_ops(self, total: int) -> None:
-        """`total`: the reader's running count; the counter follows it."""
-        if total > self._invalid_seen:
-            self.invalid_ops.inc(total - self._invalid_seen)
-            self._invalid_seen = total
+    def observe_invalid(self, ops: int, strategies: int) -> None:
+        """The live reader's running counts of ignored ops values and strategy documents; the
+        counters follow them."""
+        for kind, total, counter in (("ops", ops, self.invalid_ops), ("strategies", strategies, self.invalid_strategies)):
+            if total > self._invalid_seen[kind]:
+                counter.inc(total - self._invalid_seen[kind])
+                self._invalid_seen[kind] = total
 
     def observe_step(self, rec: StepRecord) -> None:
         self.step.observe(rec.step_ms / 1000)

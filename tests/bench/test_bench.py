@@ -153,6 +153,7 @@ def test_every_bench_variant_parses_and_builds_its_config(tmp_path, tiny_dir):
     assert help_text.returncode == 0 and "--traces" in help_text.stdout
 
 
+@pytest.mark.processes
 def test_smoke_run_of_the_whole_bench_on_tiny_models(tiny_dir, redis_url, tmp_path):
     from bench import cli, peers
 
@@ -187,6 +188,7 @@ def test_ratio_interval_calls_a_tie_a_tie():
     assert noisy["verdict"] == "tie" and noisy["low"] < 1 < noisy["high"]
 
 
+@pytest.mark.processes
 def test_smoke_run_of_the_runtime_bench_on_tiny_models(tiny_dir, redis_url, tmp_path):
     from bench import cli
 

@@ -12,6 +12,8 @@ import yaml
 
 from specserve.launcher import Service, free_port, wait_healthy
 
+pytestmark = pytest.mark.processes  # starts the services as processes
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILES = [ROOT / "docker-compose.yml", ROOT / "deploy" / "compose.gpu.yml"]
 

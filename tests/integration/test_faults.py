@@ -12,6 +12,8 @@ from specserve.launcher import Stack, free_port, start_redis
 from specserve.telemetry import STREAM
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
 
+pytestmark = pytest.mark.processes  # starts the services as processes
+
 PROMPT = [17, 18, 19, 20, 21]
 
 

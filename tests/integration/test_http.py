@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from specserve.launcher import Stack
 from specserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, verifier_pb2_grpc
 
+pytestmark = pytest.mark.processes  # starts the services as processes
+
 KEY = "test-key"
 
 

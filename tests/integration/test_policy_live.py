@@ -14,6 +14,8 @@ from specserve.strategy import STRATEGY_KEY, Strategy
 from specserve.telemetry import STREAM
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
 
+pytestmark = pytest.mark.processes  # starts the services as processes
+
 
 @pytest.fixture(scope="module")
 def live_stack(tiny_dir, redis_url):

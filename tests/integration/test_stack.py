@@ -12,6 +12,8 @@ from specserve.launcher import Stack
 from specserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, verifier_pb2_grpc
 from tests.helpers import assert_lossless
 
+pytestmark = pytest.mark.processes  # starts the services as processes
+
 
 @pytest.fixture(scope="module", params=["torch", "llama.cpp"])
 def stack(request, tiny_dir):

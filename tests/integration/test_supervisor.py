@@ -16,6 +16,8 @@ from specserve.launcher import Stack, wait_healthy
 from specserve.strategy import STRATEGY_KEY, CostModel, Strategy
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
 
+pytestmark = pytest.mark.processes  # starts the services as processes
+
 PROMPT = [5, 9, 11, 40, 2, 7]
 
 

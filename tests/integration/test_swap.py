@@ -18,6 +18,8 @@ from specserve.sampling import processed_probs
 from specserve.strategy import STRATEGY_KEY
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
 
+pytestmark = pytest.mark.processes  # starts the services as processes
+
 PROMPT = [5, 9, 11, 40, 2]
 
 
