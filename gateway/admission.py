@@ -1,7 +1,8 @@
 """Admission control and SLO accounting.
 
 At admission the gateway predicts the new request's TTFT from the queue ahead of it, the running
-batch and the cost model. A request whose TTFT SLO cannot be met is rejected at once with
+batch and the cost model (prefill priced as the batched forwards it will be), corrected online by
+measured TTFTs; an idle system admits every request. A request whose TTFT SLO cannot be met is rejected at once with
 RESOURCE_EXHAUSTED and a retry hint, or, when it (or the `admission` ops key) asks for best
 effort, queued and marked unattainable.
 """
@@ -9,11 +10,10 @@ effort, queued and marked unattainable.
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass
 
 from gateway.planner import SessionView
-from gateway.scheduler import Scheduler
+from gateway.scheduler import Scheduler, _view
 from gateway.sequence import Finish, Sequence
 from specserve.errors import ResourceExhausted
 
@@ -41,53 +41,88 @@ def attainment(seq: Sequence) -> Attainment:
     return Attainment(ttft and ok, tpot and ok, deadline and ok)
 
 
+# The TTFT correction: an exponential mean of measured / predicted TTFT over admitted requests,
+# clamped so one outlier (a request queued behind a burst) cannot lock admission shut.
+TTFT_SCALE_WEIGHT = 0.2
+MIN_TTFT_SCALE, MAX_TTFT_SCALE = 0.5, 4.0
+
+
 class Admission:
-    def __init__(self, scheduler: Scheduler, mode: str = "reject", on_reject=None, margin: float = 1.25,
+    def __init__(self, scheduler: Scheduler, mode: str = "reject", on_reject=None, margin: float = 1.0,
                  on_admit=None):
         self.scheduler = scheduler
         self.on_admit = on_admit or (lambda seq: None)
         self.mode = mode
-        self.margin = margin  # predicted TTFT times this must fit the SLO: step times vary
+        self.margin = margin  # predicted TTFT times this must fit the SLO
         self.on_reject = on_reject or (lambda seq: None)
+        self.ttft_scale = 1.0  # measured / predicted TTFT, tracked online (see observe)
 
     def predict_ttft_ms(self, seq: Sequence) -> float:
-        """Simulate the batch slots: each running request frees its slot after its remaining
-        tokens, each request queued ahead (deadline order) takes the first free slot for its
-        prefill and all its tokens, then this request takes the next one. Steps are priced as
-        plain decoding of a full batch and prefills one by one, so the estimate errs long. The
-        prefill work ahead (prompts being prefilled or re-prefilled, and those queued ahead) also
-        shares one budget of max_prefill_tokens per step, each step paying a decode step too: the
-        prediction is the later of the two."""
+        """Simulate the batch's places: each running request frees its place after its remaining
+        tokens, each request queued ahead (deadline order) takes the first free place for its
+        prefill and all its tokens, then this request takes the next one for its prefill. The batch
+        holds as many sessions as max_batch_size allows and a plain step of them fits the tightest
+        TPOT SLO; steps are priced as plain steps of that batch, and a prefill as the forwards that
+        carry its prompt beside the running sessions' decode rows (chunks of max_prefill_tokens).
+        Times the TTFT correction learned from measured TTFTs."""
         sch = self.scheduler
-        cost = sch.planner.strategy.cost
         key = seq.sort_key()
-        in_prefill = [*sch.prefilling, *sch.resync]
-        ahead = sorted((s for s in sch.waiting if s is not seq and s.sort_key() <= key), key=Sequence.sort_key)
-        batch = max(1, min(sch.config.max_batch_size, len(sch.running) + len(ahead) + 1))
-        contexts = [s.position for s in sch.running.values()] + [len(s.prompt) for s in ahead] + [len(seq.prompt)]
-        mean_ctx = sum(contexts) // len(contexts)
-        step_ms = sch.planner.step_ms([SessionView("", mean_ctx)] * batch, [0] * batch)
+        running = list(sch.running.values())
+        ahead = sorted((s for s in [*sch.prefilling, *sch.resync, *sch.waiting] if s is not seq and s.sort_key() <= key),
+                       key=Sequence.sort_key)
+        views = [_view(s) for s in [*running, *ahead, seq]]
+        places = self._places(views)
+        batch = views[: min(places, len(running))]
+        full = views[:places]
+        step_ms = sch.planner.step_ms(full, [0] * len(full), 0)
+        zeros = [0] * len(batch)
+        chunk = max(1, sch.config.max_prefill_tokens)
 
         def prefill_ms(s: Sequence) -> float:
-            return cost.t_verify(len(s.prompt), len(s.prompt)) * sch.planner.time_scale
+            whole, rest = divmod(len(s.tokens) - s.prefilled, chunk)
+            ms = whole * sch.planner.step_ms(batch, zeros, chunk)
+            return ms + (sch.planner.step_ms(batch, zeros, rest) if rest else 0.0)
 
-        slots = [max(0, s.params.max_new_tokens - len(s.generated)) * step_ms for s in sch.running.values()]
-        slots += [0.0] * max(0, sch.config.max_batch_size - len(slots))
-        heapq.heapify(slots)
+        free = [max(1, s.params.max_new_tokens - len(s.generated)) * step_ms for s in running]
+        free += [0.0] * max(0, places - len(free))
+        heapq.heapify(free)
         for s in ahead:
-            free_at = heapq.heappop(slots)
-            heapq.heappush(slots, free_at + prefill_ms(s) + s.params.max_new_tokens * step_ms)
-        by_slots = slots[0] + prefill_ms(seq) + (step_ms if sch.running else 0.0)
-        tokens_ahead = sum(len(s.tokens) - s.prefilled for s in in_prefill) + sum(len(s.prompt) for s in ahead)
-        chunks = math.ceil((tokens_ahead + len(seq.prompt)) / max(1, sch.config.max_prefill_tokens))
-        by_budget = sum(prefill_ms(s) for s in [*in_prefill, *ahead, seq]) + chunks * (step_ms if sch.running else 0.0)
-        return max(by_slots, by_budget)
+            at = heapq.heappop(free)
+            heapq.heappush(free, at + prefill_ms(s) + s.params.max_new_tokens * step_ms)
+        return (free[0] + prefill_ms(seq)) * self.ttft_scale
+
+    def _places(self, views: list[SessionView]) -> int:
+        """Sessions the batch holds: up to max_batch_size, while a plain step of them fits the
+        tightest TPOT SLO among them (at least one)."""
+        sch = self.scheduler
+        n = min(len(views), sch.config.max_batch_size)
+        while n > 1 and not sch._fits(views[:n]):
+            n -= 1
+        return n if n < len(views) else sch.config.max_batch_size
+
+    def observe(self, seq: Sequence) -> None:
+        """A finished request: correct the TTFT prediction by its measured TTFT."""
+        if seq.predicted_ttft_ms > 0 and seq.first_token_at is not None:
+            ratio = seq.ttft_ms / (seq.predicted_ttft_ms / self.ttft_scale)
+            ratio = min(max(ratio, MIN_TTFT_SCALE), MAX_TTFT_SCALE)
+            self.ttft_scale = (1 - TTFT_SCALE_WEIGHT) * self.ttft_scale + TTFT_SCALE_WEIGHT * ratio
+
+    @property
+    def idle(self) -> bool:
+        sch = self.scheduler
+        return not (sch.running or sch.waiting or sch.prefilling or sch.resync)
 
     def shortfall_ms(self, seq: Sequence) -> float:
-        """How far the predicted TTFT (with the margin) overshoots the SLO; <= 0 means it fits."""
+        """How far the predicted TTFT (with the margin) overshoots the SLO; <= 0 means it fits. On
+        an idle system only the measured cost of its own prefill counts (no margin, no correction),
+        so an idle system refuses only a TTFT that is impossible and a wrong correction can never
+        lock admission shut: the admitted request's TTFT corrects it."""
+        seq.predicted_ttft_ms = self.predict_ttft_ms(seq)
         if self.mode == "off" or not seq.slo.ttft_ms:
             return 0.0
-        return self.predict_ttft_ms(seq) * self.margin - seq.slo.ttft_ms
+        if self.idle:
+            return seq.predicted_ttft_ms / self.ttft_scale - seq.slo.ttft_ms
+        return seq.predicted_ttft_ms * self.margin - seq.slo.ttft_ms
 
     def admit(self, seq: Sequence) -> None:
         """Admit (possibly marked unattainable) or raise ResourceExhausted with a retry hint."""
@@ -101,5 +136,6 @@ class Admission:
             return
         self.on_reject(seq)
         raise ResourceExhausted(
-            f"predicted time to first token {over + seq.slo.ttft_ms:.0f} ms exceeds the SLO of {seq.slo.ttft_ms:.0f} ms; "
-            "retry later or set slo.best_effort", retry_after_ms=int(over) + 1)
+            f"predicted time to first token {over + seq.slo.ttft_ms:.0f} ms exceeds the SLO of "
+            f"{seq.slo.ttft_ms:.0f} ms by {over:.0f} ms; retry later or set slo.best_effort",
+            retry_after_ms=int(over) + 1)

@@ -59,7 +59,7 @@ class GatewayConfig:
     default_ttft_ms: float = doc(0.0, "TTFT SLO of requests that set none; 0 is none")
     default_tpot_ms: float = doc(0.0, "TPOT SLO of requests that set none; 0 is none")
     admission: str = doc("reject", "reject, best_effort or off")
-    admission_margin: float = doc(1.25, "admit only if predicted TTFT times this fits the TTFT SLO")
+    admission_margin: float = doc(1.0, "admit only if predicted TTFT times this fits the TTFT SLO")
     call_timeout_s: float = doc(SchedulerConfig.call_timeout_s, "cap on every downstream call")
     startup_timeout_s: float = doc(600.0, "how long to wait for the verifier at start")
     grace_s: float = doc(10.0, "drain time on SIGTERM")
@@ -160,9 +160,15 @@ class Gateway:
 
         scheduler = Scheduler(self.verifier, self.drafter, self.tokenizer, vinfo.eos_token_ids,
                               SchedulerConfig(c.max_batch_size, c.max_queued, c.max_prefill_tokens, c.call_timeout_s),
-                              self.strategy, on_step=on_step, on_finish=metrics.observe_finish)
+                              self.strategy, on_step=on_step)
         admission = Admission(scheduler, c.admission, on_reject=lambda seq: metrics.rejected.labels("slo").inc(),
                               margin=c.admission_margin, on_admit=lambda seq: metrics.admitted.inc())
+
+        def on_finish(seq) -> None:
+            metrics.observe_finish(seq)
+            admission.observe(seq)
+
+        scheduler.on_finish = on_finish
         limits = Limits(vinfo.max_context, c.max_new_tokens, c.default_max_new_tokens, c.max_prompt_tokens,
                         default_ttft_ms=c.default_ttft_ms, default_tpot_ms=c.default_tpot_ms,
                         max_streams_per_client=c.max_streams_per_client)

@@ -153,7 +153,8 @@ _FINISH = {Finish.LENGTH: "length", Finish.EOS: "stop", Finish.STOP: "stop"}
 
 def _usage(seq: Sequence) -> dict:
     return {"prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.generated),
-            "total_tokens": len(seq.prompt) + len(seq.generated)}
+            "total_tokens": len(seq.prompt) + len(seq.generated),
+            "prompt_tokens_details": {"cached_tokens": seq.cached_tokens}}
 
 
 class HttpApi:

@@ -30,6 +30,11 @@ class GatewayMetrics:
         self.attained = Counter("specserve_requests_attained", "Finished requests within TTFT and TPOT SLO", registry=r)
         self.violated = Counter("specserve_requests_violated", "Finished requests outside their SLO", registry=r)
         self.output_tokens = Counter("specserve_output_tokens", "Tokens generated", registry=r)
+        # hit rate = cached / (cached + prefilled)
+        self.cached_tokens = Counter("specserve_prompt_cached_tokens", "Prompt tokens whose KV came from the prefix cache",
+                                     registry=r)
+        self.prefilled_tokens = Counter("specserve_prompt_prefilled_tokens", "Prompt tokens computed by a prefill",
+                                        registry=r)
         self.ttft = Histogram("specserve_ttft_seconds", "Time to first token", buckets=_SECONDS, registry=r)
         self.tpot = Histogram("specserve_tpot_seconds", "Mean time per output token", buckets=_SECONDS, registry=r)
         self.step = Histogram("specserve_step_seconds", "Step time", buckets=_SECONDS, registry=r)
@@ -80,6 +85,9 @@ class GatewayMetrics:
     def observe_finish(self, seq: Sequence) -> None:
         self.finished.labels(seq.finish.value if seq.finish else "unknown").inc()
         self.output_tokens.inc(len(seq.generated))
+        if seq.first_token_at is not None:
+            self.cached_tokens.inc(seq.cached_tokens)
+            self.prefilled_tokens.inc(len(seq.prompt) - seq.cached_tokens)
         if seq.first_token_at is not None:
             self.ttft.observe(seq.ttft_ms / 1000)
         if len(seq.generated) > 1:

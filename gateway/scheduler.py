@@ -1,8 +1,11 @@
 """Continuous batching and the draft/verify step loop.
 
-Each iteration: drop cancelled and expired requests, prefill waiting ones (bounded work per step so
-running sessions keep getting decode steps), then run one speculative step for the running batch:
-plan, propose (in rounds when the controller asks), prune, verify, stream what was committed.
+Each iteration is one step, one forward on each model service: drop cancelled and expired requests,
+choose the prompt chunks that join the step (a token budget from the running sessions' TPOT slack,
+a batch that grows only while its plain step fits the tightest TPOT SLO), then plan, propose (in
+rounds when the controller asks), prune, and verify the running batch together with those prompt
+chunks in one verifier call, and stream what was committed. The drafter reads a prompt at its
+session's first draft round, never alongside the verifier.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.backends import DrafterBackend, VerifierBackend
-from gateway.planner import COST_MODES, Drafted, DraftPlan, Planner, SessionView
+from gateway.planner import Drafted, DraftPlan, Planner, SessionView
 from gateway.sequence import Delta, Finish, Sequence, Status
 from gateway.textstream import TextStream
 from specserve.background import Background, Tasks
@@ -67,6 +70,7 @@ class StepRecord:
     strategy_version: int
     mode: str
     pruned: int = 0  # drafted slots the planner did not verify
+    prompt_tokens: int = 0  # prompt tokens prefilled in the same forward (in verified_positions)
     draft_catchup_tokens: int = 0  # tokens the drafter re-read to catch up (their time is not drafting)
 
 
@@ -91,11 +95,16 @@ class _Step:
     outcomes: list[int] = field(default_factory=list)
     position_accepted: list[int] = field(default_factory=list)
     position_drafted: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0  # prompt tokens prefilled in the same forward
 
     def __post_init__(self) -> None:
-        self.views = [SessionView(s.id, s.position, s.slo.tpot_ms, s.behind_ms, s.mode, s.static_k) for s in self.seqs]
+        self.views = [_view(s) for s in self.seqs]
         self.drafted = {s.id: Drafted() for s in self.seqs}
         self.dists = {s.id: [] for s in self.seqs}
+
+
+def _view(seq: Sequence) -> SessionView:
+    return SessionView(seq.id, seq.position, seq.slo.tpot_ms, seq.behind_ms, seq.mode, seq.static_k)
 
 
 class Scheduler(Background):
@@ -109,12 +118,12 @@ class Scheduler(Background):
         self.running: dict[str, Sequence] = {}
         self.resync: list[Sequence] = []  # running sessions the verifier lost; prefilled again
         self.prefilling: list[Sequence] = []  # in the middle of a chunked prefill
+        self.chunked: list[Sequence] = []  # queued requests whose prompt chunks the current step carries
         self.streams: dict[str, TextStream] = {}
         self.wake = asyncio.Event()
         self.drafter_down_until = 0.0
         self.drafter_misses = 0  # draft calls in a row that failed or missed their deadline
         self.step_id = 0
-        self.last_step_drafted = True  # cost-model modes feed the drafter prompts only then
         self.on_step = on_step or (lambda record: None)
         self.on_finish = on_finish or (lambda seq: None)
         self._to_release: list[str] = []
@@ -164,16 +173,19 @@ class Scheduler(Background):
                 log.exception("step failed (%d in a row)", failures)
                 if failures >= MAX_STEP_FAILURES:
                     # The same failure every time: end the affected requests instead of hanging them.
-                    for seq in [*self.prefilling, *self.resync, *self.running.values()]:
+                    for seq in [*self.prefilling, *self.resync, *self.running.values(), *self.chunked]:
                         self._finish(seq, Finish.ERROR, Unavailable(f"the step failed {failures} times: {exc}"))
                     failures = 0
                 await asyncio.sleep(STEP_RETRY_S)
 
     async def step(self) -> None:
+        """One forward on each model service: the running sessions' draft and verify, with the
+        prompt chunks the step's token budget allows in the verifier's same call."""
         self._reap()
-        await self._prefill()
-        if self.running:
-            await self._decode()
+        chunks = self._select_prefill()
+        self.chunked = [s for s, _ in chunks]  # queued requests whose prompts this step carries
+        if self.running or chunks:
+            await self._step(chunks)
         await self._release()
 
     def _reap(self) -> None:
@@ -185,9 +197,13 @@ class Scheduler(Background):
                 self._finish(seq, Finish.DEADLINE)
 
     def _draft_timeout(self, seqs: list[Sequence], items: list[ProposeItem]) -> float:
-        """A small multiple of the predicted draft time (with a floor), within the batch's budget."""
+        """A small multiple of the predicted draft time (with a floor), within the batch's budget.
+        Tokens the drafter catches up on are priced as the target would read them (an upper bound:
+        the draft model is the smaller one)."""
         k = max(i.max_draft_tokens for i in items)
-        predicted_s = self.planner.strategy.cost.t_draft(len(items), k) * self.planner.time_scale / 1000
+        cost = self.planner.strategy.cost
+        catchup = sum(len(i.new_tokens) for i in items)
+        predicted_s = (cost.t_draft(len(items), k) + cost.t_positions(catchup)) * self.planner.time_scale / 1000
         allowed = max(self.config.draft_timeout_floor_s, self.config.draft_timeout_factor * predicted_s)
         return min(self._timeout(seqs), allowed)
 
@@ -223,52 +239,83 @@ class Scheduler(Background):
             return self.config.call_timeout_s
         return max(0.05, min(self.config.call_timeout_s, max(deadlines) - now))
 
-    # --- prefill -----------------------------------------------------------------------------
-    async def _prefill(self) -> None:
-        """Prefill in chunks of at most max_prefill_tokens per step: a long prompt is spread over
-        several steps, so the running sessions keep getting decode steps in between. Sessions in
-        the middle of a chunked prefill go first, then sessions the verifier lost, then the queue
-        in deadline order."""
-        room = self.config.max_batch_size - len(self.running)
-        budget = self.config.max_prefill_tokens
+    # --- prefill: which prompt tokens join the step ----------------------------------------------
+    def _select_prefill(self) -> list[tuple[Sequence, int]]:
+        """Prompt chunks for this step (stall-free batching): sessions in the middle of a chunked
+        prefill first, then those the verifier lost, then the queue in deadline order. A new
+        session joins only while the predicted plain step of the grown batch fits the tightest
+        TPOT SLO (and max_batch_size); the chunks share a token budget sized so the predicted step
+        keeps every running session on its TPOT schedule. A request whose TTFT slack is spent goes
+        in whatever the budget."""
+        views = [_view(s) for s in self.running.values()]
+        budget = self._prompt_budget(views)
+        members = len(self.running) + len(self.prefilling)
         self.waiting.sort(key=Sequence.sort_key)
         batch: list[tuple[Sequence, int]] = []
         for seq in [*self.prefilling, *self.resync, *self.waiting]:
-            if budget <= 0 or len(batch) >= room:
+            joining = seq not in self.prefilling
+            if joining and (members >= self.config.max_batch_size or not self._fits(views + [_view(seq)])):
                 break
-            chunk = min(len(seq.tokens) - seq.prefilled, budget)
-            batch.append((seq, chunk))
-            budget -= chunk
-        if not batch:
-            return
-        for seq, _ in batch:
+            remaining = len(seq.tokens) - seq.prefilled
+            take = min(remaining, budget)
+            if take <= 0 and self._ttft_due(seq, views):
+                take = min(remaining, self.config.max_prefill_tokens)
+            if take <= 0:
+                break
+            batch.append((seq, take))
+            budget -= take
+            members += joining
+            if joining:
+                views.append(_view(seq))
+        return batch
+
+    def _fits(self, views: list[SessionView]) -> bool:
+        """Whether a plain step over these sessions fits the tightest TPOT SLO among them."""
+        caps = [v.tpot_slo_ms for v in views if v.tpot_slo_ms > 0]
+        return len(views) <= 1 or not caps or self.planner.step_ms(views, [0] * len(views)) <= min(caps)
+
+    def _prompt_budget(self, views: list[SessionView]) -> int:
+        """The most prompt tokens a step may carry while every running session with a TPOT SLO
+        gets its next token by when its schedule wants it (a session ahead of schedule lends its
+        slack; one behind leaves none)."""
+        limit = self.config.max_prefill_tokens
+        slack = [-v.behind_ms for v in views if v.tpot_slo_ms > 0]
+        if not slack:
+            return limit
+        cap, zeros = min(slack), [0] * len(views)
+        lo, hi = 0, limit  # the largest budget whose predicted step fits `cap` (step time grows with it)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.planner.step_ms(views, zeros, mid) <= cap:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _ttft_due(self, seq: Sequence, views: list[SessionView]) -> bool:
+        """Whether the request must go in now: a session the verifier lost (its stream is stalled),
+        or a request whose prefill, priced in a step with the running sessions, would otherwise end
+        past its TTFT deadline."""
+        if seq.status is Status.RUNNING:
+            return True
+        if seq.ttft_deadline is None:
+            return False
+        remaining = len(seq.tokens) - seq.prefilled
+        need_s = self.planner.step_ms(views, [0] * len(views), remaining) / 1000
+        return time.monotonic() + need_s >= seq.ttft_deadline
+
+    def _commit_prefill(self, chunks: list[tuple[Sequence, int]], items: list[PrefillItem], out: VerifyOutput) -> None:
+        now = time.monotonic()
+        for (seq, n), item, result in zip(chunks, items, out.prefills):
+            if seq.status is Status.FINISHED:
+                self._to_release.append(seq.id)  # ended while the step ran: the verifier holds it now
+                continue
             for queue in (self.prefilling, self.resync, self.waiting):
                 if seq in queue:
                     queue.remove(seq)
-        items = [PrefillItem(s.id, s.tokens[s.prefilled : s.prefilled + n], s.params,
-                             partial=s.prefilled + n < len(s.tokens), append=s.prefilled > 0) for s, n in batch]
-        # The drafter reads the same chunks alongside (a draft budget of 0 only fills its cache), so
-        # no decode step ever carries a whole prompt through the drafter while speculating.
-        drafting = [(s, it) for (s, _), it in zip(batch, items)
-                    if s.drafter_position == s.prefilled and self._feeds_drafter(s)]
-        timeout = self._timeout([s for s, _ in batch])
-        verified, drafted = await asyncio.gather(
-            self.verifier.prefill(items, timeout=timeout),
-            self._drafter_prefill(drafting, timeout), return_exceptions=True)
-        if isinstance(drafted, BaseException):
-            # Domain errors are handled inside; anything else is a bug, logged, and the drafter
-            # catches up at its next draft round.
-            log.error("drafter prefill failed unexpectedly", exc_info=drafted)
-        if isinstance(verified, SpecServeError):
-            for seq, _ in batch:
-                self._finish(seq, Finish.ERROR, _as_unavailable(verified, "verifier"))
-            return
-        if isinstance(verified, BaseException):
-            raise verified
-        out = verified
-        now = time.monotonic()
-        for (seq, n), item, result in zip(batch, items, out.results):
             seq.prefilled += n
+            if seq.status is Status.WAITING:  # a re-prefill after the verifier lost it is not the prompt's
+                seq.cached_tokens = result.cached_tokens
             if item.partial:
                 self.prefilling.append(seq)
                 continue
@@ -278,38 +325,26 @@ class Scheduler(Background):
             self.running[seq.id] = seq
             self._commit(seq, [result.token_id], now)
 
-    def _feeds_drafter(self, seq: Sequence) -> bool:
-        """Whether the drafter reads this prompt now: never in mode off, and in a mode that decides
-        from the cost model only while its last step drafted. Where drafting does not pay, a drafter
-        prefill nobody uses only competes with the verifier's (on a small CPU it doubled TTFT); the
-        drafter catches up on the history at the first draft instead."""
-        mode = seq.mode or self.planner.strategy.mode
-        return mode != "off" and (mode not in COST_MODES or self.last_step_drafted)
-
-    async def _drafter_prefill(self, pairs: list[tuple[Sequence, PrefillItem]], timeout: float) -> None:
-        if not pairs or not self.drafter_available:
-            return
-        items = [ProposeItem(s.id, s.drafter_position, it.prompt, 0, s.params) for s, it in pairs]
-        try:
-            out = await self.drafter.propose(items, timeout=timeout)
-        except SpecServeError as exc:
-            log.warning("drafter prefill failed (%s); it catches up at the next step", exc)
-            return
-        for (seq, item), d in zip(pairs, out.drafts):
-            if d.status is SessionStatus.OK:
-                seq.drafter_position += len(item.prompt)
-
     # --- one speculative step ----------------------------------------------------------------
-    async def _decode(self) -> None:
-        """One step for the running batch, in its phases: plan, draft (in rounds), prune, verify,
-        commit, record."""
+    async def _step(self, chunks: list[tuple[Sequence, int]]) -> None:
+        """The step in its phases: plan, draft (in rounds), prune, verify with the prompt chunks,
+        commit, record. The chunks stay queued until the step commits them, so a step that fails
+        loses nothing."""
         step = _Step(list(self.running.values()))
-        plans = self._plan(step)
-        await self._draft(step, plans)
-        self._prune(step)
-        out = await self._verify(step)
+        items = [PrefillItem(s.id, s.tokens[s.prefilled : s.prefilled + n], s.params,
+                             partial=s.prefilled + n < len(s.tokens), append=s.prefilled > 0) for s, n in chunks]
+        step.prompt_tokens = sum(len(i.prompt) for i in items)
+        self.planner.prompt_tokens = step.prompt_tokens
+        if step.seqs:
+            plans = self._plan(step)
+            await self._draft(step, plans)
+            self._prune(step)
+        else:
+            step.predicted_ms = self.planner.step_ms([], [])
+        out = await self._verify(step, items, [s for s, _ in chunks])
         if out is not None:
             self._commit_step(step, out)
+            self._commit_prefill(chunks, items, out)
             self._record(step, out)
 
     def _plan(self, step: "_Step") -> dict[str, DraftPlan]:
@@ -367,12 +402,14 @@ class Scheduler(Background):
                       for s in step.seqs]
         step.planner_s += time.perf_counter() - tick
 
-    async def _verify(self, step: "_Step") -> VerifyOutput | None:
+    async def _verify(self, step: "_Step", prefills: list[PrefillItem], prefilling: list[Sequence]
+                      ) -> VerifyOutput | None:
+        seqs = [*step.seqs, *prefilling]
         try:
-            return await self.verifier.verify(step.items, timeout=self._timeout(step.seqs))
+            return await self.verifier.verify(step.items, prefills, timeout=self._timeout(seqs))
         except SpecServeError as exc:
             log.error("verifier failed: %s", exc)
-            for seq in step.seqs:
+            for seq in seqs:
                 self._finish(seq, Finish.ERROR, _as_unavailable(exc, "verifier"))
             return None
 
@@ -404,7 +441,6 @@ class Scheduler(Background):
         step_ms = (time.perf_counter() - step.started) * 1000
         self.planner.observe_step(step.predicted_ms, step_ms)
         self.step_id += 1
-        self.last_step_drafted = any(i.drafts for i in step.items)
         self.on_step(StepRecord(
             step_id=self.step_id, batch_size=len(step.seqs), verified_positions=out.verified_positions,
             draft_steps=step.draft_steps, drafted=[len(i.drafts) for i in step.items], accepted=step.accepted,
@@ -415,7 +451,7 @@ class Scheduler(Background):
             context_tokens=sum(v.context for v in step.views), strategy_version=self.planner.strategy.version,
             mode=self.planner.strategy.mode,
             pruned=sum(len(d.tokens) for d in step.drafted.values()) - sum(step.keep.values()),
-            draft_catchup_tokens=step.catchup))
+            draft_catchup_tokens=step.catchup, prompt_tokens=step.prompt_tokens))
 
     # --- output ------------------------------------------------------------------------------
     def _commit(self, seq: Sequence, tokens: list[int], now: float) -> None:

@@ -64,6 +64,8 @@ class Sequence:
     drafter_position: int = 0
     # Tokens of the current prefill already sent to the verifier (chunked prefill).
     prefilled: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the verifier's prefix cache
+    predicted_ttft_ms: float = 0.0  # admission's prediction, compared with the measured TTFT
     # Timings (monotonic seconds) and counters.
     first_token_at: float | None = None
     last_token_at: float | None = None

@@ -64,7 +64,7 @@ def stats_to_pb(seq: Sequence) -> gateway_pb2.GenerateStats:
         steps=seq.steps, draft_tokens=seq.draft_tokens, accepted_tokens=seq.accepted_tokens,
         slo_attained=a.slo, ttft_attained=a.ttft, tpot_attained=a.tpot, deadline_attained=a.deadline,
         best_effort=seq.unattainable, total_ms=((seq.last_token_at or seq.arrival) - seq.arrival) * 1000,
-        speculation=speculation_summary(seq))
+        speculation=speculation_summary(seq), cached_tokens=seq.cached_tokens)
 
 
 def speculation_summary(seq: Sequence) -> str:

@@ -83,46 +83,63 @@ def propose_output_from_pb(pb: drafter_pb2.ProposeResponse) -> c.ProposeOutput:
 
 # Verifier
 
+def _prefill_items_to_pb(items: list[c.PrefillItem]) -> list[verifier_pb2.PrefillItem]:
+    return [verifier_pb2.PrefillItem(session_id=it.session_id, prompt_token_ids=it.prompt,
+                                     sampling=sampling_to_pb(it.params), partial=it.partial, append=it.append)
+            for it in items]
+
+
+def _prefill_items_from_pb(items) -> list[c.PrefillItem]:
+    return [c.PrefillItem(it.session_id, list(it.prompt_token_ids), sampling_from_pb(it.sampling), it.partial, it.append)
+            for it in items]
+
+
+def _prefill_results_to_pb(results: list[c.PrefillResult]) -> list[verifier_pb2.PrefillResult]:
+    return [verifier_pb2.PrefillResult(session_id=r.session_id, token_id=r.token_id, cached_tokens=r.cached_tokens)
+            for r in results]
+
+
+def _prefill_results_from_pb(results) -> list[c.PrefillResult]:
+    return [c.PrefillResult(r.session_id, r.token_id, r.cached_tokens) for r in results]
+
+
 def prefill_request_to_pb(items: list[c.PrefillItem]) -> verifier_pb2.PrefillRequest:
-    return verifier_pb2.PrefillRequest(items=[
-        verifier_pb2.PrefillItem(session_id=it.session_id, prompt_token_ids=it.prompt,
-                                 sampling=sampling_to_pb(it.params), partial=it.partial, append=it.append)
-        for it in items])
+    return verifier_pb2.PrefillRequest(items=_prefill_items_to_pb(items))
 
 
 def prefill_request_from_pb(pb: verifier_pb2.PrefillRequest) -> list[c.PrefillItem]:
-    return [c.PrefillItem(it.session_id, list(it.prompt_token_ids), sampling_from_pb(it.sampling), it.partial, it.append)
-            for it in pb.items]
+    return _prefill_items_from_pb(pb.items)
 
 
 def prefill_output_to_pb(out: c.PrefillOutput) -> verifier_pb2.PrefillResponse:
-    return verifier_pb2.PrefillResponse(forward_ns=out.forward_ns, results=[
-        verifier_pb2.PrefillResult(session_id=r.session_id, token_id=r.token_id) for r in out.results])
+    return verifier_pb2.PrefillResponse(forward_ns=out.forward_ns, results=_prefill_results_to_pb(out.results))
 
 
 def prefill_output_from_pb(pb: verifier_pb2.PrefillResponse) -> c.PrefillOutput:
-    return c.PrefillOutput([c.PrefillResult(r.session_id, r.token_id) for r in pb.results], pb.forward_ns)
+    return c.PrefillOutput(_prefill_results_from_pb(pb.results), pb.forward_ns)
 
 
-def verify_request_to_pb(items: list[c.VerifyItem]) -> verifier_pb2.VerifyRequest:
+def verify_request_to_pb(items: list[c.VerifyItem], prefills: list[c.PrefillItem] = ()) -> verifier_pb2.VerifyRequest:
     return verifier_pb2.VerifyRequest(items=[
         verifier_pb2.VerifyItem(session_id=it.session_id, position=it.position, draft_token_ids=it.drafts,
                                 draft_distributions=[_sparse_to_pb(x) for x in it.distributions])
-        for it in items])
+        for it in items], prefills=_prefill_items_to_pb(prefills))
 
 
-def verify_request_from_pb(pb: verifier_pb2.VerifyRequest) -> list[c.VerifyItem]:
+def verify_request_from_pb(pb: verifier_pb2.VerifyRequest) -> tuple[list[c.VerifyItem], list[c.PrefillItem]]:
     return [c.VerifyItem(it.session_id, it.position, list(it.draft_token_ids),
-                         [_sparse_from_pb(x) for x in it.draft_distributions]) for it in pb.items]
+                         [_sparse_from_pb(x) for x in it.draft_distributions]) for it in pb.items], \
+        _prefill_items_from_pb(pb.prefills)
 
 
 def verify_output_to_pb(out: c.VerifyOutput) -> verifier_pb2.VerifyResponse:
     return verifier_pb2.VerifyResponse(verified_positions=out.verified_positions, forward_ns=out.forward_ns, results=[
         verifier_pb2.VerifyResult(session_id=r.session_id, status=_STATUS_TO_PB[r.status], token_ids=r.tokens,
-                                  accepted=r.accepted) for r in out.results])
+                                  accepted=r.accepted) for r in out.results], prefills=_prefill_results_to_pb(out.prefills))
 
 
 def verify_output_from_pb(pb: verifier_pb2.VerifyResponse) -> c.VerifyOutput:
     return c.VerifyOutput([
         c.VerifyResult(r.session_id, _STATUS_FROM_PB.get(r.status, c.SessionStatus.NOT_FOUND), list(r.token_ids),
-                       r.accepted) for r in pb.results], pb.verified_positions, pb.forward_ns)
+                       r.accepted) for r in pb.results], pb.verified_positions, pb.forward_ns,
+        _prefill_results_from_pb(pb.prefills))

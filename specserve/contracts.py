@@ -70,6 +70,7 @@ class PrefillItem:
 class PrefillResult:
     session_id: str
     token_id: int  # the first generated token; -1 after a partial chunk
+    cached_tokens: int = 0  # prompt tokens so far whose KV came from the prefix cache
 
 
 @dataclass
@@ -133,8 +134,9 @@ class VerifyResult:
 @dataclass
 class VerifyOutput:
     results: list[VerifyResult]
-    verified_positions: int  # sum over sessions of drafts + 1
+    verified_positions: int  # positions in the step's forward: drafts + 1 per session, plus prompt tokens
     forward_ns: int
+    prefills: list[PrefillResult] = field(default_factory=list)  # one per prompt chunk in the step
 
 
 @dataclass

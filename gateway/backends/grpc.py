@@ -49,8 +49,9 @@ class GrpcVerifier(_GrpcClient):
     async def prefill(self, items, timeout=None) -> PrefillOutput:
         return codec.prefill_output_from_pb(await self._call("Prefill", codec.prefill_request_to_pb(items), timeout))
 
-    async def verify(self, items, timeout=None) -> VerifyOutput:
-        return codec.verify_output_from_pb(await self._call("Verify", codec.verify_request_to_pb(items), timeout))
+    async def verify(self, items, prefills=(), timeout=None) -> VerifyOutput:
+        return codec.verify_output_from_pb(
+            await self._call("Verify", codec.verify_request_to_pb(items, prefills), timeout))
 
 
 class GrpcDrafter(_GrpcClient):

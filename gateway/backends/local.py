@@ -25,9 +25,9 @@ class _Local:
     async def info(self, timeout=None) -> WorkerInfo:
         return self._info
 
-    async def _run(self, fn, items, timeout: float | None):
+    async def _run(self, fn, *args, timeout: float | None):
         try:
-            return await asyncio.wait_for(asyncio.shield(self.compute.run(fn, items)), timeout)
+            return await asyncio.wait_for(asyncio.shield(self.compute.run(fn, *args)), timeout)
         except TimeoutError:
             raise DeadlineExceeded(f"{type(self).__name__} did not answer in {timeout:.2f}s") from None
 
@@ -37,15 +37,15 @@ class _Local:
 
 class LocalVerifier(_Local):
     async def prefill(self, items, timeout=None) -> PrefillOutput:
-        return await self._run(self.worker.prefill, items, timeout)
+        return await self._run(self.worker.prefill, items, timeout=timeout)
 
-    async def verify(self, items, timeout=None) -> VerifyOutput:
-        return await self._run(self.worker.verify, items, timeout)
+    async def verify(self, items, prefills=(), timeout=None) -> VerifyOutput:
+        return await self._run(self.worker.verify, items, list(prefills), timeout=timeout)
 
 
 class LocalDrafter(_Local):
     async def propose(self, items, timeout=None) -> ProposeOutput:
-        return await self._run(self.worker.propose, items, timeout)
+        return await self._run(self.worker.propose, items, timeout=timeout)
 
 
 def local_scheduler(target: Runtime, draft: Runtime | None, tokenizer, eos_ids: list[int],

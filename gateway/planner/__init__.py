@@ -39,6 +39,7 @@ class Planner:
         # lower G, over all steps; its prior counts as one observation.
         self._confidence_sum, self._confidence_n = PRIOR_MEAN_CONFIDENCE, 1  # the paper's initial c̄
         self.time_scale = 1.0  # measured / predicted step time, tracked online
+        self.prompt_tokens = 0  # prompt tokens prefilled in the step being planned (same forward)
 
     def set_strategy(self, strategy: Strategy) -> None:
         self.strategy = strategy
@@ -64,11 +65,15 @@ class Planner:
         return self._confidence_sum / self._confidence_n
 
     # --- the cost side -------------------------------------------------------------------------
-    def step_ms(self, sessions: list[SessionView], ks: list[int]) -> float:
+    def step_ms(self, sessions: list[SessionView], ks: list[int], prompt_tokens: int | None = None) -> float:
+        """Predicted step time: drafting, then one forward over the verify rows and the prompt
+        tokens prefilled in the same step (the step's own by default)."""
         cost = self.strategy.cost
         ctx = sum(s.context for s in sessions)
         drafting = max(ks, default=0)
-        return (cost.t_draft(len(sessions), drafting) + cost.t_verify(sum(k + 1 for k in ks), ctx)) * self.time_scale
+        prompt = self.prompt_tokens if prompt_tokens is None else prompt_tokens
+        positions = sum(k + 1 for k in ks) + prompt
+        return (cost.t_draft(len(sessions), drafting) + cost.t_verify(positions, ctx)) * self.time_scale
 
     def slo_cap_k(self, sessions: list[SessionView]) -> int:
         """The largest uniform k whose predicted step time fits the tightest TPOT SLO (0 always fits)."""

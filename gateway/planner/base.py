@@ -77,4 +77,4 @@ def efficiency(p: Planner, sessions: list[SessionView], drafted: dict[str, Draft
     if calibrated:
         cums = [[p.strategy.calibration(c) for c in cs] for cs in cums]
     ctx = sum(v.context for v in sessions)
-    return expected_tokens(cums) / (draft_ms + cost.t_verify(sum(plan.values()) + len(sessions), ctx))
+    return expected_tokens(cums) / (draft_ms + cost.t_verify(sum(plan.values()) + len(sessions) + p.prompt_tokens, ctx))

@@ -24,11 +24,15 @@ def build(config: ModelServiceConfig, loaded: LoadedModel) -> Proposer:
     return make_proposer("draft_model", runtime=loaded.runtime, session_ttl_s=config.session_ttl_s)
 
 
-def warm(proposer: Proposer) -> list[dict]:
-    """Warm up, then profile steady-state draft loops (one newly committed token, then k drafts)
-    at a few lengths and batch sizes: the policy seeds its cost model with these records."""
+def warm(proposer: Proposer) -> None:
+    """The first request must not pay for lazy initialisation."""
     proposer.propose([ProposeItem.make_dummy("warm-up")])
     proposer.release(["warm-up"])
+
+
+def profile(proposer: Proposer) -> list[dict]:
+    """Steady-state draft loops (one newly committed token, then k drafts) at a few lengths and
+    batch sizes: the policy seeds its cost model with these records."""
     records = []
     for batch, k in ((1, 1), (1, 4), (2, 2), (4, 3), (1, 2), (2, 4), (4, 1), (1, 3)):
         ids = [f"profile-{i}" for i in range(batch)]
@@ -41,13 +45,16 @@ def warm(proposer: Proposer) -> list[dict]:
     return records
 
 
+PROFILE_VERSION = "1"  # changes whenever what `profile` measures changes (cached profiles are keyed by it)
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg.setup_logging()
     config = cfg.load(ModelServiceConfig, sys.argv[1:] if argv is None else argv, prog="drafter")
     servicer = DrafterServicer(config.model, ComputeThread(config.step_delay_ms), config.proposer)
     asyncio.run(serve_model(
         config, NAME, servicer, drafter_pb2_grpc.add_DrafterServicer_to_server,
-        lambda loaded: build(config, loaded), warm))
+        lambda loaded: build(config, loaded), warm, profile=profile, profile_version=PROFILE_VERSION))
 
 
 if __name__ == "__main__":

@@ -25,13 +25,16 @@ class ModelServiceConfig:
     session_ttl_s: float = doc(SESSION_TTL_S, "evict sessions idle this long")
     threads: int = doc(0, "CPU threads for model compute; 0 keeps the runtime's default (all cores)")
     max_sessions: int = doc(64, "llama.cpp runtime: sessions held at once (one sequence id each)")
-    kv_tokens: int = doc(16384, "llama.cpp runtime: KV positions over all sessions")
+    kv_tokens: int = doc(16384, "llama.cpp runtime: KV positions over all sessions; torch: prefix cache bound")
     kv_unified: bool = doc(True, "llama.cpp runtime: one KV buffer shared by all sequences (cheaper mixed batches)")
     redis_url: str = doc("", "Redis for telemetry and strategy; empty disables both")
     proposer: str = doc("draft_model", "drafter only: " + " or ".join(PROPOSERS))
     step_delay_ms: float = doc(0.0, "artificial delay added to every forward call (load tests only)")
     grace_s: float = doc(10.0, "drain time on SIGTERM")
     instance: str = doc("", "instance name in telemetry; empty uses host:port")
+    reprofile: bool = doc(False, "profile again even when a cached profile exists")
+    profile_cache: str = doc("", "folder of cached start-up profiles; empty uses ~/.cache/specserve/profiles "
+                                 "($XDG_CACHE_HOME/specserve/profiles when that is set)")
 
     def validate(self) -> None:
         if not self.model:

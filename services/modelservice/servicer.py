@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from services.modelservice import profiles
 from services.modelservice.compute import ComputeThread
 from services.modelservice.config import ModelServiceConfig
 from services.modelservice.loading import LoadedModel, load
@@ -66,10 +67,18 @@ class ModelServicer:
 
 
 async def serve_model(config: ModelServiceConfig, name: str, servicer: ModelServicer,
-                      add_to_server: Callable[[Any, Any], None],
-                      build: Callable[[LoadedModel], Any], warm: Callable[[Any], list[dict]]) -> None:
+                      add_to_server: Callable[[Any, Any], None], build: Callable[[LoadedModel], Any],
+                      warm: Callable[[Any], None], profile: Callable[[Any], list[dict]],
+                      profile_version: str) -> None:
     """Bind, load the model (health NOT_SERVING meanwhile), warm and profile it, serve until
-    signalled, drain. The profile records go to telemetry, where the policy seeds its cost model."""
+    signalled, drain. The profile records go to telemetry, where the policy seeds its cost model.
+
+    `build(loaded)` makes the worker. Then, on the compute thread, `warm(worker)` runs at every
+    start, so the first request never pays lazy initialisation; the records come from the profile
+    cache (`config.profile_cache`, see services.modelservice.profiles), or on a miss or with
+    `config.reprofile` from `profile(worker)`, and are then cached. `profile_version` changes
+    whenever what `profile` measures changes, so entries cached by older code are not reused.
+    """
     from specserve.server import Server, run_until_signalled
 
     server = Server([name])
@@ -77,21 +86,27 @@ async def serve_model(config: ModelServiceConfig, name: str, servicer: ModelServ
     port = server.bind(f"{config.host}:{config.port}")
     print(f"{name} listening on {config.host}:{port}", flush=True)
     tasks, client = Tasks(), None
+    component = name.rsplit(".", 1)[-1].lower()
     if config.redis_url:
         import redis.asyncio
 
         from specserve.telemetry import TelemetryEmitter
 
         client = redis.asyncio.Redis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2)
-        component = name.rsplit(".", 1)[-1].lower()
         servicer.telemetry = TelemetryEmitter(client, component, config.instance or f"{config.host}:{port}")
+
+    def warm_and_profile(worker: Any) -> list[dict]:
+        warm(worker)
+        # The cache's file reads and writes run here on the compute thread too: it has nothing
+        # else to do before the worker is attached, and the profile must run on it.
+        return profiles.cached_profile(config, name, profile_version, lambda: profile(worker), component)
 
     async def warm_up() -> None:
         loaded = await asyncio.to_thread(load, config)
         worker = build(loaded)
-        profile = await servicer.compute.run(warm, worker)
+        records = await servicer.compute.run(warm_and_profile, worker)
         servicer.attach(worker, loaded)
-        for record in profile if servicer.telemetry is not None else []:
+        for record in records if servicer.telemetry is not None else []:
             servicer.telemetry.emit(record)
         tasks.spawn(_evict_forever(servicer.compute, worker.sessions), "evict-idle-sessions")
         if servicer.telemetry is not None:

@@ -33,6 +33,9 @@ def _nonneg_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 WINDOW = 500  # recent observations kept per part: a few minutes of steps, enough for every shape
 TABLE_MIN_SAMPLES = 2  # observations of one shape before its time enters the table
+# The line (and its per-context slope) is fitted on decode and verify shapes; prompt chunks, whose
+# cost is mostly their own tokens, enter the table only.
+LINE_MAX_POSITIONS = 32
 
 
 @dataclass
@@ -40,12 +43,16 @@ class CostEstimator:
     prior: CostModel = field(default_factory=CostModel)
     draft: collections.deque = field(default_factory=lambda: collections.deque(maxlen=WINDOW))
     verify: collections.deque = field(default_factory=lambda: collections.deque(maxlen=WINDOW))
+    # The start-up profile's forward times: kept for good, so shapes the recent steps did not run
+    # (long prompt chunks, big batches) stay measured instead of extrapolated.
+    profile: list = field(default_factory=list)
 
-    def observe(self, batch: int, draft_steps: int, draft_ms: float, positions: int, context: int, verify_ms: float) -> None:
+    def observe(self, batch: int, draft_steps: int, draft_ms: float, positions: int, context: int, verify_ms: float,
+                profile: bool = False) -> None:
         if draft_steps > 0 and draft_ms > 0:
             self.draft.append((draft_steps, draft_steps * batch, draft_ms))
         if positions > 0 and verify_ms > 0:
-            self.verify.append((1.0, positions, context, verify_ms))
+            (self.profile if profile else self.verify).append((1.0, positions, context, verify_ms))
 
     def fit(self) -> CostModel:
         """The prior until there are enough distinct observations for each part."""
@@ -57,12 +64,14 @@ class CostEstimator:
         elif len(d) >= 3:  # one batch size seen: per-step time only
             c = CostModel(float(np.mean(d[:, 2] / d[:, 0])), 0.0, c.verify_fixed, c.verify_per_pos,
                           c.verify_per_ctx, c.shape_buckets)
-        v = np.array(self.verify, dtype=float).reshape(-1, 4)
+        v = np.array([*self.profile, *self.verify], dtype=float).reshape(-1, 4)
+        v = v[v[:, 1] <= LINE_MAX_POSITIONS]
         if len(v) >= 8:
             cols = [0] + [i for i in (1, 2) if len(np.unique(v[:, i])) >= 2]
             coef = dict(zip(cols, _nonneg_lstsq(v[:, cols], v[:, 3])))
             c = CostModel(c.draft_fixed, c.draft_per_seq, coef[0], coef.get(1, 0.0), coef.get(2, 0.0), c.shape_buckets)
-        table = self._table(v, c.verify_per_ctx)
+        table = self._table(np.array(self.verify, dtype=float).reshape(-1, 4),
+                            np.array(self.profile, dtype=float).reshape(-1, 4), c.verify_per_ctx)
         if len(table) >= 2:
             c = CostModel(c.draft_fixed, c.draft_per_seq, c.verify_fixed, c.verify_per_pos, c.verify_per_ctx,
                           (), table)
@@ -70,13 +79,19 @@ class CostEstimator:
         return c
 
     @staticmethod
-    def _table(v: np.ndarray, per_ctx: float) -> tuple[tuple[int, float], ...]:
-        """Median verify time per number of positions, at context 0."""
+    def _table(v: np.ndarray, profile: np.ndarray, per_ctx: float) -> tuple[tuple[int, float], ...]:
+        """Median forward time per number of positions, at context 0: from recent steps where a
+        shape ran often enough, else from the start-up profile."""
         out = []
-        for n in np.unique(v[:, 1]):
+        for n in np.unique(np.concatenate([v[:, 1], profile[:, 1]])):
             rows = v[v[:, 1] == n]
-            if len(rows) >= TABLE_MIN_SAMPLES:
-                out.append((int(n), float(np.median(rows[:, 3] - per_ctx * rows[:, 2]))))
+            if len(rows) < TABLE_MIN_SAMPLES:
+                rows = profile[profile[:, 1] == n]
+            if len(rows):
+                # At context 0; never below half the measured time (a per-context slope fitted on
+                # noisy steps must not drive a shape's cost to nothing).
+                at_zero = np.median(rows[:, 3] - per_ctx * rows[:, 2])
+                out.append((int(n), float(max(at_zero, 0.5 * np.median(rows[:, 3])))))
         return tuple(out)
 
 

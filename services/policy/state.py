@@ -44,7 +44,7 @@ class PolicyState:
         if record.get("call") == "profile":  # a model service's start-up profile seeds the cost model
             if component == "verifier":
                 self.cost.observe(0, 0, 0.0, int(record["verified_positions"]), int(record["context_tokens"]),
-                                  float(record["forward_ms"]))
+                                  float(record["forward_ms"]), profile=True)
             elif component == "drafter":
                 self.cost.observe(int(record["batch_size"]), int(record["draft_steps"]), float(record["draft_ms"]),
                                   0, 0, 0.0)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 
-def verify_greedy(draft: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, list[int]]:
-    """draft: [k] token ids; target_logits: [k+1, V] (row j scores the token after draft j-1).
+def verify_greedy(draft: torch.Tensor, target: torch.Tensor) -> tuple[int, list[int]]:
+    """draft: [k] token ids; target: [k+1, V] logits (row j scores the token after draft j-1), or
+    their argmax ids [k+1].
 
     Accept while draft j equals the target's argmax; then emit the target's argmax at the first
     mismatch (recovered) or after the last draft (bonus). Returns (accepted, emitted tokens).
     """
-    choice = target_logits.argmax(-1)  # [k+1]
+    choice = target.argmax(-1) if target.dim() == 2 else target  # [k+1]
     k = draft.shape[0]
     accepted = int((draft == choice[:k]).int().cumprod(0).sum()) if k else 0
     return accepted, [*draft[:accepted].tolist(), int(choice[accepted])]

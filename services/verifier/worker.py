@@ -33,6 +33,7 @@ class TargetSession:
     params: SamplingParams
     generator: torch.Generator
     partial: bool = False  # a chunked prefill is under way; no token generated yet
+    cached: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class VerifierWorker:
@@ -49,45 +50,17 @@ class VerifierWorker:
     def kv_tokens(self) -> int:
         return self.runtime.kv_tokens
 
-    @torch.inference_mode()
     def prefill(self, items: list[PrefillItem]) -> PrefillOutput:
-        for item in items:
-            if not item.prompt:
-                raise InvalidArgument("prompt_token_ids", f"session {item.session_id}: prompt is empty")
-            if len(item.prompt) >= self.max_context:
-                raise InvalidArgument(
-                    "prompt_token_ids", f"session {item.session_id}: {len(item.prompt)} tokens leave no room "
-                    f"in the context window of {self.max_context}")
-            if any(not 0 <= t < self.vocab for t in item.prompt):
-                raise InvalidArgument("prompt_token_ids", f"session {item.session_id}: token id outside [0, {self.vocab})")
-        earlier = []
-        for item in items:
-            session = self.sessions.get(item.session_id) if item.append else None
-            if item.append and (session is None or not session.partial):
-                raise InvalidArgument("append", f"session {item.session_id} has no partial prefill to continue")
-            earlier.append(session)
-            if session is not None and len(session.tokens) + len(item.prompt) >= self.max_context:
-                raise InvalidArgument("prompt_token_ids", f"session {item.session_id}: prompt exceeds the context window")
-        start = time.perf_counter_ns()
-        for item, session in zip(items, earlier):
-            if session is None:
-                self.sessions.release([item.session_id])  # a fresh prefill starts from an empty cache
-        logits = self.runtime.forward([Row(it.session_id, it.prompt, [len(it.prompt) - 1]) for it in items])
-        results = []
-        for item, session, row in zip(items, earlier, logits):
-            gen = session.generator if session else make_generator(item.params.seed, VERIFIER_SALT, self.device)
-            tokens = (session.tokens if session else []) + item.prompt
-            if item.partial:
-                self.sessions.put(item.session_id, TargetSession(tokens, item.params, gen, partial=True))
-                results.append(PrefillResult(item.session_id, -1))
-                continue
-            first = _choose(row, item.params, gen)
-            self.sessions.put(item.session_id, TargetSession([*tokens, first], item.params, gen))
-            results.append(PrefillResult(item.session_id, first))
-        return PrefillOutput(results, time.perf_counter_ns() - start)
+        """Prompts (or their next chunks) alone: a step without verify rows."""
+        out = self.verify([], items)
+        return PrefillOutput(out.prefills, out.forward_ns)
 
     @torch.inference_mode()
-    def verify(self, items: list[VerifyItem]) -> VerifyOutput:
+    def verify(self, items: list[VerifyItem], prefills: list[PrefillItem] = ()) -> VerifyOutput:
+        """One step, one forward: the verify rows of running sessions and the prompt chunks of
+        sessions being prefilled; a prompt whose last chunk is here commits its first token. Every
+        item is checked before anything changes."""
+        earlier = self._check_prefills(prefills)
         start = time.perf_counter_ns()
         results: dict[str, VerifyResult] = {}
         live: list[tuple[VerifyItem, TargetSession]] = []
@@ -107,19 +80,57 @@ class VerifierWorker:
             if len(item.drafts) >= room:
                 item = VerifyItem(item.session_id, item.position, item.drafts[: room - 1], item.distributions[: room - 1])
             live.append((item, session))
-        positions = 0
-        if live:
-            rows = [Row(it.session_id, [s.tokens[-1], *it.drafts], list(range(len(it.drafts) + 1))) for it, s in live]
-            logits = self.runtime.forward(rows)
-            positions = sum(len(r.tokens) for r in rows)
-            for (item, session), row in zip(live, logits):
-                accepted, emitted = self._accept(item, session, row)
-                self.runtime.truncate(item.session_id, len(session.tokens) + accepted)
-                session.tokens.extend(emitted)
-                results[item.session_id] = VerifyResult(item.session_id, SessionStatus.OK, emitted, accepted)
-        return VerifyOutput([results[it.session_id] for it in items], positions, time.perf_counter_ns() - start)
+        for item, session in zip(prefills, earlier):
+            if session is None:
+                self.sessions.release([item.session_id])  # a fresh prefill starts a new session
+        # Greedy rows come back as argmax ids: no full-vocabulary row is copied for them.
+        rows = [Row(it.session_id, it.prompt, [len(it.prompt) - 1], it.partial or it.params.greedy) for it in prefills]
+        rows += [Row(it.session_id, [s.tokens[-1], *it.drafts], list(range(len(it.drafts) + 1)), s.params.greedy)
+                 for it, s in live]
+        logits = self.runtime.forward(rows) if rows else []
+        prefilled = [self._commit_prefill(item, session, row, out)
+                     for item, session, row, out in zip(prefills, earlier, rows, logits)]
+        for (item, session), row in zip(live, logits[len(prefills) :]):
+            accepted, emitted = self._accept(item, session, row)
+            self.runtime.truncate(item.session_id, len(session.tokens) + accepted)
+            session.tokens.extend(emitted)
+            results[item.session_id] = VerifyResult(item.session_id, SessionStatus.OK, emitted, accepted)
+        return VerifyOutput([results[it.session_id] for it in items], sum(len(r.tokens) - r.reused for r in rows),
+                            time.perf_counter_ns() - start, prefilled)
+
+    def _check_prefills(self, items: list[PrefillItem]) -> list[TargetSession | None]:
+        """Validate prompt chunks; per item, the session an appended chunk continues (else None)."""
+        earlier = []
+        for item in items:
+            if not item.prompt:
+                raise InvalidArgument("prompt_token_ids", f"session {item.session_id}: prompt is empty")
+            if any(not 0 <= t < self.vocab for t in item.prompt):
+                raise InvalidArgument("prompt_token_ids", f"session {item.session_id}: token id outside [0, {self.vocab})")
+            session = self.sessions.get(item.session_id) if item.append else None
+            if item.append and (session is None or not session.partial):
+                raise InvalidArgument("append", f"session {item.session_id} has no partial prefill to continue")
+            held = len(session.tokens) if session else 0
+            if held + len(item.prompt) >= self.max_context:
+                raise InvalidArgument(
+                    "prompt_token_ids", f"session {item.session_id}: {held + len(item.prompt)} tokens leave no room "
+                    f"in the context window of {self.max_context}")
+            earlier.append(session)
+        return earlier
+
+    def _commit_prefill(self, item: PrefillItem, session: TargetSession | None, row: Row,
+                        out: torch.Tensor) -> PrefillResult:
+        gen = session.generator if session else make_generator(item.params.seed, VERIFIER_SALT, self.device)
+        tokens = (session.tokens if session else []) + item.prompt
+        cached = (session.cached if session else 0) + row.reused
+        if item.partial:
+            self.sessions.put(item.session_id, TargetSession(tokens, item.params, gen, partial=True, cached=cached))
+            return PrefillResult(item.session_id, -1, cached)
+        first = int(out[0]) if item.params.greedy else _sample(out, item.params, gen)
+        self.sessions.put(item.session_id, TargetSession([*tokens, first], item.params, gen, cached=cached))
+        return PrefillResult(item.session_id, first, cached)
 
     def _accept(self, item: VerifyItem, session: TargetSession, logits: torch.Tensor) -> tuple[int, list[int]]:
+        """logits: [k+1, V], or the target's argmax ids [k+1] for a greedy session."""
         draft = torch.tensor(item.drafts, dtype=torch.long, device=logits.device)
         if session.params.greedy:
             return verify_greedy(draft, logits)
@@ -132,8 +143,6 @@ class VerifierWorker:
         return self.sessions.release(session_ids)
 
 
-def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """logits: [1, V] -> one token, greedy or sampled from the processed distribution."""
-    if params.greedy:
-        return int(logits[0].argmax())
+def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """logits: [1, V] -> one token sampled from the processed distribution."""
     return int(torch.multinomial(processed_probs(logits, params)[0], 1, generator=generator))

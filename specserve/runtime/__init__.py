@@ -4,7 +4,8 @@ A runtime holds one model and the KV state of every session it serves, addressed
 Its one compute call is a batched ragged forward: each row is a session with its new tokens and the
 indices (into those tokens) whose next-token logits are wanted. KV stays in place between calls:
 a forward appends each row's keys and values at that session's positions, `truncate` rolls a
-session back to a committed prefix, `release` frees it.
+session back to a committed prefix, `release` ends it. A released session's KV stays as prefix
+cache until its room is needed: a new session starting with the same tokens reuses it (prefix.py).
 
 - `torch`: transformers (any Hugging Face folder or id; CPU or CUDA).
 - `llama.cpp`: llama-cpp-python over a GGUF file; one sequence id per session.
@@ -24,7 +25,8 @@ RUNTIMES = ("auto", "torch", "llama.cpp")
 
 def open_runtime(model: str, name: str = "auto", device: str = "cpu", dtype: str = "auto", max_context: int = 0,
                  threads: int = 0, max_sessions: int = 64, kv_tokens: int = 16384, kv_unified: bool = True) -> Runtime:
-    """Open `model` on the runtime `name` picks (the llama.cpp options apply to llama.cpp only)."""
+    """Open `model` on the runtime `name` picks (the llama.cpp options apply to llama.cpp only; on
+    torch, `kv_tokens` bounds the prefix cache)."""
     if choose(name, model, device) == "llama.cpp":
         from specserve.runtime.llama_runtime import LlamaCppRuntime
 
@@ -34,7 +36,7 @@ def open_runtime(model: str, name: str = "auto", device: str = "cpu", dtype: str
         return LlamaCppRuntime(gguf, max_context, max_sessions, kv_tokens, threads, kv_unified)
     from specserve.runtime import torch_runtime
 
-    return torch_runtime.load(model, device, dtype, max_context)
+    return torch_runtime.load(model, device, dtype, max_context, kv_tokens)
 
 
 def choose(name: str, model: str, device: str) -> Literal["torch", "llama.cpp"]:

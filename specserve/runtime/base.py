@@ -20,6 +20,8 @@ class Row:
     session_id: str
     tokens: list[int]  # [w] new token ids, appended after the session's cached length
     keep: list[int]  # indices into `tokens` whose next-token logits to return
+    argmax: bool = False  # return the argmax ids [len(keep)] instead of logits (greedy: no row copies)
+    reused: int = 0  # set by the runtime: leading tokens whose KV came from the prefix cache
 
 
 @dataclass
@@ -38,7 +40,10 @@ class Runtime(Protocol):
     device: torch.device  # where logits live
 
     def forward(self, rows: list[Row]) -> list[torch.Tensor]:
-        """One batched ragged forward; per row, float32 logits [len(row.keep), vocab_size]."""
+        """One batched ragged forward; per row, float32 logits [len(row.keep), vocab_size], or the
+        argmax ids [len(row.keep)] where `row.argmax`. A row that starts a session may take the KV
+        of the longest cached prefix of its tokens (up to its first kept index); `row.reused` says
+        how many tokens that saved."""
 
     def length(self, session_id: str) -> int:
         """Tokens cached for the session (0 when unknown)."""
@@ -47,11 +52,15 @@ class Runtime(Protocol):
         """Keep the session's first `length` cached positions (rollback to a committed prefix)."""
 
     def release(self, session_id: str) -> None:
-        """Free the session's KV; a later forward starts it afresh."""
+        """End the session; its KV stays as prefix cache until the room is needed."""
 
     @property
     def kv_tokens(self) -> int:
-        """Positions held over all sessions."""
+        """Positions held over all live sessions."""
+
+    @property
+    def cached_tokens(self) -> int:
+        """Positions held as prefix cache by released sessions."""
 
 
 def find_gguf(model: str) -> Path | None:

@@ -2,7 +2,10 @@
 
 One context per model, one sequence id per session (`n_seq_max` = the session limit), one
 `llama_decode` per batched step with logits requested only where they are wanted, and
-`llama_memory_seq_rm` for rollback and release. With a unified KV buffer (`kv_unified`), one
+`llama_memory_seq_rm` for rollback. A released session's cells stay as prefix cache: a new session
+takes the longest matching prefix through `llama_memory_seq_cp`, which shares the cells of one
+unified buffer rather than copying them; cached prefixes are evicted, least recently used first,
+when sequence ids or KV cells run out. With a unified KV buffer (`kv_unified`), one
 call over several sequences costs about what the same number of positions in one sequence costs;
 without it, 1 + 4 positions over two sequences cost half as much again.
 """
@@ -19,6 +22,8 @@ import torch
 
 from specserve.errors import InvalidArgument, ResourceExhausted
 from specserve.runtime.base import Row, RuntimeInfo
+from specserve.runtime.prefix import MIN_REUSE, PrefixIndex
+from specserve.runtime.prefix import skip as _skip
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +71,10 @@ class LlamaCppRuntime:
         self.n_batch = n_batch
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.device = torch.device("cpu")
-        self.lengths: dict[str, int] = {}
-        self.seq_ids: dict[str, int] = {}
+        self.prefix = PrefixIndex()
+        # Prefix reuse shares KV cells between sequences, which needs them in one buffer.
+        self.reuse = kv_unified
+        self.seq_ids: dict[str, int] = {}  # live sessions and cached prefixes
         self.free_ids = list(range(max_sessions - 1, -1, -1))
         desc = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(self.model, desc, len(desc))
@@ -78,33 +85,67 @@ class LlamaCppRuntime:
 
     @property
     def kv_tokens(self) -> int:
-        return sum(self.lengths.values())
+        return sum(len(t) for t in self.prefix.live.values())
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.prefix.retired_tokens
 
     def length(self, session_id: str) -> int:
-        return self.lengths.get(session_id, 0)
+        return len(self.prefix.live.get(session_id, ()))
 
     def truncate(self, session_id: str, length: int) -> None:
         assert 0 <= length <= self.length(session_id), (session_id, length)
         if session_id not in self.seq_ids:
             return
         self._ll.llama_memory_seq_rm(self.memory, self.seq_ids[session_id], length, -1)
-        self.lengths[session_id] = length
+        self.prefix.truncate(session_id, length)
 
     def release(self, session_id: str) -> None:
-        seq = self.seq_ids.pop(session_id, None)
-        if seq is not None:
-            self._ll.llama_memory_seq_rm(self.memory, seq, -1, -1)
-            self.free_ids.append(seq)
-            del self.lengths[session_id]
+        """The KV stays as prefix cache (shared cells need the one KV buffer); otherwise it is freed."""
+        if session_id not in self.seq_ids:
+            return
+        name = self.prefix.retire(session_id) if self.reuse else None
+        if name is None:
+            self._drop(session_id)
+        else:
+            self.seq_ids[name] = self.seq_ids.pop(session_id)
+
+    def _drop(self, key: str) -> None:
+        seq = self.seq_ids.pop(key)
+        self._ll.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        self.free_ids.append(seq)
+        self.prefix.drop(key)
+
+    def _evict_one(self) -> bool:
+        """Free the least recently used cached prefix; False when none is left."""
+        oldest = self.prefix.oldest_retired()
+        if oldest is None:
+            return False
+        self._drop(oldest)
+        return True
 
     def _seq(self, session_id: str) -> int:
         seq = self.seq_ids.get(session_id)
         if seq is None:
-            if not self.free_ids:
+            if not self.free_ids and not self._evict_one():
                 raise ResourceExhausted(f"all {len(self.seq_ids)} llama.cpp sequences are in use")
             seq = self.seq_ids[session_id] = self.free_ids.pop()
-            self.lengths[session_id] = 0
+            self.prefix.tokens(session_id)
         return seq
+
+    def _reuse(self, row: Row) -> Row:
+        """A row that reads a prompt (or its next chunk) takes the longest cached prefix of the
+        session's tokens (cells shared by `llama_memory_seq_cp`, not copied) and runs only the rest."""
+        if not self.reuse or not row.keep or row.keep[0] < MIN_REUSE:
+            return row
+        seq = self._seq(row.session_id)  # first: allocating may evict, never the source found next
+        held = self.length(row.session_id)
+        source, n = self.prefix.longest(row.session_id, row.tokens, row.keep[0])
+        if source is None:
+            return row
+        self._ll.llama_memory_seq_cp(self.memory, self.seq_ids[source], seq, held, n)
+        return _skip(row, n - held, self.prefix)
 
     def forward(self, rows: list[Row]) -> list[torch.Tensor]:
         """Rows (their `keep` ascending) go into one `llama_decode` while they fit `n_batch` positions; longer work (a big
@@ -112,48 +153,58 @@ class LlamaCppRuntime:
         before = {row.session_id: self.length(row.session_id) for row in rows}
         new = {row.session_id for row in rows if row.session_id not in self.seq_ids}
         try:
-            return self._forward(rows)
+            return self._forward([self._reuse(row) for row in rows])
         except Exception:
             # A failed call leaves no half-written positions, and no sequence held for a new session.
             for session_id, length in before.items():
-                if session_id in new:
-                    self.release(session_id)
+                if session_id in new and session_id in self.seq_ids:
+                    self._drop(session_id)
                 elif session_id in self.seq_ids:
-                    self.truncate(session_id, min(length, self.lengths[session_id]))
+                    self.truncate(session_id, min(length, self.length(session_id)))
             raise
 
     def _forward(self, rows: list[Row]) -> list[torch.Tensor]:
-        out: list[list[np.ndarray]] = [[] for _ in rows]
-        pending: list[tuple[int, int]] = []  # (row, batch index) whose logits to read
+        # Each kept logits row is copied once, into `logits`; argmax rows are read in place.
+        slots = np.cumsum([0] + [0 if r.argmax else len(r.keep) for r in rows])
+        logits = np.empty((int(slots[-1]), self.vocab_size), dtype=np.float32)
+        ids = [np.empty(len(r.keep), dtype=np.int64) if r.argmax else None for r in rows]
+        pending: list[tuple[int, int, int]] = []  # (row, output index within the row, batch index)
         n = 0
         for r, row in enumerate(rows):
             seq = self._seq(row.session_id)
-            keep = set(row.keep)
+            held = self.prefix.tokens(row.session_id)
+            keep = {index: j for j, index in enumerate(row.keep)}
             for i, token in enumerate(row.tokens):
                 if n == self.n_batch:
-                    self._decode(n, pending, out)
+                    self._decode(n, pending, rows, slots, logits, ids)
                     pending, n = [], 0
                 self.batch.token[n] = token
-                self.batch.pos[n] = self.lengths[row.session_id]
+                self.batch.pos[n] = len(held)
                 self.batch.n_seq_id[n] = 1
                 self.batch.seq_id[n][0] = seq
                 self.batch.logits[n] = i in keep
                 if i in keep:
-                    pending.append((r, n))
-                self.lengths[row.session_id] += 1
+                    pending.append((r, keep[i], n))
+                held.append(token)
                 n += 1
         if n:
-            self._decode(n, pending, out)
-        return [torch.from_numpy(np.stack(o)) if o else torch.empty(0, self.vocab_size) for o in out]
+            self._decode(n, pending, rows, slots, logits, ids)
+        return [torch.from_numpy(ids[r]) if row.argmax else torch.from_numpy(logits[slots[r] : slots[r + 1]])
+                for r, row in enumerate(rows)]
 
-    def _decode(self, n: int, pending: list[tuple[int, int]], out: list[list[np.ndarray]]) -> None:
+    def _decode(self, n: int, pending: list[tuple[int, int, int]], rows: list[Row], slots: np.ndarray,
+                logits: np.ndarray, ids: list[np.ndarray | None]) -> None:
         self.batch.n_tokens = n
-        status = self._ll.llama_decode(self.ctx, self.batch)
+        while (status := self._ll.llama_decode(self.ctx, self.batch)) == 1 and self._evict_one():
+            pass  # no room for the batch in the KV buffer: cached prefixes make way, oldest first
         if status != 0:
             raise ResourceExhausted(f"llama_decode returned {status} (KV buffer full?)")
-        for r, index in pending:
-            ptr = self._ll.llama_get_logits_ith(self.ctx, index)
-            out[r].append(np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).copy())
+        for r, j, index in pending:
+            row = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self.ctx, index), shape=(self.vocab_size,))
+            if rows[r].argmax:
+                ids[r][j] = row.argmax()
+            else:
+                logits[slots[r] + j] = row
 
     def close(self) -> None:
         self._ll.llama_batch_free(self.batch)

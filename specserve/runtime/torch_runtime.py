@@ -24,6 +24,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from specserve import cpu
 from specserve.errors import InvalidArgument
 from specserve.runtime.base import Row, RuntimeInfo, find_gguf, has_torch_weights
+from specserve.runtime.prefix import MIN_REUSE, PrefixIndex
+from specserve.runtime.prefix import skip as _skip
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,17 @@ class SessionCache:
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def prefix(self, n: int) -> "SessionCache":
+        """A new cache holding copies of this one's first n positions."""
+        copy = SessionCache(length=n)
+        for k, v in zip(self.keys, self.values):
+            copy.keys.append(None if k is None else _grown(None, k, 0, n))
+            copy.values.append(None if v is None else _grown(None, v, 0, n))
+            if k is not None:
+                copy.keys[-1][:, :, :n] = k[:, :, :n]
+                copy.values[-1][:, :, :n] = v[:, :, :n]
+        return copy
 
 
 def _grown(old: torch.Tensor | None, like: torch.Tensor, keep: int, need: int) -> torch.Tensor:
@@ -93,7 +106,7 @@ class TorchRuntime:
     """Not thread-safe: call from one worker thread."""
 
     def __init__(self, model: torch.nn.Module, model_file: str = "", eos_token_ids: list[int] | None = None,
-                 max_context: int = 0):
+                 max_context: int = 0, max_cached_tokens: int = 16384):
         self.model = model
         if model.config._attn_implementation != ATTENTION:
             model.set_attn_implementation(ATTENTION)
@@ -104,11 +117,18 @@ class TorchRuntime:
         self.info = RuntimeInfo("torch", model_file, str(self.device), str(model.dtype).removeprefix("torch."),
                                 list(eos_token_ids or []))
         self.caches: dict[str, SessionCache] = {}
+        self.prefix = PrefixIndex()
+        self.retired: dict[str, SessionCache] = {}  # released sessions' KV, kept as prefix cache
+        self.max_cached_tokens = max_cached_tokens
         self.forward_ns = 0  # time inside the model's forward, summed (for overhead measurements)
 
     @property
     def kv_tokens(self) -> int:
         return sum(c.length for c in self.caches.values())
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.prefix.retired_tokens
 
     def length(self, session_id: str) -> int:
         cache = self.caches.get(session_id)
@@ -119,12 +139,34 @@ class TorchRuntime:
         assert 0 <= length <= (cache.length if cache else 0), (session_id, length)
         if cache is not None:
             cache.length = length
+            self.prefix.truncate(session_id, length)
 
     def release(self, session_id: str) -> None:
-        self.caches.pop(session_id, None)
+        """The KV stays as prefix cache, within `max_cached_tokens`, least recently used first out."""
+        cache = self.caches.pop(session_id, None)
+        name = self.prefix.retire(session_id) if cache is not None else None
+        if name is not None:
+            self.retired[name] = cache
+        while self.prefix.retired_tokens > self.max_cached_tokens:
+            oldest = self.prefix.oldest_retired()
+            self.prefix.drop(oldest)
+            del self.retired[oldest]
+
+    def _reuse(self, row: Row) -> Row:
+        """A row that reads a prompt (or its next chunk) copies the KV of the longest cached prefix
+        of the session's tokens and runs only the rest."""
+        if not self.max_cached_tokens or not row.keep or row.keep[0] < MIN_REUSE:
+            return row
+        held = self.length(row.session_id)
+        source, n = self.prefix.longest(row.session_id, row.tokens, row.keep[0])
+        if source is None:
+            return row
+        self.caches[row.session_id] = (self.retired.get(source) or self.caches[source]).prefix(n)
+        return _skip(row, n - held, self.prefix)
 
     @torch.inference_mode()
     def forward(self, rows: list[Row]) -> list[torch.Tensor]:
+        rows = [self._reuse(r) for r in rows]
         caches = [self.caches.setdefault(r.session_id, SessionCache()) for r in rows]
         starts = [c.length for c in caches]
         widths = [len(r.tokens) for r in rows]
@@ -147,16 +189,19 @@ class TorchRuntime:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the logits are read next anyway; time the kernels, not their launch
         self.forward_ns += time.perf_counter_ns() - started
-        for cache, w in zip(caches, widths):
+        for r, cache, w in zip(rows, caches, widths):
             cache.length += w
-        return list(torch.split(logits, [len(r.keep) for r in rows]))
+            self.prefix.tokens(r.session_id).extend(r.tokens)
+        out = torch.split(logits, [len(r.keep) for r in rows])
+        return [o.argmax(-1) if r.argmax else o for r, o in zip(rows, out)]
 
 
-def load(path: str, device: str = "cpu", dtype: str = "auto", max_context: int = 0) -> TorchRuntime:
+def load(path: str, device: str = "cpu", dtype: str = "auto", max_context: int = 0,
+         max_cached_tokens: int = 16384) -> TorchRuntime:
     model = load_causal_lm(path, device, dtype)
     if device == "cpu":
         choose_matmul_layout(model)
-    return TorchRuntime(model, path, generation_eos_ids(model), max_context)
+    return TorchRuntime(model, path, generation_eos_ids(model), max_context, max_cached_tokens)
 
 
 def resolve_dtype(name: str, device: str):

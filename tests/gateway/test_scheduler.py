@@ -6,7 +6,7 @@ import pytest
 
 from gateway.backends.local import LocalVerifier
 from gateway.scheduler import SchedulerConfig
-from gateway.sequence import Sequence, Slo
+from gateway.sequence import Sequence, Slo, Status
 from specserve.contracts import SamplingParams
 from specserve.errors import Unavailable
 from specserve.strategy import CostModel, Strategy
@@ -42,7 +42,7 @@ def test_a_drafter_that_sleeps_turns_steps_into_plain_decoding(tiny_models):
 
 def test_a_step_that_always_fails_fails_its_requests(tiny_models):
     class Broken(LocalVerifier):
-        async def verify(self, items, timeout=None):
+        async def verify(self, items, prefills=(), timeout=None):
             raise RuntimeError("kernel exploded")
 
     sch = tiny_models.scheduler(strategy=Strategy(mode="off"))
@@ -82,21 +82,38 @@ def _recording_drafter(sch, sent: list) -> None:
     sch.drafter.propose = recording
 
 
-def test_the_drafter_reads_prompts_in_the_prefill_chunks_never_in_a_decode_step(tiny_models):
+def test_the_drafter_reads_a_prompt_at_its_first_draft_round_never_alongside_the_verifier(tiny_models):
     sent = []
     sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=64), Strategy(mode="static", static_k=3))
     _recording_drafter(sch, sent)
+    busy = []
+    verify = sch.verifier.verify
+
+    async def verifying(items, prefills=(), timeout=None):
+        busy.append(sch.verifier.compute)  # the drafter never runs while this call is in flight
+        try:
+            return await verify(items, prefills, timeout)
+        finally:
+            busy.pop()
+
+    propose = sch.drafter.propose
+
+    async def proposing(items, timeout=None):
+        assert not busy
+        return await propose(items, timeout)
+
+    sch.verifier.verify, sch.drafter.propose = verifying, proposing
     prompt = [(7 * i) % 300 + 3 for i in range(300)]
     seq = Sequence("long", prompt, SamplingParams(max_new_tokens=8))
     (tokens, _, _), = _run(sch, [seq])
     assert tokens == target_only(tiny_models.target, prompt, 8, tiny_models.tokenizer.eos_token_id)
-    prefill = [n for call in sent for k, n in call if k == 0]
-    decode = [n for call in sent for k, n in call if k > 0]
-    assert sum(prefill) == len(prompt) and max(prefill) <= 64
-    assert decode and max(decode) <= 3 + 1  # only what the last step committed
+    assert all(k > 0 for call in sent for k, _ in call)  # no prompt-only call
+    first, *later = [n for call in sent for _, n in call]
+    assert first == len(prompt) + 1  # the prompt and the first token, at the first draft round
+    assert later and max(later) <= 3 + 1  # then only what the last step committed
 
 
-def test_with_speculation_off_the_drafter_is_left_alone_and_catches_up_when_it_starts(tiny_models):
+def test_with_speculation_off_the_drafter_is_left_alone(tiny_models):
     sent = []
     sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=64), Strategy(mode="off"))
     _recording_drafter(sch, sent)
@@ -105,41 +122,117 @@ def test_with_speculation_off_the_drafter_is_left_alone_and_catches_up_when_it_s
     (tokens, _, _), = _run(sch, [off])
     assert tokens == target_only(tiny_models.target, prompt, 6, tiny_models.tokenizer.eos_token_id)
     assert sent == []
-    # A request with a mode of its own speculates, so the drafter reads its prompt alongside.
+    # A request with a mode of its own speculates: the drafter reads its prompt at the first round.
     sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=64), Strategy(mode="off"))
     _recording_drafter(sch, sent)
     own = Sequence("own", prompt, SamplingParams(max_new_tokens=6))
     own.mode, own.static_k = "static", 2
     (tokens, _, _), = _run(sch, [own])
     assert tokens == target_only(tiny_models.target, prompt, 6, tiny_models.tokenizer.eos_token_id)
-    assert sum(n for call in sent for k, n in call if k == 0) == len(prompt)
+    assert sent[0] == [(2, len(prompt) + 1)]
 
 
-def test_a_cost_model_that_decodes_plainly_stops_feeding_the_drafter(tiny_models):
+def test_a_cost_model_that_decodes_plainly_never_calls_the_drafter(tiny_models):
     # Drafting costs far more than it saves here, so adaptive decodes plainly from its first step.
     costly = CostModel(draft_fixed=500.0, draft_per_seq=500.0)
     sent = []
     sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=64), Strategy(mode="adaptive", cost=costly))
     _recording_drafter(sch, sent)
-    first = Sequence("first", PROMPT, SamplingParams(max_new_tokens=4))
-    later = Sequence("later", PROMPT * 3, SamplingParams(max_new_tokens=4))
-    fed = []
+    seqs = [Sequence("first", PROMPT, SamplingParams(max_new_tokens=4)),
+            Sequence("later", PROMPT * 3, SamplingParams(max_new_tokens=4))]
+    for seq, (tokens, _, _) in zip(seqs, _run(sch, seqs)):
+        assert tokens == target_only(tiny_models.target, seq.prompt, 4, tiny_models.tokenizer.eos_token_id)
+    assert sent == []
+
+
+def _recording_verifier(sch, calls: list) -> None:
+    """Record (verify rows, prompt tokens) of every Verify the scheduler makes."""
+    verify = sch.verifier.verify
+
+    async def recording(items, prefills=(), timeout=None):
+        calls.append((len(items), sum(len(p.prompt) for p in prefills)))
+        return await verify(items, prefills, timeout)
+
+    sch.verifier.verify = recording
+
+
+def test_prompts_join_the_running_batch_in_the_same_forward(tiny_models):
+    """One verifier call per step: a prompt arriving while another session decodes is prefilled in
+    the decode step's own call, and both outputs stay exact."""
+    calls, records = [], []
+    sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=16), Strategy(mode="static", static_k=2),
+                                on_step=records.append)
+    _recording_verifier(sch, calls)
+    first = Sequence("first", PROMPT, SamplingParams(max_new_tokens=24))
+    second = Sequence("second", [(3 * i) % 200 + 7 for i in range(40)], SamplingParams(max_new_tokens=6))
 
     async def main():
         sch.start()
         sch.submit(first)
-        outs = [await collect(first)]
-        fed.append(sum(n for call in sent for _, n in call))
-        sch.submit(later)
-        outs.append(await collect(later))
+        out = asyncio.ensure_future(collect(first))
+        while not first.generated:  # wait until it decodes, then send the second prompt
+            await asyncio.sleep(0)
+        sch.submit(second)
+        outs = [await out, await collect(second)]
         await sch.stop()
         return outs
 
-    (first_tokens, _, _), (later_tokens, _, _) = asyncio.run(main())
-    assert first_tokens == target_only(tiny_models.target, PROMPT, 4, tiny_models.tokenizer.eos_token_id)
-    assert later_tokens == target_only(tiny_models.target, PROMPT * 3, 4, tiny_models.tokenizer.eos_token_id)
-    assert fed == [len(PROMPT)]  # the first prompt, read before any step had decided
-    assert sum(n for call in sent for _, n in call) == len(PROMPT) and not sch.last_step_drafted
+    for seq, (tokens, _, _) in zip((first, second), asyncio.run(main())):
+        assert tokens == target_only(tiny_models.target, seq.prompt, len(tokens), tiny_models.tokenizer.eos_token_id)
+    fused = [c for c in calls if c[0] > 0 and c[1] > 0]
+    assert len(fused) >= 3  # 40 prompt tokens in chunks of 16, each beside the first's decode rows
+    assert len(calls) == len(records)  # one verifier call per step
+    assert all(r.prompt_tokens <= 16 for r in records)
+
+
+# Each prompt token costs 10 ms over a 50 ms plain step (the table is linear past 2 positions).
+LINEAR = CostModel(draft_fixed=0.0, draft_per_seq=0.0, verify_per_ctx=0.0,
+                   verify_table=((1, 50.0), (2, 60.0), (512, 5170.0)))
+
+
+def _on_schedule(seq: Sequence, tokens: int = 1) -> None:
+    """A running session whose next token is due one TPOT from now."""
+    import time
+
+    seq.status, seq.generated = Status.RUNNING, list(range(tokens))
+    seq.first_token_at = time.monotonic() - (tokens - 1) * seq.slo.tpot_ms / 1000
+
+
+def test_the_token_budget_keeps_a_running_session_on_its_tpot_schedule(tiny_models):
+    sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=512), Strategy(mode="off", cost=LINEAR))
+    running = Sequence("running", PROMPT, SamplingParams(max_new_tokens=40), Slo(tpot_ms=100))
+    _on_schedule(running)
+    sch.running[running.id] = running
+    long = Sequence("long", list(range(3, 123)), SamplingParams(max_new_tokens=2))
+    sch.waiting.append(long)
+    (seq, n), = sch._select_prefill()
+    assert seq is long
+    # 50 ms + 10 ms per token within 100 ms: 4 prompt tokens beside the decode row (5 positions: 90 ms).
+    assert n == 4
+    # Behind schedule, the step carries no prompt at all (the request has no TTFT to protect).
+    running.first_token_at -= 0.5
+    assert sch._select_prefill() == []
+    # With its TTFT slack spent, the request goes in whatever the budget.
+    long.slo = Slo(ttft_ms=1)
+    assert sch._select_prefill() == [(long, 120)]
+
+
+def test_the_batch_grows_only_while_its_plain_step_fits_the_tightest_tpot(tiny_models):
+    # A plain step costs 50 ms per session here (the table is linear in positions).
+    per_session = CostModel(draft_fixed=0.0, draft_per_seq=0.0, verify_per_ctx=0.0,
+                            verify_table=((1, 50.0), (2, 100.0), (3, 150.0), (4, 200.0)))
+    sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=512), Strategy(mode="off", cost=per_session))
+    running = Sequence("running", PROMPT, SamplingParams(max_new_tokens=40), Slo(tpot_ms=120))
+    _on_schedule(running, tokens=20)
+    running.first_token_at += 10  # far ahead of schedule: plenty of slack for prompt tokens
+    sch.running[running.id] = running
+    fits = Sequence("a", [1, 2, 3], SamplingParams(max_new_tokens=2))
+    too_many = Sequence("b", [4, 5, 6], SamplingParams(max_new_tokens=2))
+    sch.waiting += [fits, too_many]
+    # Two sessions step in 100 ms <= 120; a third would take 150 ms.
+    assert [s for s, _ in sch._select_prefill()] == [fits]
+    running.slo = Slo(tpot_ms=90)
+    assert sch._select_prefill() == []
 
 
 def test_a_session_exactly_on_schedule_is_not_late():

@@ -184,6 +184,26 @@ def test_verify_cost_is_a_measured_table_with_its_shape_steps():
     assert cost.pad(3) == 4 and cost.pad(1) == 2
 
 
+def test_profiled_prompt_chunks_stay_in_the_table_however_many_steps_follow():
+    """The verifier's profile measures prompt chunks up to 512 positions; hundreds of later decode
+    steps of one position (more than the window holds) do not evict them, so a fused step's
+    prompt tokens are priced from a measurement, never from a slope extrapolated off 1-8."""
+    state = PolicyState()
+    profile = {**{n: 70.0 + 5 * n for n in (1, 2, 3, 4, 5, 6, 8)}, 16: 160.0, 64: 700.0, 256: 2900.0, 512: 5800.0}
+    for positions, ms in profile.items():
+        state.observe({"component": "verifier", "call": "profile", "verified_positions": positions,
+                       "context_tokens": 65 if positions <= 8 else 0, "forward_ms": ms})
+    step = {"component": "gateway", "batch_size": 1, "verified_positions": 1, "draft_steps": 0, "draft_ms": 0.0,
+            "context_tokens": 200, "verify_ms": 80.0, "confidences": [], "outcomes": [], "drafted": [0], "accepted": [0]}
+    for _ in range(600):
+        state.observe(step)
+    cost = state.decide().cost
+    assert cost.t_positions(512) == pytest.approx(5800, rel=0.01)
+    assert cost.t_positions(256) == pytest.approx(2900, rel=0.01)
+    assert cost.t_positions(160) == pytest.approx(700 + (2900 - 700) * 96 / 192, rel=0.01)  # interpolated
+    assert all(t > 0 for _, t in cost.verify_table)
+
+
 def test_ops_cli_sets_validates_and_unsets(redis_url, redis_client):
     def ops(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "specserve.cli", "ops", "--redis-url", redis_url, *args],

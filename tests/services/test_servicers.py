@@ -146,15 +146,21 @@ async def test_two_requests_with_one_request_id_both_complete(gateway_stub):
 
 
 def test_start_up_profiles_measure_steady_state_steps(tiny_pair):
-    from services.drafter.__main__ import warm as warm_drafter
-    from services.verifier.__main__ import warm as warm_verifier
+    from services.drafter.__main__ import profile as profile_drafter
+    from services.verifier.__main__ import PROFILE_PROMPTS
+    from services.verifier.__main__ import profile as profile_verifier
 
     target, draft = tiny_pair.runtimes()
-    drafts = warm_drafter(make_proposer("draft_model", runtime=draft))
+    drafts = profile_drafter(make_proposer("draft_model", runtime=draft))
     assert [r["draft_steps"] for r in drafts] == [1, 4, 2, 3, 2, 4, 1, 3]
     assert all(r["draft_ms"] > 0 for r in drafts)
-    verifies = warm_verifier(VerifierWorker(target))
-    assert [r["verified_positions"] for r in verifies] == [1, 2, 3, 4, 5, 6, 8] * 2
+    worker = VerifierWorker(target)
+    verifies = profile_verifier(worker)
+    # Verify steps of 1-8 positions, then prompt chunks up to the context (each computed in full:
+    # the profile's prompts share no prefix, so none comes from the prefix cache).
+    fitting = [n for n in PROFILE_PROMPTS if n < worker.max_context]
+    assert [r["verified_positions"] for r in verifies] == [1, 2, 3, 4, 5, 6, 8] * 2 + fitting
+    assert all(r["forward_ms"] > 0 for r in verifies)
 
 
 async def test_a_stream_whose_client_left_before_the_first_byte_gives_its_slot_back(tiny_models):
