@@ -71,6 +71,7 @@ class StepRecord:
     mode: str
     pruned: int = 0  # drafted slots the planner did not verify
     prompt_tokens: int = 0  # prompt tokens prefilled in the same forward (in verified_positions)
+    draft_free: bool = False  # the drafter runs no model: its time is per call
     draft_catchup_tokens: int = 0  # tokens the drafter re-read to catch up (their time is not drafting)
 
 
@@ -109,11 +110,12 @@ def _view(seq: Sequence) -> SessionView:
 
 class Scheduler(Background):
     def __init__(self, verifier: VerifierBackend, drafter: DrafterBackend | None, tokenizer, eos_ids: list[int],
-                 config: SchedulerConfig, strategy: Strategy | None = None, on_step=None, on_finish=None):
+                 config: SchedulerConfig, strategy: Strategy | None = None, on_step=None, on_finish=None,
+                 draft_free: bool = False):
         self.verifier, self.drafter, self.tokenizer = verifier, drafter, tokenizer
         self.eos_ids = set(eos_ids)
         self.config = config
-        self.planner = Planner(strategy or Strategy())
+        self.planner = Planner(strategy or Strategy(), draft_free)
         self.waiting: list[Sequence] = []
         self.running: dict[str, Sequence] = {}
         self.resync: list[Sequence] = []  # running sessions the verifier lost; prefilled again
@@ -451,7 +453,8 @@ class Scheduler(Background):
             context_tokens=sum(v.context for v in step.views), strategy_version=self.planner.strategy.version,
             mode=self.planner.strategy.mode,
             pruned=sum(len(d.tokens) for d in step.drafted.values()) - sum(step.keep.values()),
-            draft_catchup_tokens=step.catchup, prompt_tokens=step.prompt_tokens))
+            draft_catchup_tokens=step.catchup, prompt_tokens=step.prompt_tokens,
+            draft_free=self.planner.draft_free))
 
     # --- output ------------------------------------------------------------------------------
     def _commit(self, seq: Sequence, tokens: list[int], now: float) -> None:

@@ -42,12 +42,13 @@ def info_to_pb(info: c.WorkerInfo, version: str) -> common_pb2.ModelInfo:
     return common_pb2.ModelInfo(
         model_id=info.model_id, tokenizer_fingerprint=info.tokenizer_fingerprint, max_context=info.max_context,
         device=info.device, dtype=info.dtype, eos_token_ids=info.eos_token_ids, sessions=info.sessions,
-        kv_tokens=info.kv_tokens, version=version, runtime=info.runtime, model_file=info.model_file)
+        kv_tokens=info.kv_tokens, version=version, runtime=info.runtime, model_file=info.model_file,
+        free_drafts=info.free_drafts)
 
 
 def info_from_pb(pb: common_pb2.ModelInfo) -> c.WorkerInfo:
     return c.WorkerInfo(pb.model_id, pb.tokenizer_fingerprint, pb.max_context, pb.device, pb.dtype,
-                        list(pb.eos_token_ids), pb.sessions, pb.kv_tokens, pb.runtime, pb.model_file)
+                        list(pb.eos_token_ids), pb.sessions, pb.kv_tokens, pb.runtime, pb.model_file, pb.free_drafts)
 
 
 # Drafter

@@ -151,3 +151,4 @@ class WorkerInfo:
     kv_tokens: int
     runtime: str = ""  # "torch" or "llama.cpp"
     model_file: str = ""
+    free_drafts: bool = False  # the drafter's proposer runs no model (suffix, n-gram)

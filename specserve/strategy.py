@@ -52,6 +52,8 @@ def _validate_cost(cost: "CostModel") -> None:
         raise InvalidArgument("cost.verify_table", "positions must be positive, increasing and unique")
     if any(_number("cost.verify_table", t) <= 0 for _, t in cost.verify_table):
         raise InvalidArgument("cost.verify_table", "every time must be > 0")
+    if not isinstance(cost.draft_free, bool):
+        raise InvalidArgument("cost.draft_free", f"must be true or false, got {cost.draft_free!r}")
     if not cost.verify_table and cost.verify_fixed + cost.verify_per_pos <= 0:
         raise InvalidArgument("cost.verify_fixed", "a verify must cost > 0 (verify_fixed + verify_per_pos)")
 
@@ -65,6 +67,8 @@ class CostModel:
     """Step-time model in milliseconds.
 
     T_draft(n, k) = k * (draft_fixed + draft_per_seq * n)          (k draft forward passes)
+    or, for a free proposer (`draft_free`: suffix or n-gram lookup, no model), one call whatever k:
+    T_draft(n, k) = draft_fixed + draft_per_seq * n
     T_verify(N, ctx) = table(pad(N)) + verify_per_ctx * ctx, where N is the verified positions and
     ctx the summed context of the batch. `verify_table` holds measured (N, ms at ctx 0) points;
     between them the time is interpolated, and a larger shape that measured cheaper than a smaller
@@ -80,6 +84,7 @@ class CostModel:
     verify_per_ctx: float = 0.01
     shape_buckets: tuple[int, ...] = ()
     verify_table: tuple[tuple[int, float], ...] = ()  # (positions, ms), positions increasing
+    draft_free: bool = False
 
     def pad(self, positions: int) -> int:
         if not self.shape_buckets or positions > self.shape_buckets[-1]:
@@ -87,7 +92,10 @@ class CostModel:
         return self.shape_buckets[bisect.bisect_left(self.shape_buckets, positions)]
 
     def t_draft(self, n: int, k: int) -> float:
-        return k * (self.draft_fixed + self.draft_per_seq * n) if k > 0 and n > 0 else 0.0
+        if k <= 0 or n <= 0:
+            return 0.0
+        per_call = self.draft_fixed + self.draft_per_seq * n
+        return per_call if self.draft_free else k * per_call
 
     def t_verify(self, positions: int, ctx: int) -> float:
         return self.t_positions(self.pad(positions)) + self.verify_per_ctx * ctx

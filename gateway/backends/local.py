@@ -57,8 +57,9 @@ def local_scheduler(target: Runtime, draft: Runtime | None, tokenizer, eos_ids: 
                       target.info.runtime)
     verifier = LocalVerifier(VerifierWorker(target), info, verify_delay_ms)
     drafter = None
-    if proposer == "ngram":
-        drafter = LocalDrafter(make_proposer("ngram"), info, draft_delay_ms)
+    if proposer in ("ngram", "suffix"):
+        drafter = LocalDrafter(make_proposer(proposer), info, draft_delay_ms)
     elif draft is not None:
         drafter = LocalDrafter(make_proposer("draft_model", runtime=draft), info, draft_delay_ms)
-    return Scheduler(verifier, drafter, tokenizer, eos_ids, config or SchedulerConfig(), strategy, **hooks)
+    return Scheduler(verifier, drafter, tokenizer, eos_ids, config or SchedulerConfig(), strategy,
+                     draft_free=proposer in ("ngram", "suffix"), **hooks)

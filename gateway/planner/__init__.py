@@ -9,12 +9,14 @@ persists between steps: the strategy, the online step-time correction and specse
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from gateway.planner.adaptive import Adaptive
 from gateway.planner.base import Controller, Drafted, DraftPlan, SessionView, expected_tokens
 from gateway.planner.efficiency_gate import EfficiencyGate
 from gateway.planner.fixed import Static, Threshold
 from gateway.planner.smartspec import SmartSpec
-from specserve.strategy import PRIOR_MEAN_CONFIDENCE, Strategy
+from specserve.strategy import PRIOR_MEAN_CONFIDENCE, CostModel, Strategy
 
 __all__ = ["Drafted", "DraftPlan", "Planner", "SessionView", "expected_tokens"]
 
@@ -31,9 +33,14 @@ TIME_SCALE_WEIGHT = 0.3
 MIN_TIME_SCALE, MAX_TIME_SCALE = 0.01, 100.0
 
 
+# Before the policy has timed a free drafter: a lookup call costs about a millisecond.
+FREE_DRAFT_PRIOR = CostModel(draft_fixed=1.0, draft_per_seq=0.1, draft_free=True)
+
+
 class Planner:
-    def __init__(self, strategy: Strategy):
-        self.strategy = strategy
+    def __init__(self, strategy: Strategy, draft_free: bool = False):
+        self.draft_free = draft_free  # the drafter runs no model (suffix, n-gram): a call costs what it measures
+        self.strategy = self._priced(strategy)
         self.reasons: dict[str, str] = {}  # why a session got no drafts in the last plan
         # specserve's c̄: the running mean of the draft confidences of every draft round that did not
         # lower G, over all steps; its prior counts as one observation.
@@ -42,7 +49,16 @@ class Planner:
         self.prompt_tokens = 0  # prompt tokens prefilled in the step being planned (same forward)
 
     def set_strategy(self, strategy: Strategy) -> None:
-        self.strategy = strategy
+        self.strategy = self._priced(strategy)
+
+    def _priced(self, strategy: Strategy) -> Strategy:
+        """With a free drafter, a strategy whose costs were fitted to a model drafter (or are the
+        prior) prices drafting as a lookup call instead."""
+        if not self.draft_free or strategy.cost.draft_free:
+            return strategy
+        p = FREE_DRAFT_PRIOR
+        return replace(strategy, cost=replace(strategy.cost, draft_fixed=p.draft_fixed, draft_per_seq=p.draft_per_seq,
+                                              draft_free=True))
 
     @property
     def controller(self) -> Controller | None:

@@ -23,6 +23,10 @@ class Adaptive(Controller):
         n = len(sessions)
         c_bar = p.strategy.mean_confidence  # observed per-token survival (accepted / drafted), from the policy
         k_cap = p.slo_cap_k(sessions)
+        if k_cap and cost.draft_free:
+            # Drafts that cost no model: ask for the whole budget and let `prune` keep the slots
+            # whose survival pays for their verify positions, from each draft's own confidence.
+            return {v.key: DraftPlan(k_cap) for v in sessions}
         if k_cap == 0 or not p.gate(sessions, c_bar):
             return {v.key: DraftPlan() for v in sessions}
         efficiency_k1 = (n + n * c_bar) / p.step_ms(sessions, [1] * n)  # tokens per ms at k = 1

@@ -19,8 +19,8 @@ NAME = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"].full_name
 
 
 def build(config: ModelServiceConfig, loaded: LoadedModel) -> Proposer:
-    if config.proposer == "ngram":
-        return make_proposer("ngram", session_ttl_s=config.session_ttl_s)
+    if config.proposer in ("ngram", "suffix"):
+        return make_proposer(config.proposer, session_ttl_s=config.session_ttl_s)
     return make_proposer("draft_model", runtime=loaded.runtime, session_ttl_s=config.session_ttl_s)
 
 
@@ -40,12 +40,12 @@ def profile(proposer: Proposer) -> list[dict]:
         proposer.propose([ProposeItem.make_dummy(sid, p, 0) for sid, p in zip(ids, prompts)])
         out = proposer.propose([ProposeItem(sid, len(p), [7], k, SamplingParams()) for sid, p in zip(ids, prompts)])
         records.append({"call": "profile", "batch_size": batch, "draft_steps": out.draft_steps,
-                        "draft_ms": out.draft_ns / 1e6})
+                        "draft_ms": out.draft_ns / 1e6, "free": getattr(proposer, "free", False)})
         proposer.release(ids)
     return records
 
 
-PROFILE_VERSION = "1"  # changes whenever what `profile` measures changes (cached profiles are keyed by it)
+PROFILE_VERSION = "2"  # changes whenever what `profile` measures changes (cached profiles are keyed by it)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,6 +57,7 @@ class ModelServicer:
 
         worker = self.ready()
         info = self.loaded.info(self.model_id, len(worker.sessions), getattr(worker, "kv_tokens", 0))
+        info.free_drafts = getattr(worker, "free", False)
         return codec.info_to_pb(info, __version__)
 
     async def Release(self, request, context):

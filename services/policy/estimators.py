@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -47,10 +47,18 @@ class CostEstimator:
     # (long prompt chunks, big batches) stay measured instead of extrapolated.
     profile: list = field(default_factory=list)
 
+    draft_free: bool = False  # the drafts observed last came from a free proposer (one call, no model)
+
     def observe(self, batch: int, draft_steps: int, draft_ms: float, positions: int, context: int, verify_ms: float,
-                profile: bool = False) -> None:
-        if draft_steps > 0 and draft_ms > 0:
-            self.draft.append((draft_steps, draft_steps * batch, draft_ms))
+                profile: bool = False, free: bool = False) -> None:
+        """A step's (or a profile's) draft and forward times; `free`: the drafts came from a free
+        proposer, whose time is per call (draft_steps is 0 there)."""
+        if free != self.draft_free and (free or draft_steps > 0):
+            self.draft.clear()  # another proposer: its costs start over
+            self.draft_free = free
+        steps = 1 if free else draft_steps
+        if steps > 0 and draft_ms > 0 and batch > 0:
+            self.draft.append((steps, steps * batch, draft_ms))
         if positions > 0 and verify_ms > 0:
             (self.profile if profile else self.verify).append((1.0, positions, context, verify_ms))
 
@@ -60,22 +68,22 @@ class CostEstimator:
         d = np.array(self.draft, dtype=float).reshape(-1, 3)
         if len(d) >= 8 and len(np.unique(d[:, 1] / d[:, 0])) >= 2:
             df, dps = _nonneg_lstsq(d[:, :2], d[:, 2])
-            c = CostModel(df, dps, c.verify_fixed, c.verify_per_pos, c.verify_per_ctx, c.shape_buckets)
+            c = replace(c, draft_fixed=float(df), draft_per_seq=float(dps))
         elif len(d) >= 3:  # one batch size seen: per-step time only
-            c = CostModel(float(np.mean(d[:, 2] / d[:, 0])), 0.0, c.verify_fixed, c.verify_per_pos,
-                          c.verify_per_ctx, c.shape_buckets)
+            c = replace(c, draft_fixed=float(np.mean(d[:, 2] / d[:, 0])), draft_per_seq=0.0)
+        c = replace(c, draft_free=self.draft_free)
         v = np.array([*self.profile, *self.verify], dtype=float).reshape(-1, 4)
         v = v[v[:, 1] <= LINE_MAX_POSITIONS]
         if len(v) >= 8:
             cols = [0] + [i for i in (1, 2) if len(np.unique(v[:, i])) >= 2]
             coef = dict(zip(cols, _nonneg_lstsq(v[:, cols], v[:, 3])))
-            c = CostModel(c.draft_fixed, c.draft_per_seq, coef[0], coef.get(1, 0.0), coef.get(2, 0.0), c.shape_buckets)
+            c = replace(c, verify_fixed=float(coef[0]), verify_per_pos=float(coef.get(1, 0.0)),
+                        verify_per_ctx=float(coef.get(2, 0.0)))
         table = self._table(np.array(self.verify, dtype=float).reshape(-1, 4),
                             np.array(self.profile, dtype=float).reshape(-1, 4), c.verify_per_ctx)
         if len(table) >= 2:
-            c = CostModel(c.draft_fixed, c.draft_per_seq, c.verify_fixed, c.verify_per_pos, c.verify_per_ctx,
-                          (), table)
-            c = CostModel(**{**c.__dict__, "shape_buckets": c.buckets_from_table()})
+            c = replace(c, shape_buckets=(), verify_table=table)
+            c = replace(c, shape_buckets=c.buckets_from_table())
         return c
 
     @staticmethod

@@ -109,3 +109,36 @@ def test_adaptive_prunes_only_where_a_shape_step_makes_it_pay():
     kept = Planner(Strategy(mode="adaptive", cost=flat)).prune(views, drafted)
     assert sum(pruned.values()) + len(views) <= 4 and pruned["a"] >= pruned["b"]
     assert kept == {"a": 3, "b": 3}
+
+
+# The llama.cpp shape of this machine class: 2 positions cost 1.6x one, then about 13 ms each.
+STEEP = ((1, 75.0), (2, 120.0), (4, 150.0), (8, 200.0))
+
+
+def test_a_free_drafter_is_asked_for_its_whole_budget_and_pruned_by_each_draft_s_confidence():
+    """Drafts that cost no model: the gate does not guess from a prior mean confidence; every
+    session may draft its budget, and the slot budget keeps a long confident copy (9 tokens for
+    200 ms beats 1 for 75) and drops a guess at 0.3 (1.3 tokens for 120 ms loses to 1 for 75)."""
+    free = CostModel(draft_fixed=0.5, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=STEEP, draft_free=True)
+    planner = Planner(Strategy(mode="adaptive", cost=free, mean_confidence=0.1, max_draft_tokens=7))
+    views = [SessionView("copy", 50)]
+    assert planner.plan(views)["copy"].max_draft_tokens == 7
+    assert planner.prune(views, {"copy": Drafted(list(range(7)), [1.0] * 7)}) == {"copy": 7}
+    assert planner.prune(views, {"copy": Drafted([1], [0.3])}) == {"copy": 0}
+
+
+def test_model_drafts_stay_off_where_the_table_says_they_lose():
+    """The same steep table with a draft model at half a target token: at the prior mean
+    confidence, one draft (1.6 tokens for 37.5 + 120 ms) loses to plain decoding (1 for 75 ms)."""
+    model = CostModel(draft_fixed=37.5, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=STEEP)
+    planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.6))
+    assert planner.plan([SessionView("a", 50)])["a"].max_draft_tokens == 0
+    assert planner.strategy.cost.t_draft(1, 4) == 150.0  # k forward passes
+
+
+def test_a_free_drafter_prices_drafting_per_call_even_under_a_model_s_strategy():
+    model = CostModel(draft_fixed=37.5, draft_per_seq=2.0, verify_table=STEEP)
+    planner = Planner(Strategy(mode="adaptive", cost=model), draft_free=True)
+    assert planner.strategy.cost.draft_free and planner.strategy.cost.t_draft(1, 8) < 5
+    planner.set_strategy(Strategy(mode="adaptive", cost=model))  # a publication fitted to a model drafter
+    assert planner.strategy.cost.t_draft(1, 8) < 5

@@ -204,6 +204,18 @@ def test_profiled_prompt_chunks_stay_in_the_table_however_many_steps_follow():
     assert all(t > 0 for _, t in cost.verify_table)
 
 
+def test_a_free_proposer_is_priced_per_call_from_its_own_measurements():
+    """Suffix or n-gram drafts run no model (draft_steps 0): their calls' times are fitted as a cost
+    per call, not dropped in favour of the 78 ms-per-token prior."""
+    state = PolicyState()
+    for n in (1, 1, 2, 4, 1, 2, 4, 1):
+        state.observe({"component": "drafter", "call": "profile", "batch_size": n, "draft_steps": 0,
+                       "draft_ms": 0.3 + 0.05 * n, "free": True})
+    cost = state.decide().cost
+    assert cost.draft_free
+    assert cost.t_draft(1, 8) == pytest.approx(0.35, rel=0.01) and cost.t_draft(4, 1) == pytest.approx(0.5, rel=0.01)
+
+
 def test_ops_cli_sets_validates_and_unsets(redis_url, redis_client):
     def ops(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "specserve.cli", "ops", "--redis-url", redis_url, *args],

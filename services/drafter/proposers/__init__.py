@@ -7,7 +7,7 @@ from typing import Literal, Protocol
 from specserve.contracts import ProposeItem, ProposeOutput
 from specserve.sessions import SessionTable
 
-ProposerName = Literal["draft_model", "ngram"]
+ProposerName = Literal["draft_model", "ngram", "suffix"]
 
 
 class Proposer(Protocol):
@@ -29,4 +29,8 @@ def make_proposer(name: ProposerName, **kwargs) -> Proposer:
         from services.drafter.proposers.ngram import NgramProposer
 
         return NgramProposer(**kwargs)
+    if name == "suffix":
+        from services.drafter.proposers.suffix import SuffixProposer
+
+        return SuffixProposer(**kwargs)
     raise ValueError(f"unknown proposer {name!r}")

@@ -28,6 +28,8 @@ def ngram_lookup(tokens: list[int], k: int, max_n: int = 3, min_n: int = 1) -> l
 class NgramProposer:
     """No model: drafts come from the session's own tokens, each with a fixed confidence."""
 
+    free = True  # costs what it measures, not a forward per token
+
     def __init__(self, max_n: int = 3, min_n: int = 1, confidence: float = 0.5, session_ttl_s: float = SESSION_TTL_S):
         self.max_n, self.min_n, self.confidence = max_n, min_n, confidence
         # Per session: its committed tokens and the drafts of the last call, in one value so that

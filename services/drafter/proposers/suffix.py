@@ -1,0 +1,171 @@
+"""Suffix decoding (Oliaro et al., "SuffixDecoding", arXiv 2411.04975): drafts that cost no model.
+
+Each session keeps an index of its own tokens (prompt and output so far), and the proposer keeps one
+over the outputs of recently finished sessions (bounded, oldest out first). To draft, the longest
+suffix of the session's tokens that occurred before (up to MAX_MATCH tokens) is looked up; the
+tokens that followed its occurrences form a frequency tree, and the draft follows the most frequent
+child at each depth. The conditional frequency of each step is the draft token's confidence, so
+their product is the probability the planner and the calibration see; the draft stops where that
+product falls below a floor, and is at most `alpha` times the match length long (a long match
+predicts a long copy; a one-token match, a short guess). The index is updated with each call's new
+tokens: no history is rescanned.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+from specserve.config import SESSION_TTL_S
+from specserve.contracts import Draft, ProposeItem, ProposeOutput, SessionStatus
+from specserve.sessions import SessionTable
+
+MAX_MATCH = 24  # longest suffix looked up (also the most a match can justify drafting, times alpha)
+MAX_OCCURRENCES = 64  # most recent occurrences of a match that vote on its continuation
+SEPARATOR = -1  # between the outputs in the global index: no match crosses two of them
+
+
+@dataclass
+class SuffixIndex:
+    """Tokens and, per context of 1..MAX_MATCH tokens, the positions that followed it. Contexts are
+    keyed by their hash: a collision only makes a draft that verification rejects."""
+
+    tokens: list[int] = field(default_factory=list)
+    follows: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+
+    def extend(self, new: list[int]) -> None:
+        for token in new:
+            self.tokens.append(token)
+            end = len(self.tokens)
+            for m in range(1, min(MAX_MATCH, end) + 1):
+                context = tuple(self.tokens[end - m : end])
+                if SEPARATOR in context:
+                    break
+                self.follows[hash(context)].append(end)
+
+    def continuations(self, tail: list[int]) -> tuple[int, list[int]]:
+        """The longest suffix of `tail` that occurred here with a continuation: its length and
+        where its most recent occurrences continue (positions into `tokens`)."""
+        for m in range(min(MAX_MATCH, len(tail)), 0, -1):
+            starts = [p for p in self.follows.get(hash(tuple(tail[-m:])), ()) if p < len(self.tokens)]
+            if starts:
+                return m, starts[-MAX_OCCURRENCES:]
+        return 0, []
+
+
+def draft_from(index: SuffixIndex, starts: list[int], budget: int, floor: float,
+               stop: set[int] = frozenset()) -> tuple[list[int], list[float]]:
+    """Follow the most frequent continuation of the occurrences at `starts`, up to `budget` tokens,
+    while the product of the conditional frequencies stays at or above `floor`. Returns the tokens
+    and each one's conditional frequency."""
+    tokens, confidences, cumulative = [], [], 1.0
+    live = starts
+    for depth in range(budget):
+        votes: dict[int, list[int]] = defaultdict(list)
+        for p in live:
+            if p + depth < len(index.tokens) and index.tokens[p + depth] != SEPARATOR:
+                votes[index.tokens[p + depth]].append(p)
+        if not votes:
+            break
+        # The most frequent next token; among equals, the one seen most recently.
+        token, kept = max(votes.items(), key=lambda kv: (len(kv[1]), kv[1][-1]))
+        p = len(kept) / len(live)
+        if cumulative * p < floor:
+            break
+        cumulative *= p
+        tokens.append(token)
+        confidences.append(p)
+        live = kept
+        if token in stop:
+            break
+    return tokens, confidences
+
+
+@dataclass
+class _Session:
+    index: SuffixIndex
+    prompt_len: int  # tokens of the first call: the prompt (and the first token)
+    pending: list[int] = field(default_factory=list)  # drafts of the last call
+
+
+class SuffixProposer:
+    """No model: drafts come from the session's own tokens and from recent outputs."""
+
+    free = True  # costs what it measures (microseconds), not a forward per token
+
+    def __init__(self, alpha: float = 1.0, floor: float = 0.1, global_tokens: int = 32768,
+                 session_ttl_s: float = SESSION_TTL_S):
+        self.alpha, self.floor, self.global_tokens = alpha, floor, global_tokens
+        self.sessions: SessionTable[_Session] = SessionTable(session_ttl_s)
+        self.outputs: deque[list[int]] = deque()  # finished sessions' outputs, oldest first
+        self.recent = SuffixIndex()
+
+    def propose(self, items: list[ProposeItem]) -> ProposeOutput:
+        start = time.perf_counter_ns()
+        drafts = []
+        for item in items:
+            session = self._sync(item)
+            if session is None:
+                drafts.append(Draft(item.session_id, SessionStatus.NOT_FOUND))
+                continue
+            tokens, confidences = self._draft(session, item)
+            session.pending = (session.pending if item.extend else []) + tokens
+            # A deterministic proposer samples from a point mass on its token.
+            dists = [] if item.params.greedy else [([t], [1.0]) for t in tokens]
+            drafts.append(Draft(item.session_id, SessionStatus.OK, tokens, confidences, dists))
+        return ProposeOutput(drafts, 0, time.perf_counter_ns() - start)
+
+    def _sync(self, item: ProposeItem) -> _Session | None:
+        if item.position == 0 and not item.extend:
+            self.sessions.release([item.session_id])
+            session = _Session(SuffixIndex(), len(item.new_tokens))
+            self.sessions.put(item.session_id, session)
+        else:
+            session = self.sessions.get(item.session_id)
+            if session is None or len(session.index.tokens) != item.position or (item.extend and item.new_tokens):
+                return None
+        session.index.extend(item.new_tokens)
+        return session
+
+    def _draft(self, session: _Session, item: ProposeItem) -> tuple[list[int], list[float]]:
+        """From the session's own tokens or from recent outputs, whichever expects more accepted
+        tokens (the sum of the cumulative probabilities)."""
+        tail = session.index.tokens + (session.pending if item.extend else [])
+        room = item.max_draft_tokens  # an extend round's budget is for its own drafts
+        best, best_score = ([], []), 0.0
+        for index in (session.index, self.recent):
+            m, starts = index.continuations(tail)
+            budget = min(room, math.ceil(self.alpha * m))
+            if budget <= 0:
+                continue
+            tokens, confidences = draft_from(index, starts, budget, max(self.floor, item.stop_confidence))
+            score, c = 0.0, 1.0
+            for p in confidences:
+                c *= p
+                score += c
+            if score > best_score:
+                best, best_score = (tokens, confidences), score
+        return best
+
+    def release(self, session_ids: list[str]) -> int:
+        for sid in session_ids:
+            session = self.sessions.get(sid)
+            if session is not None:
+                self._add_output(session.index.tokens[session.prompt_len :])
+        return self.sessions.release(session_ids)
+
+    def _add_output(self, output: list[int]) -> None:
+        """A finished session's output joins the global index (the oldest outputs leave it)."""
+        if not output:
+            return
+        self.outputs.append(output)
+        self.recent.extend([*output, SEPARATOR])
+        if len(self.recent.tokens) > self.global_tokens:
+            # Rebuild over the newer half: amortized, and the index never holds evicted outputs.
+            while self.outputs and sum(len(o) + 1 for o in self.outputs) > self.global_tokens // 2:
+                self.outputs.popleft()
+            self.recent = SuffixIndex()
+            for kept in self.outputs:
+                self.recent.extend([*kept, SEPARATOR])

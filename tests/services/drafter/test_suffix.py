@@ -1,0 +1,92 @@
+"""Suffix decoding: the index, the frequency tree, the draft length rule, the global index of recent
+outputs, session sync, and lossless output through the step loop."""
+
+import pytest
+
+from services.drafter.proposers.suffix import MAX_MATCH, SuffixIndex, SuffixProposer, draft_from
+from specserve.contracts import ProposeItem, SamplingParams, SessionStatus
+from specserve.strategy import CostModel, Strategy
+from tests.helpers import assert_lossless, run_local
+
+CODE = [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+
+
+def _index(tokens: list[int]) -> SuffixIndex:
+    index = SuffixIndex()
+    index.extend(tokens)
+    return index
+
+
+def test_the_longest_earlier_suffix_continues_a_copy():
+    index = _index([*CODE, 99, *CODE[:4]])
+    m, starts = index.continuations(index.tokens)
+    assert m == 4 and starts == [4]  # "10 11 12 13" occurred once before, continued at position 4
+    tokens, confidences = draft_from(index, starts, budget=3, floor=0.1)
+    assert tokens == [14, 15, 16] and confidences == [1.0, 1.0, 1.0]
+    assert _index([1, 2, 3]).continuations([1, 2, 3]) == (0, [])  # nothing occurred before
+
+
+def test_the_frequency_tree_follows_the_majority_and_stops_below_the_floor():
+    # After "5": 6 twice, 7 once; after "5 6": 8 once, 9 once.
+    index = _index([5, 6, 8, 5, 6, 9, 5, 7, 5])
+    m, starts = index.continuations(index.tokens)
+    assert m == 1 and len(starts) == 3
+    tokens, confidences = draft_from(index, starts, budget=4, floor=0.1)
+    assert tokens[:2] == [6, 9] and confidences[:2] == pytest.approx([2 / 3, 1 / 2])  # ties: the most recent
+    tokens, _ = draft_from(index, starts, budget=4, floor=0.5)
+    assert tokens == [6]  # 2/3 * 1/2 = 1/3 < 0.5: the second token is dropped
+
+
+def test_draft_length_follows_the_match_length():
+    proposer = SuffixProposer(alpha=1.0)
+    prompt = [*CODE, 99, *CODE[:2]]  # a two-token match: at most two drafts
+    out = proposer.propose([ProposeItem("a", 0, prompt, 8, SamplingParams())])
+    assert out.drafts[0].tokens == [12, 13]
+    longer = [*CODE, 99, *CODE[:6]]
+    out = proposer.propose([ProposeItem("b", 0, longer, 8, SamplingParams())])
+    assert out.drafts[0].tokens == [16, 17, 18, 19, 99, 10]  # six matched: six drafts, the text as it went on
+    assert out.draft_steps == 0 and len(CODE) < MAX_MATCH
+
+
+def test_sessions_stay_in_sync_and_extend_continues_after_pending_drafts():
+    proposer = SuffixProposer()
+    first = proposer.propose([ProposeItem("a", 0, [*CODE, 99, 10, 11], 2, SamplingParams())])
+    assert first.drafts[0].tokens == [12, 13]
+    more = proposer.propose([ProposeItem("a", 13, [], 2, SamplingParams(), extend=True)])
+    assert more.drafts[0].tokens == [14, 15]
+    stale = proposer.propose([ProposeItem("a", 5, [1], 2, SamplingParams())])
+    assert stale.drafts[0].status is SessionStatus.NOT_FOUND
+    assert proposer.release(["a", "b"]) == 1
+
+
+def test_a_finished_output_serves_later_sessions():
+    proposer = SuffixProposer()
+    answer = [40, 41, 42, 43, 44, 45]
+    proposer.propose([ProposeItem("a", 0, [1, 2, 3], 4, SamplingParams())])
+    proposer.propose([ProposeItem("a", 3, answer, 4, SamplingParams())])
+    proposer.release(["a"])
+    out = proposer.propose([ProposeItem("b", 0, [7, 8, 40, 41], 4, SamplingParams())])
+    assert out.drafts[0].tokens == [42, 43]  # from the global index: the match is two tokens long
+
+
+def test_the_global_index_stays_bounded():
+    proposer = SuffixProposer(global_tokens=100)
+    for i in range(30):
+        proposer.propose([ProposeItem(f"s{i}", 0, [1], 0, SamplingParams())])
+        proposer.propose([ProposeItem(f"s{i}", 1, list(range(100 + i, 110 + i)), 0, SamplingParams())])
+        proposer.release([f"s{i}"])
+    assert len(proposer.recent.tokens) <= 100
+    assert proposer.outputs[-1] == list(range(129, 139))
+
+
+@pytest.mark.parametrize("strategy", [Strategy(mode="static", static_k=4),
+                                      Strategy(mode="adaptive", cost=CostModel(draft_free=True, draft_fixed=0.1))])
+def test_suffix_drafts_are_lossless_across_batch_mixes(tiny_pair, strategy):
+    tokenizer = tiny_pair.tokenizer
+    code = tokenizer.encode("for i in range(10):\n    print(i)\nfor i in range(10):\n")
+    requests = [(code, SamplingParams(max_new_tokens=30)), (code[:7], SamplingParams(max_new_tokens=12)),
+                ([5, 9, 11], SamplingParams(max_new_tokens=20))]
+    seqs, outs = run_local(tiny_pair, requests, strategy, proposer="suffix", overrides=[("", 0), ("static", 2)])
+    for (prompt, params), (tokens, _, _) in zip(requests, outs):
+        assert_lossless(tokens, tiny_pair.reference(prompt, params.max_new_tokens, tokenizer.eos_token_id))
+    assert sum(s.draft_tokens for s in seqs) > 0
