@@ -57,6 +57,9 @@ class StepRecord:
     accepted: list[int]  # per session
     position_accepted: list[int]  # per draft position: sessions whose draft there was accepted
     position_drafted: list[int]  # per draft position: sessions that verified a draft there
+    # per draft position: sessions whose drafts before it were all accepted (so it was tested);
+    # accepted / reached there is the conditional acceptance rate at that position
+    position_reached: list[int] = field(default_factory=list)
     confidences: list[float]  # raw cumulative confidence of each verified draft position
     outcomes: list[int]  # 1 if that draft position was accepted
     predicted_step_ms: float
@@ -96,6 +99,7 @@ class _Step:
     outcomes: list[int] = field(default_factory=list)
     position_accepted: list[int] = field(default_factory=list)
     position_drafted: list[int] = field(default_factory=list)
+    position_reached: list[int] = field(default_factory=list)
     prompt_tokens: int = 0  # prompt tokens prefilled in the same forward
 
     def __post_init__(self) -> None:
@@ -420,6 +424,7 @@ class Scheduler(Background):
         now = time.monotonic()
         longest = max((len(i.drafts) for i in step.items), default=0)
         step.position_accepted, step.position_drafted = [0] * longest, [0] * longest
+        step.position_reached = [0] * longest
         for seq, item, result in zip(step.seqs, step.items, out.results):
             if result.status is SessionStatus.NOT_FOUND:
                 del self.running[seq.id]
@@ -437,6 +442,7 @@ class Scheduler(Background):
                 step.outcomes.append(int(j < result.accepted))
                 step.position_drafted[j] += 1
                 step.position_accepted[j] += int(j < result.accepted)
+                step.position_reached[j] += int(j <= result.accepted)
             self._commit(seq, result.tokens, now)
 
     def _record(self, step: "_Step", out: VerifyOutput) -> None:
@@ -447,6 +453,7 @@ class Scheduler(Background):
             step_id=self.step_id, batch_size=len(step.seqs), verified_positions=out.verified_positions,
             draft_steps=step.draft_steps, drafted=[len(i.drafts) for i in step.items], accepted=step.accepted,
             position_accepted=step.position_accepted, position_drafted=step.position_drafted,
+            position_reached=step.position_reached,
             confidences=step.confidences, outcomes=step.outcomes, predicted_step_ms=step.predicted_ms,
             draft_ms=step.draft_ns / 1e6, verify_ms=out.forward_ns / 1e6, step_ms=step_ms,
             planner_ms=step.planner_s * 1000, queue_depth=len(self.waiting), running=len(self.running),

@@ -147,10 +147,29 @@ class AcceptanceEstimator:
     drafted: float = 0.0
     accepted: float = 0.0
     prior: float = PRIOR_ACCEPTANCE_RATE
+    reached: list[float] = field(default_factory=list)  # per draft position: drafts tested there
+    accepted_at: list[float] = field(default_factory=list)  # per draft position: drafts accepted there
 
-    def observe(self, drafted: int, accepted: int) -> None:
+    def observe(self, drafted: int, accepted: int, reached: list[int] = (), accepted_at: list[int] = ()) -> None:
         self.drafted += drafted
         self.accepted += accepted
+        for j, (r, a) in enumerate(zip(reached, accepted_at)):
+            if j == len(self.reached):
+                self.reached.append(0.0)
+                self.accepted_at.append(0.0)
+            self.reached[j] += r
+            self.accepted_at[j] += a
+
+    @property
+    def conditional(self) -> float | None:
+        """The per-token acceptance: accepted / reached over every position (unbiased under prefix
+        acceptance, where accepted / drafted reads E[accepted] / k), None before any draft."""
+        reached = sum(self.reached)
+        return sum(self.accepted_at) / reached if reached else None
+
+    def by_position(self) -> list[float]:
+        """The conditional rate at each draft position: accepted there / reached there."""
+        return [a / r if r else 0.0 for a, r in zip(self.accepted_at, self.reached)]
 
     @property
     def rate(self) -> float:

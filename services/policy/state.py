@@ -59,14 +59,16 @@ class PolicyState:
                           0.0 if catchup and free else float(record["draft_ms"]), positions,
                           int(record["context_tokens"]), float(record["verify_ms"]), free=free)
         self.calibration.observe([float(c) for c in record["confidences"]], [int(o) for o in record["outcomes"]])
-        self.acceptance.observe(sum(int(d) for d in record["drafted"]), sum(int(a) for a in record["accepted"]))
+        self.acceptance.observe(sum(int(d) for d in record["drafted"]), sum(int(a) for a in record["accepted"]),
+                                [int(r) for r in record.get("position_reached", ())],
+                                [int(a) for a in record.get("position_accepted", ())])
         self.applied += 1
 
     def decide(self) -> Strategy:
         mode, k = parse_algorithm(self.algorithm)
         self.version += 1
         acc = self.acceptance
-        per_token = acc.accepted / acc.drafted if acc.drafted else PRIOR_MEAN_CONFIDENCE
+        per_token = acc.conditional if acc.conditional is not None else PRIOR_MEAN_CONFIDENCE
         return Strategy(
             mode=mode, static_k=k, cost=self.cost.fit(), calibration=self.calibration.fit(),
             acceptance_rate=min(acc.rate, 0.99), mean_confidence=min(max(per_token, 0.05), 0.99),

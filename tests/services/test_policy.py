@@ -216,6 +216,26 @@ def test_a_free_proposer_is_priced_per_call_from_its_own_measurements():
     assert cost.t_draft(1, 8) == pytest.approx(0.35, rel=0.01) and cost.t_draft(4, 1) == pytest.approx(0.5, rel=0.01)
 
 
+def test_acceptance_is_the_conditional_rate_per_position_not_accepted_over_drafted():
+    """Drafts of k = 4 that each survive with probability 0.8 given the ones before: accepted /
+    drafted reads about 0.59, accepted / reached there reads 0.8 at every position."""
+    import random
+
+    rng = random.Random(3)
+    state = PolicyState()
+    for _ in range(3000):
+        accepted = next((j for j in range(4) if rng.random() >= 0.8), 4)
+        state.observe({"component": "gateway", "batch_size": 1, "verified_positions": 5, "draft_steps": 4,
+                       "draft_ms": 10.0, "context_tokens": 50, "verify_ms": 80.0, "confidences": [], "outcomes": [],
+                       "drafted": [4], "accepted": [accepted],
+                       "position_reached": [int(j <= accepted) for j in range(4)],
+                       "position_accepted": [int(j < accepted) for j in range(4)]})
+    acc = state.acceptance
+    assert acc.accepted / acc.drafted == pytest.approx(0.59, abs=0.03)
+    assert acc.by_position() == pytest.approx([0.8] * 4, abs=0.03)
+    assert state.decide().mean_confidence == pytest.approx(0.8, abs=0.02)
+
+
 def test_ops_cli_sets_validates_and_unsets(redis_url, redis_client):
     def ops(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "specserve.cli", "ops", "--redis-url", redis_url, *args],
