@@ -57,9 +57,6 @@ class StepRecord:
     accepted: list[int]  # per session
     position_accepted: list[int]  # per draft position: sessions whose draft there was accepted
     position_drafted: list[int]  # per draft position: sessions that verified a draft there
-    # per draft position: sessions whose drafts before it were all accepted (so it was tested);
-    # accepted / reached there is the conditional acceptance rate at that position
-    position_reached: list[int] = field(default_factory=list)
     confidences: list[float]  # raw cumulative confidence of each verified draft position
     outcomes: list[int]  # 1 if that draft position was accepted
     predicted_step_ms: float
@@ -75,6 +72,10 @@ class StepRecord:
     pruned: int = 0  # drafted slots the planner did not verify
     prompt_tokens: int = 0  # prompt tokens prefilled in the same forward (in verified_positions)
     draft_free: bool = False  # the drafter runs no model: its time is per call
+    explored: bool = False  # a probe step: drafted although the estimates said plain decoding
+    # per draft position: sessions whose drafts before it were all accepted (so it was tested);
+    # accepted / reached there is the conditional acceptance rate at that position
+    position_reached: list[int] = field(default_factory=list)
     draft_catchup_tokens: int = 0  # tokens the drafter re-read to catch up (their time is not drafting)
 
 
@@ -100,6 +101,7 @@ class _Step:
     position_accepted: list[int] = field(default_factory=list)
     position_drafted: list[int] = field(default_factory=list)
     position_reached: list[int] = field(default_factory=list)
+    explored: bool = False
     prompt_tokens: int = 0  # prompt tokens prefilled in the same forward
 
     def __post_init__(self) -> None:
@@ -356,6 +358,7 @@ class Scheduler(Background):
     def _plan(self, step: "_Step") -> dict[str, DraftPlan]:
         tick = time.perf_counter()
         plans = self.planner.plan(step.views)
+        step.explored = self.planner.exploring
         for s in step.seqs:
             if s.id in self.planner.reasons:
                 s.plain_reason = self.planner.reasons[s.id]
@@ -447,7 +450,14 @@ class Scheduler(Background):
 
     def _record(self, step: "_Step", out: VerifyOutput) -> None:
         step_ms = (time.perf_counter() - step.started) * 1000
-        self.planner.observe_step(step.predicted_ms, step_ms)
+        probe_ms = 0.0
+        if step.explored:
+            n = len(step.views)
+            probe_ms = self.planner.step_ms(step.views, [1] * n) - self.planner.step_ms(step.views, [0] * n)
+            # The drafter's catch-up on histories it had not read is part of the probe's price.
+            probe_ms += self.planner.strategy.cost.t_positions(step.catchup) * self.planner.time_scale \
+                if step.catchup else 0.0
+        self.planner.observe_step(step.predicted_ms, step_ms, probe_ms)
         self.step_id += 1
         self.on_step(StepRecord(
             step_id=self.step_id, batch_size=len(step.seqs), verified_positions=out.verified_positions,
@@ -461,7 +471,7 @@ class Scheduler(Background):
             mode=self.planner.strategy.mode,
             pruned=sum(len(d.tokens) for d in step.drafted.values()) - sum(step.keep.values()),
             draft_catchup_tokens=step.catchup, prompt_tokens=step.prompt_tokens,
-            draft_free=self.planner.draft_free))
+            draft_free=self.planner.draft_free, explored=step.explored))
 
     # --- output ------------------------------------------------------------------------------
     def _commit(self, seq: Sequence, tokens: list[int], now: float) -> None:

@@ -30,6 +30,10 @@ OVERRIDE_REASONS = {"off": "speculation off for this request", "static": "static
 # The step-time correction: an exponential mean of measured / predicted time. Weight 0.3 follows a
 # change within a few steps; the clamp keeps one outlier (a GC pause, a cold cache) from swinging it.
 TIME_SCALE_WEIGHT = 0.3
+# While drafting looks unprofitable, at most this share of decode time goes to probe drafts, so
+# the acceptance estimates stay true (a gate closed by a prior would otherwise never learn).
+EXPLORE_SHARE = 0.02
+EXPLORE_DECAY = 0.995  # per step: the budget's window is a few hundred steps
 MIN_TIME_SCALE, MAX_TIME_SCALE = 0.01, 100.0
 
 
@@ -47,6 +51,10 @@ class Planner:
         self._confidence_sum, self._confidence_n = PRIOR_MEAN_CONFIDENCE, 1  # the paper's initial c̄
         self.time_scale = 1.0  # measured / predicted step time, tracked online
         self.prompt_tokens = 0  # prompt tokens prefilled in the step being planned (same forward)
+        # Exploration: decode time and the extra time spent on probe drafts, both decayed per step
+        # (a window of about 1 / (1 - EXPLORE_DECAY) steps); a probe runs only within the budget.
+        self.decode_ms, self.explored_ms = 0.0, 0.0
+        self.exploring = False  # the step being planned drafts only to keep the estimates true
 
     def set_strategy(self, strategy: Strategy) -> None:
         self.strategy = self._priced(strategy)
@@ -65,12 +73,20 @@ class Planner:
         return CONTROLLERS.get(self.strategy.mode)
 
     # --- state kept between steps --------------------------------------------------------------
-    def observe_step(self, predicted_ms: float, measured_ms: float) -> None:
+    def observe_step(self, predicted_ms: float, measured_ms: float, probe_ms: float = 0.0) -> None:
         """Correct the cost model online: an exponential mean of measured over predicted step time
-        (the policy refits the coefficients; this keeps predictions honest between publications)."""
+        (the policy refits the coefficients; this keeps predictions honest between publications).
+        `probe_ms`: the predicted extra time of the step's exploration drafts."""
+        self.decode_ms = EXPLORE_DECAY * self.decode_ms + measured_ms
+        self.explored_ms = EXPLORE_DECAY * self.explored_ms + probe_ms
         if predicted_ms > 0 and measured_ms > 0:
             ratio = min(max(measured_ms / (predicted_ms / self.time_scale), MIN_TIME_SCALE), MAX_TIME_SCALE)
             self.time_scale = (1 - TIME_SCALE_WEIGHT) * self.time_scale + TIME_SCALE_WEIGHT * ratio
+
+    def may_explore(self, extra_ms: float) -> bool:
+        """Whether a probe step costing `extra_ms` more than plain decoding stays within the
+        exploration budget (a share of the recent decode time)."""
+        return extra_ms > 0 and self.explored_ms + extra_ms <= EXPLORE_SHARE * (self.decode_ms + extra_ms)
 
     def observe_confidences(self, confidences: list[float]) -> None:
         self._confidence_sum += sum(confidences)
@@ -112,6 +128,7 @@ class Planner:
     def plan(self, sessions: list[SessionView]) -> dict[str, DraftPlan]:
         """Budgets for every session: per-request overrides as asked, the rest by the controller."""
         s = self.strategy
+        self.exploring = False
         plans = {v.key: DraftPlan(v.static_k if v.mode == "static" else 0) for v in sessions}
         auto = [v for v in sessions if not v.mode]
         if auto and self.controller is not None and s.max_draft_tokens > 0:

@@ -27,8 +27,13 @@ class Adaptive(Controller):
             # Drafts that cost no model: ask for the whole budget and let `prune` keep the slots
             # whose survival pays for their verify positions, from each draft's own confidence.
             return {v.key: DraftPlan(k_cap) for v in sessions}
-        if k_cap == 0 or not p.gate(sessions, c_bar):
+        if k_cap == 0:
             return {v.key: DraftPlan() for v in sessions}
+        if not p.gate(sessions, c_bar):
+            # Closed by the estimates: probe one draft per session now and then, within the budget.
+            extra_ms = p.step_ms(sessions, [1] * n) - p.step_ms(sessions, [0] * n)
+            p.exploring = p.may_explore(extra_ms)
+            return {v.key: DraftPlan(1 if p.exploring else 0) for v in sessions}
         efficiency_k1 = (n + n * c_bar) / p.step_ms(sessions, [1] * n)  # tokens per ms at k = 1
         # One more draft row and one more verified position, both in measured (scaled) time, as
         # the efficiency is: the slower the measured steps, the higher the bar.

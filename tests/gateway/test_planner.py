@@ -142,3 +142,28 @@ def test_a_free_drafter_prices_drafting_per_call_even_under_a_model_s_strategy()
     assert planner.strategy.cost.draft_free and planner.strategy.cost.t_draft(1, 8) < 5
     planner.set_strategy(Strategy(mode="adaptive", cost=model))  # a publication fitted to a model drafter
     assert planner.strategy.cost.t_draft(1, 8) < 5
+
+
+def test_exploration_probes_a_closed_gate_within_two_percent_of_decode_time():
+    """Drafting looks unprofitable (the gate is closed by the estimates), yet now and then a step
+    drafts one token per session so the acceptance estimates stay true: the probes' extra time
+    stays within the budget, and they do happen."""
+    from gateway.planner import EXPLORE_SHARE
+
+    model = CostModel(draft_fixed=37.5, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=STEEP)
+    planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.3))
+    views = [SessionView("a", 50), SessionView("b", 50)]
+    plain, one = planner.step_ms(views, [0, 0]), planner.step_ms(views, [1, 1])
+    probes, total, extra = 0, 0.0, 0.0
+    for _ in range(2000):
+        plans = planner.plan(views)
+        ks = [plans[v.key].max_draft_tokens for v in views]
+        step_ms = one if planner.exploring else plain
+        probe_ms = one - plain if planner.exploring else 0.0
+        assert set(ks) == ({1} if planner.exploring else {0})
+        planner.observe_step(step_ms, step_ms, probe_ms)
+        probes += planner.exploring
+        total += step_ms
+        extra += probe_ms
+    assert probes > 0
+    assert extra <= EXPLORE_SHARE * total * 1.05
