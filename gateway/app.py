@@ -160,7 +160,8 @@ class Gateway:
 
         scheduler = Scheduler(self.verifier, self.drafter, self.tokenizer, vinfo.eos_token_ids,
                               SchedulerConfig(c.max_batch_size, c.max_queued, c.max_prefill_tokens, c.call_timeout_s),
-                              self.strategy, on_step=on_step, draft_free=bool(dinfo and dinfo.free_drafts))
+                              self.strategy, on_step=on_step, draft_free=bool(dinfo and dinfo.free_drafts),
+                              hybrid=bool(dinfo and dinfo.hybrid))
         admission = Admission(scheduler, c.admission, on_reject=lambda seq: metrics.rejected.labels("slo").inc(),
                               margin=c.admission_margin, on_admit=lambda seq: metrics.admitted.inc())
 

@@ -117,11 +117,11 @@ def _view(seq: Sequence) -> SessionView:
 class Scheduler(Background):
     def __init__(self, verifier: VerifierBackend, drafter: DrafterBackend | None, tokenizer, eos_ids: list[int],
                  config: SchedulerConfig, strategy: Strategy | None = None, on_step=None, on_finish=None,
-                 draft_free: bool = False):
+                 draft_free: bool = False, hybrid: bool = False):
         self.verifier, self.drafter, self.tokenizer = verifier, drafter, tokenizer
         self.eos_ids = set(eos_ids)
         self.config = config
-        self.planner = Planner(strategy or Strategy(), draft_free)
+        self.planner = Planner(strategy or Strategy(), draft_free, hybrid)
         self.waiting: list[Sequence] = []
         self.running: dict[str, Sequence] = {}
         self.resync: list[Sequence] = []  # running sessions the verifier lost; prefilled again
@@ -374,7 +374,7 @@ class Scheduler(Background):
         while self.drafter_available and any(p.max_draft_tokens > 0 for p in plans.values()):
             items = [ProposeItem(s.id, s.drafter_position, [] if round_ else s.tokens[s.drafter_position :],
                                  plan.max_draft_tokens, s.params, plan.stop_confidence, plan.min_token_confidence,
-                                 extend=round_ > 0)
+                                 extend=round_ > 0, free_only=plan.free_only)
                      for s in step.seqs if (plan := plans.get(s.id)) is not None and plan.max_draft_tokens > 0]
             if not round_:
                 step.catchup = sum(len(i.new_tokens) for i in items if i.position == 0)

@@ -43,12 +43,13 @@ def info_to_pb(info: c.WorkerInfo, version: str) -> common_pb2.ModelInfo:
         model_id=info.model_id, tokenizer_fingerprint=info.tokenizer_fingerprint, max_context=info.max_context,
         device=info.device, dtype=info.dtype, eos_token_ids=info.eos_token_ids, sessions=info.sessions,
         kv_tokens=info.kv_tokens, version=version, runtime=info.runtime, model_file=info.model_file,
-        free_drafts=info.free_drafts)
+        free_drafts=info.free_drafts, hybrid=info.hybrid)
 
 
 def info_from_pb(pb: common_pb2.ModelInfo) -> c.WorkerInfo:
     return c.WorkerInfo(pb.model_id, pb.tokenizer_fingerprint, pb.max_context, pb.device, pb.dtype,
-                        list(pb.eos_token_ids), pb.sessions, pb.kv_tokens, pb.runtime, pb.model_file, pb.free_drafts)
+                        list(pb.eos_token_ids), pb.sessions, pb.kv_tokens, pb.runtime, pb.model_file, pb.free_drafts,
+                        pb.hybrid)
 
 
 # Drafter
@@ -58,13 +59,15 @@ def propose_request_to_pb(items: list[c.ProposeItem], proposer: str = "") -> dra
         drafter_pb2.ProposeItem(
             session_id=it.session_id, position=it.position, new_token_ids=it.new_tokens,
             max_draft_tokens=it.max_draft_tokens, stop_confidence=it.stop_confidence,
-            min_token_confidence=it.min_token_confidence, extend=it.extend, sampling=sampling_to_pb(it.params))
+            min_token_confidence=it.min_token_confidence, extend=it.extend, sampling=sampling_to_pb(it.params),
+            free_only=it.free_only)
         for it in items])
 
 
 def propose_request_from_pb(pb: drafter_pb2.ProposeRequest) -> list[c.ProposeItem]:
     return [c.ProposeItem(it.session_id, it.position, list(it.new_token_ids), it.max_draft_tokens,
-                          sampling_from_pb(it.sampling), it.stop_confidence, it.min_token_confidence, it.extend)
+                          sampling_from_pb(it.sampling), it.stop_confidence, it.min_token_confidence, it.extend,
+                          it.free_only)
             for it in pb.items]
 
 

@@ -89,6 +89,7 @@ class ProposeItem:
     stop_confidence: float = 0.0  # stop once the cumulative confidence is below this
     min_token_confidence: float = 0.0  # stop once the latest token's confidence is below this
     extend: bool = False  # draft further after the previous call's drafts
+    free_only: bool = False  # only drafts that cost no model (a hybrid drafter's suffix lookup)
 
     @classmethod
     def make_dummy(cls, session_id: str = "s0", tokens: list[int] | None = None, k: int = 3) -> "ProposeItem":
@@ -152,3 +153,4 @@ class WorkerInfo:
     runtime: str = ""  # "torch" or "llama.cpp"
     model_file: str = ""
     free_drafts: bool = False  # the drafter's proposer runs no model (suffix, n-gram)
+    hybrid: bool = False  # the drafter offers free drafts beside its model's

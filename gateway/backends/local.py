@@ -60,6 +60,6 @@ def local_scheduler(target: Runtime, draft: Runtime | None, tokenizer, eos_ids: 
     if proposer in ("ngram", "suffix"):
         drafter = LocalDrafter(make_proposer(proposer), info, draft_delay_ms)
     elif draft is not None:
-        drafter = LocalDrafter(make_proposer("draft_model", runtime=draft), info, draft_delay_ms)
+        drafter = LocalDrafter(make_proposer(proposer, runtime=draft), info, draft_delay_ms)
     return Scheduler(verifier, drafter, tokenizer, eos_ids, config or SchedulerConfig(), strategy,
-                     draft_free=proposer in ("ngram", "suffix"), **hooks)
+                     draft_free=proposer in ("ngram", "suffix"), hybrid=proposer == "hybrid", **hooks)

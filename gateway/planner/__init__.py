@@ -42,8 +42,9 @@ FREE_DRAFT_PRIOR = CostModel(draft_fixed=1.0, draft_per_seq=0.1, draft_free=True
 
 
 class Planner:
-    def __init__(self, strategy: Strategy, draft_free: bool = False):
+    def __init__(self, strategy: Strategy, draft_free: bool = False, hybrid: bool = False):
         self.draft_free = draft_free  # the drafter runs no model (suffix, n-gram): a call costs what it measures
+        self.hybrid = hybrid  # the drafter offers free suffix drafts beside its model's
         self.strategy = self._priced(strategy)
         self.reasons: dict[str, str] = {}  # why a session got no drafts in the last plan
         # specserve's c̄: the running mean of the draft confidences of every draft round that did not

@@ -30,10 +30,13 @@ class Adaptive(Controller):
         if k_cap == 0:
             return {v.key: DraftPlan() for v in sessions}
         if not p.gate(sessions, c_bar):
-            # Closed by the estimates: probe one draft per session now and then, within the budget.
+            # Closed by the estimates: probe one model draft per session now and then, within the
+            # budget; a hybrid drafter's free drafts are asked for otherwise (prune weighs them).
             extra_ms = p.step_ms(sessions, [1] * n) - p.step_ms(sessions, [0] * n)
             p.exploring = p.may_explore(extra_ms)
-            return {v.key: DraftPlan(1 if p.exploring else 0) for v in sessions}
+            if p.exploring:
+                return {v.key: DraftPlan(1) for v in sessions}
+            return {v.key: DraftPlan(k_cap if p.hybrid else 0, free_only=True) for v in sessions}
         efficiency_k1 = (n + n * c_bar) / p.step_ms(sessions, [1] * n)  # tokens per ms at k = 1
         # One more draft row and one more verified position, both in measured (scaled) time, as
         # the efficiency is: the slower the measured steps, the higher the bar.
@@ -48,7 +51,9 @@ class Adaptive(Controller):
         """The slot budget: drop slots least likely first (by calibrated Ĉ), and keep the plan of
         highest predicted G among all the numbers of slots dropped; a cost that steps at a shape
         edge pays only once the whole excess is gone, so one slot at a time would stop short of it."""
-        draft_ms = p.strategy.cost.t_draft(len(sessions), max(keep.values()))
+        # The drafting is done; a hybrid's free drafts cost nothing, and its model's are priced low
+        # here (the slot budget then errs towards dropping slots).
+        draft_ms = 0.0 if p.hybrid else p.strategy.cost.t_draft(len(sessions), max(keep.values()))
         plan, best = dict(keep), dict(keep)
         best_g = efficiency(p, sessions, drafted, keep, draft_ms, calibrated=True)
         while True:

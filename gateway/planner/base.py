@@ -29,6 +29,7 @@ class DraftPlan:
     max_draft_tokens: int = 0
     stop_confidence: float = 0.0  # on the raw cumulative confidence
     min_token_confidence: float = 0.0
+    free_only: bool = False  # only drafts that cost no model (a hybrid drafter's suffix lookup)
 
 
 @dataclass

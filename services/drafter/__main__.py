@@ -21,7 +21,7 @@ NAME = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"].full_name
 def build(config: ModelServiceConfig, loaded: LoadedModel) -> Proposer:
     if config.proposer in ("ngram", "suffix"):
         return make_proposer(config.proposer, session_ttl_s=config.session_ttl_s)
-    return make_proposer("draft_model", runtime=loaded.runtime, session_ttl_s=config.session_ttl_s)
+    return make_proposer(config.proposer, runtime=loaded.runtime, session_ttl_s=config.session_ttl_s)
 
 
 def warm(proposer: Proposer) -> None:

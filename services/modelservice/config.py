@@ -8,7 +8,7 @@ from specserve import runtime
 from specserve.config import SESSION_TTL_S, doc
 from specserve.errors import InvalidArgument
 
-PROPOSERS = ("draft_model", "ngram", "suffix")
+PROPOSERS = ("draft_model", "ngram", "suffix", "hybrid")
 
 
 @dataclass

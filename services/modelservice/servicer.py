@@ -58,6 +58,7 @@ class ModelServicer:
         worker = self.ready()
         info = self.loaded.info(self.model_id, len(worker.sessions), getattr(worker, "kv_tokens", 0))
         info.free_drafts = getattr(worker, "free", False)
+        info.hybrid = getattr(worker, "hybrid", False)
         return codec.info_to_pb(info, __version__)
 
     async def Release(self, request, context):
@@ -109,7 +110,8 @@ async def serve_model(config: ModelServiceConfig, name: str, servicer: ModelServ
         servicer.attach(worker, loaded)
         for record in records if servicer.telemetry is not None else []:
             servicer.telemetry.emit(record)
-        tasks.spawn(_evict_forever(servicer.compute, worker.sessions), "evict-idle-sessions")
+        tasks.spawn(_evict_forever(servicer.compute, getattr(worker, "evict_idle", worker.sessions.evict_idle)),
+                    "evict-idle-sessions")
         if servicer.telemetry is not None:
             servicer.telemetry.start()
 
@@ -127,9 +129,9 @@ async def serve_model(config: ModelServiceConfig, name: str, servicer: ModelServ
 EVICT_EVERY_S = 30.0  # idle sessions live their TTL plus at most this long
 
 
-async def _evict_forever(compute: ComputeThread, sessions: Any, every_s: float = EVICT_EVERY_S) -> None:
+async def _evict_forever(compute: ComputeThread, evict_idle: Callable[[], int], every_s: float = EVICT_EVERY_S) -> None:
     while True:
         await asyncio.sleep(every_s)
-        evicted = await compute.run(sessions.evict_idle)
+        evicted = await compute.run(evict_idle)
         if evicted:
             log.info("evicted %d idle sessions", evicted)

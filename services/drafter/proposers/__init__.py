@@ -7,7 +7,7 @@ from typing import Literal, Protocol
 from specserve.contracts import ProposeItem, ProposeOutput
 from specserve.sessions import SessionTable
 
-ProposerName = Literal["draft_model", "ngram", "suffix"]
+ProposerName = Literal["draft_model", "ngram", "suffix", "hybrid"]
 
 
 class Proposer(Protocol):
@@ -33,4 +33,8 @@ def make_proposer(name: ProposerName, **kwargs) -> Proposer:
         from services.drafter.proposers.suffix import SuffixProposer
 
         return SuffixProposer(**kwargs)
+    if name == "hybrid":
+        from services.drafter.proposers.hybrid import HybridProposer
+
+        return HybridProposer(**kwargs)
     raise ValueError(f"unknown proposer {name!r}")

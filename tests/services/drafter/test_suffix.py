@@ -90,3 +90,34 @@ def test_suffix_drafts_are_lossless_across_batch_mixes(tiny_pair, strategy):
     for (prompt, params), (tokens, _, _) in zip(requests, outs):
         assert_lossless(tokens, tiny_pair.reference(prompt, params.max_new_tokens, tokenizer.eos_token_id))
     assert sum(s.draft_tokens for s in seqs) > 0
+
+
+def test_the_hybrid_drafts_from_the_suffix_where_it_expects_enough_and_from_the_model_elsewhere(tiny_pair):
+    from services.drafter.proposers.hybrid import HybridProposer
+
+    proposer = HybridProposer(tiny_pair.runtimes()[1])
+    copy = [*CODE, 99, *CODE[:5]]
+    out = proposer.propose([ProposeItem("copy", 0, copy, 4, SamplingParams()),
+                            ProposeItem("fresh", 0, [5, 9, 11], 4, SamplingParams())])
+    assert out.drafts[0].tokens == [15, 16, 17, 18] and out.drafts[0].confidences == [1.0] * 4
+    assert len(out.drafts[1].tokens) == 4 and out.draft_steps == 4  # the model drafted the fresh one only
+    assert proposer.model.sessions.get("copy") is None  # the model never read the copied session
+    # Free drafts only: the model is left alone, even where the suffix has nothing.
+    out = proposer.propose([ProposeItem("fresh", 3, [7], 4, SamplingParams(), free_only=True)])
+    assert out.draft_steps == 0 and out.drafts[0].status is SessionStatus.OK
+    # When the model drafts for the copied session later, it catches up on everything it missed.
+    out = proposer.propose([ProposeItem("copy", len(copy), [1, 2, 3], 2, SamplingParams())])
+    assert out.draft_steps == 2 and len(proposer.model.sessions.get("copy").tokens) == len(copy) + 3
+    assert proposer.release(["copy", "fresh"]) == 2
+
+
+def test_hybrid_drafts_are_lossless(tiny_pair):
+    tokenizer = tiny_pair.tokenizer
+    code = tokenizer.encode("for i in range(10):\n    print(i)\nfor i in range(10):\n")
+    requests = [(code, SamplingParams(max_new_tokens=30)), ([5, 9, 11], SamplingParams(max_new_tokens=20))]
+    cheap = CostModel(draft_fixed=1.0, draft_per_seq=0.1)
+    for strategy in (Strategy(mode="static", static_k=3), Strategy(mode="adaptive", cost=cheap)):
+        seqs, outs = run_local(tiny_pair, requests, strategy, proposer="hybrid")
+        for (prompt, params), (tokens, _, _) in zip(requests, outs):
+            assert_lossless(tokens, tiny_pair.reference(prompt, params.max_new_tokens, tokenizer.eos_token_id))
+        assert sum(s.draft_tokens for s in seqs) > 0
