@@ -18,6 +18,11 @@ from specserve.strategy import Strategy
 # A divergence between speculative and plain greedy output is a bug unless the target's two best
 # logits at that position are this close (kernels that differ by batch shape may swap them).
 NEAR_TIE = 0.05
+# llama.cpp's quantized matmuls take another path for a batch of several positions than for one: on
+# the built-in Q4_K_M target the top-2 logit gap moved by up to 0.43 between a 1-position and a
+# 5-position forward over the same tokens (2-core AVX-512 Xeon, HumanEval prompts). A verify step of
+# k+1 positions may therefore pick the other of two tokens that close, as any batched server does.
+QUANTIZED_NEAR_TIE = 0.5
 
 
 @dataclass
@@ -70,15 +75,15 @@ def greedy_reference(runtime: Runtime, prompt: list[int], n: int, stop: set[int]
     return tokens, gaps
 
 
-def assert_lossless(tokens: list[int], reference: tuple[list[int], list[float]]) -> None:
+def assert_lossless(tokens: list[int], reference: tuple[list[int], list[float]], near_tie: float = NEAR_TIE) -> None:
     """Speculative tokens equal plain greedy tokens, or they part where the target's top two
-    logits are within NEAR_TIE of each other."""
+    logits are within `near_tie` of each other."""
     expected, gaps = reference
     if tokens == expected:
         return
     at = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), min(len(tokens), len(expected)))
     gap = gaps[at] if at < len(gaps) else float("inf")
-    assert gap <= NEAR_TIE, f"output diverges from target-only at token {at} where the top-2 logit gap is {gap:.4f}"
+    assert gap <= near_tie, f"output diverges from target-only at token {at} where the top-2 logit gap is {gap:.4f}"
 
 
 async def collect(seq: Sequence) -> tuple[list[int], str, object]:

@@ -9,7 +9,7 @@ import time
 
 from services.drafter.proposers.draft_model import DraftModelProposer
 from services.drafter.proposers.suffix import SuffixProposer
-from specserve.contracts import Draft, ProposeItem, ProposeOutput, SessionStatus
+from specserve.contracts import ProposeItem, ProposeOutput, SessionStatus
 from specserve.runtime import Runtime
 from specserve.sessions import SessionTable
 
