@@ -1,7 +1,8 @@
 """The benchmark command: `python -m bench` (also `specserve bench`).
 
 - `system` (default): the whole system under replayed traces, every policy and llama-server.
-- `runtime`: cost tables of both runtimes, the stack against bare llama.cpp, policies against off.
+- `runtime`: cost tables of both runtimes, the stack against bare llama.cpp, policies against off,
+  and (part `serve`) the whole stack against llama-server on chat requests.
 
 The system benchmark replays the Azure LLM inference traces (2023 code and conversation CSVs);
 `--traces DIR` names the folder that holds them (`azure_llm_2023_code.csv`, `azure_llm_2023_conv.csv`).
@@ -32,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--redis-url", default="", help="default: a fresh redis-server for the run")
     parser.add_argument("--loads", default="", help="system: comma-separated offered concurrencies (default 1,2,4,8)")
-    parser.add_argument("--policies", default="", help="system: comma-separated policies (default: all)")
+    parser.add_argument("--policies", default="", help="system: comma-separated policies (default: all); runtime: ours in part serve")
     parser.add_argument("--peers", default=None, help="system: comma-separated llama-server variants ('' for none)")
-    parser.add_argument("--parts", default="", help="runtime: comma-separated parts (costs,decode,policies,http)")
+    parser.add_argument("--parts", default="", help="runtime: comma-separated parts (costs,decode,policies,http,serve)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -52,8 +53,14 @@ def runtime_config(args: argparse.Namespace, target: str, draft: str, redis_url:
     rcfg = runtime.RuntimeBenchConfig(target, draft, redis_url, Path(args.out))
     if args.quick:
         rcfg.contexts, rcfg.sessions, rcfg.prompts_per_set, rcfg.decode_rounds = (200,), (1, 4), 2, 1
+        rcfg.serve_rounds = 1
     if args.parts:
         rcfg.parts = tuple(args.parts.split(","))
+        unknown = [p for p in rcfg.parts if p not in runtime.PARTS]
+        if unknown:
+            raise SystemExit(f"--parts: unknown {', '.join(unknown)} (parts: {', '.join(runtime.PARTS)})")
+    if args.policies:
+        rcfg.serve_policies = tuple(args.policies.split(","))
     return rcfg
 
 
@@ -101,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     cfg.setup_logging(args.log_level)
-    # The runtime benchmark, and the system benchmark's full run, also measure the torch runtime.
-    target, draft = model_pair(args, torch_weights=args.which == "runtime" or not args.quick)
+    # The runtime benchmark's cost table, and the system benchmark's full run, also measure the torch
+    # runtime; the other parts run on the GGUF files alone, so they need no converted weights.
+    costs = not args.parts or "costs" in args.parts.split(",")
+    target, draft = model_pair(args, torch_weights=costs if args.which == "runtime" else not args.quick)
     # A Redis of its own, so telemetry from earlier runs never feeds this run's policy.
     redis_url, redis_proc = (args.redis_url, None) if args.redis_url else launcher.start_redis()
     try:

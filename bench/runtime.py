@@ -12,6 +12,8 @@
    order, ratios with bootstrap 95% intervals.
 4. The HTTP front against gRPC: the same streamed requests (plain decoding) over each, alternated,
    time per output token measured by the client.
+5. `serve`: the whole stack against llama.cpp's `llama-server` on eight chat requests of our own,
+   closed loop at 1 and 4 clients, rounds alternated (bench/serve.py).
 
 Writes bench/results/runtime.json and runtime.md, with the CPU flags of the machine.
 """
@@ -31,12 +33,15 @@ import redis
 from tqdm import tqdm
 
 from bench import prompts as prompt_sets
+from bench import serve
 from bench.replay import fit_prompt
 from bench.stats import ratio_ci
 from bench.system import machine_facts, set_policy
 from specserve.launcher import Stack
 from specserve.runtime import Row, open_runtime
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
+
+PARTS = ("costs", "decode", "policies", "http", "serve")
 
 
 @dataclass
@@ -58,8 +63,11 @@ class RuntimeBenchConfig:
     policies: tuple[str, ...] = ("off", "adaptive", "static:1", "static:2", "static:3")
     concurrency: tuple[int, ...] = (1, 4)
     settle_s: float = 1.5
-    parts: tuple[str, ...] = ("costs", "decode", "policies", "http")
+    parts: tuple[str, ...] = PARTS
     http_rounds: int = 4
+    serve_rounds: int = 3  # serve: rounds of the eight prompts per client, systems alternated
+    serve_max_tokens: int = 96
+    serve_policies: tuple[str, ...] = ("off", "adaptive")  # our policies against llama-server
 
 
 def _tokens(n: int, salt: int = 0) -> list[int]:
@@ -335,6 +343,8 @@ def run(cfg: RuntimeBenchConfig) -> dict:
         results["costs"] = cost_table(cfg)
     if {"decode", "policies", "http"} & set(cfg.parts):
         stack_parts(cfg, load_tokenizer(cfg.target), results)
+    if "serve" in cfg.parts:
+        results["serve"] = serve.run_part(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "runtime.json").write_text(json.dumps(results, indent=1))
     (cfg.out / "runtime.md").write_text(markdown(results))
@@ -372,6 +382,8 @@ def markdown(r: dict) -> str:
             acc = f"{p['acceptance']:.2f}" if p["acceptance"] is not None else "-"
             lines.append(f"| {p['prompt_set']} | {p['concurrency']} | {p['policy']} | {p['tpot_ms']:.0f} | {acc} | "
                          f"{p['ratio']:.3f} ({p['low']:.3f}-{p['high']:.3f}) | {p['verdict']} |")
+    if r.get("serve"):
+        lines += serve.markdown(r["serve"], m, r["threads"])
     return "\n".join(lines) + "\n"
 
 

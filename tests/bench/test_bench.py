@@ -143,6 +143,12 @@ def test_every_bench_variant_parses_and_builds_its_config(tmp_path, tiny_dir):
     assert chosen.loads == (1, 2) and chosen.policies == ("off", "static:2") and chosen.peers == ()
     parts = _cli_config("runtime", ["--quick", "--parts", "costs"], tiny_dir, "redis://x")
     assert isinstance(parts, runtime.RuntimeBenchConfig) and parts.parts == ("costs",)
+    served = _cli_config("runtime", ["--parts", "serve"], tiny_dir, "redis://x")
+    assert served.parts == ("serve",) and served.serve_rounds == 3 and served.serve_max_tokens == 96
+    assert served.concurrency == (1, 4) and served.threads == 2 and served.serve_policies == ("off",)
+    assert "serve" in runtime.RuntimeBenchConfig("t", "d", "r", tmp_path).parts
+    with pytest.raises(SystemExit, match="--parts: unknown nonsense"):
+        _cli_config("runtime", ["--parts", "serve,nonsense"], tiny_dir, "redis://x")
     for bad in (["--policies", "nonsense"], ["--peers", "vllm"]):
         with pytest.raises(SystemExit, match="unknown"):
             _cli_config("system", ["--traces", str(tmp_path), *bad], tiny_dir, "redis://x")
@@ -192,7 +198,8 @@ def test_ratio_interval_calls_a_tie_a_tie():
 def test_smoke_run_of_the_runtime_bench_on_tiny_models(tiny_dir, redis_url, tmp_path):
     from bench import cli
 
-    cfg = _cli_config("runtime", ["--out", str(tmp_path / "out")], tiny_dir, redis_url, threads=1,
+    cfg = _cli_config("runtime", ["--out", str(tmp_path / "out"), "--parts", "costs,decode,policies,http"],
+                      tiny_dir, redis_url, threads=1,
                       positions=(1, 2), sessions=(1, 2), contexts=(20,), repeats=1, decode_tokens=4,
                       decode_rounds=1, prompts_per_set=2, new_tokens=4, concurrency=(1, 2),
                       policies=("off", "adaptive"), settle_s=1.1, http_rounds=1)
@@ -206,3 +213,105 @@ def test_smoke_run_of_the_runtime_bench_on_tiny_models(tiny_dir, redis_url, tmp_
         (s, n, p) for s in ("humaneval", "mt-bench") for n in (1, 2) for p in ("off", "adaptive")}
     assert [h["concurrency"] for h in report["http"]] == [1, 2] and all(h["ratio"] > 0 for h in report["http"])
     assert "## Cost of one forward" in (tmp_path / "out" / "runtime.md").read_text()
+
+
+def _reply(system, round_, client, prompt, ttft, e2e, tokens, text="x", cached=None, concurrency=1):
+    from bench.serve import Reply
+
+    return Reply(system, concurrency, round_, client, prompt, text, tokens, 40, cached, ttft, e2e)
+
+
+def test_serve_summary_ratios_tpot_and_greedy_matches():
+    from bench.serve import markdown, summarise, tpot_ms
+
+    # vLLM's TPOT: (E2E - TTFT) / (output tokens - 1); undefined for one token.
+    assert tpot_ms(1100.0, 100.0, 11) == pytest.approx(100.0) and tpot_ms(50.0, 50.0, 1) is None
+    # Two rounds of four prompts at one client: ours has half the peer's TTFT and the same TPOT, and
+    # finishes each round in half the time; prompt 3's text differs and the peer failed prompt 2 once.
+    replies, rounds = [], []
+    for r in (0, 1):
+        for p in range(4):
+            replies.append(_reply("specserve-off", r, 0, p, 50.0 + p, 50.0 + p + 900, 10, text=f"t{p}"))
+            replies.append(_reply("llama-server", r, 0, p, 100.0 + 2 * p, 100.0 + 2 * p + 900, 10,
+                                  text=f"t{p}" if p != 3 else "other", cached=8))
+        rounds += [{"system": "specserve-off", "concurrency": 1, "round": r, "wall_s": 2.0, "output_tokens": 40},
+                   {"system": "llama-server", "concurrency": 1, "round": r, "wall_s": 4.0, "output_tokens": 40}]
+    replies[5].error = "Server disconnected"  # the peer's prompt 2 in round 0: left out of every pair
+    out = summarise(replies, rounds, ["specserve-off"], "llama-server", (1,))
+    ours, peer = out["rows"]
+    assert ours["tokens_per_s"] == pytest.approx(20.0) and peer["tokens_per_s"] == pytest.approx(10.0)
+    assert ours["tpot_p50_ms"] == pytest.approx(100.0) and ours["ttft_p50_ms"] == 52.0 and ours["ttft_p99_ms"] == 53.0
+    assert ours["cached_tokens_mean"] is None and peer["cached_tokens_mean"] == 8 and peer["errors"] == 1
+    ratio = out["ratios"][0]
+    assert ratio["tokens_per_s"]["ratio"] == pytest.approx(2.0) and ratio["tokens_per_s"]["n"] == 2
+    # Paired: the 7 requests both answered; their medians are 51 and 102 ms, their p99s 53 and 106.
+    assert ratio["ttft_p50"]["ratio"] == pytest.approx(0.5) and ratio["ttft_p50"]["n"] == 7
+    assert ratio["ttft_p99"]["ratio"] == pytest.approx(0.5) and ratio["tpot_p50"]["ratio"] == pytest.approx(1.0)
+    assert out["greedy_matches"] == {"specserve-off": {"matching": 2, "compared": 3}}
+    text = "\n".join(markdown({**out, "batch_limit": 4, "rounds": 2, "max_tokens": 96, "servers": "both up",
+                                "prompts": ["p"] * 4}, {"cpu_flags": ["avx2"]}, 2))
+    assert "| specserve-off | 1 | 20.00 | 52 | 53 | 100.0 | 40 | - | 0/8 |" in text
+    assert "| specserve-off | 1 | 2.000 (2.000-2.000) |" in text and "on 2 of 3 prompts both answered (4 sent)" in text
+    # Without the peer: our rows only, and the report says why.
+    alone = summarise([r for r in replies if r.system != "llama-server"], rounds[::2], ["specserve-off"], None, (1,))
+    assert [row["system"] for row in alone["rows"]] == ["specserve-off"] and alone["ratios"] == []
+    text = "\n".join(markdown({**alone, "batch_limit": 4, "rounds": 2, "max_tokens": 96, "servers": "both up",
+                                "prompts": [], "skipped": "no llama-server"}, {"cpu_flags": []}, 2))
+    assert "Peer skipped: no llama-server." in text and "llama-server (95% CI)" not in text
+
+
+def test_serve_client_times_content_and_counts_from_usage():
+    import asyncio
+
+    import httpx
+
+    from bench.serve import Reply, chat, workload
+
+    prompts = workload()
+    assert len(prompts) == 8 and all(p.startswith("Write a Python function") for p in prompts[:4])
+    assert all(p.startswith("Rename the variable") and p.count("\n") >= 20 for p in prompts[4:])
+    # As llama-server streams: a role chunk without content, content, the finish, then the usage.
+    chunks = [{"choices": [{"delta": {"role": "assistant", "content": None}}]},
+              {"choices": [{"delta": {"content": "def f"}}]}, {"choices": [{"delta": {"content": "(): pass"}}]},
+              {"choices": [{"delta": {}, "finish_reason": "stop"}]},
+              {"choices": [], "usage": {"completion_tokens": 3, "prompt_tokens": 20,
+                                        "prompt_tokens_details": {"cached_tokens": 12}}}]
+    sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        assert request.url.path == "/v1/chat/completions" and body["messages"] == [{"role": "user", "content": "hi"}]
+        assert body["temperature"] == 0 and body["stream_options"] == {"include_usage": True}
+        return httpx.Response(200, text=sse)
+
+    async def go() -> Reply:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            return await chat(http, "http://peer", "m", "hi", 8, Reply("llama-server", 1, 0, 0, 0))
+
+    reply = asyncio.run(go())
+    assert (reply.text, reply.output_tokens, reply.prompt_tokens, reply.cached_tokens) == ("def f(): pass", 3, 20, 12)
+    assert not reply.error and 0 < reply.ttft_ms <= reply.e2e_ms and reply.tpot_ms is not None
+
+
+@pytest.mark.processes
+def test_smoke_run_of_the_serve_part_on_our_stack_alone(tiny_dir, redis_url, tmp_path, monkeypatch):
+    from bench import cli, peers
+
+    monkeypatch.setattr(peers, "find_llama_server", lambda: None)  # the skip path, whether or not it is built
+    cfg = _cli_config("runtime", ["--out", str(tmp_path / "out"), "--parts", "serve"], tiny_dir, redis_url,
+                      threads=1, concurrency=(1, 2), serve_rounds=2, serve_max_tokens=6, settle_s=1.1)
+    text = cli.run("runtime", cfg)
+    serve = json.loads((tmp_path / "out" / "runtime.json").read_text())["serve"]
+    assert serve["peer_binary"] is None and "make peers" in serve["skipped"] and "Peer skipped" in text
+    assert [(row["system"], row["concurrency"], row["requests"]) for row in serve["rows"]] == [
+        ("specserve-off", 1, 16), ("specserve-off", 2, 32)]
+    assert all(row["errors"] == 0 and row["tokens_per_s"] > 0 for row in serve["rows"])
+    assert serve["ratios"] == [] and serve["greedy_matches"] == {}
+    # At one client (where the part compares greedy texts) each prompt returns the same text every
+    # round; batched steps may not, as the tiny random model's logits are near ties.
+    texts = {}
+    for r in serve["replies"]:
+        if r["concurrency"] == 1:
+            texts.setdefault(r["prompt"], set()).add(r["text"])
+    assert len(texts) == 8 and all(len(t) == 1 for t in texts.values())
+    assert "## Serving: our stack vs llama-server" in (tmp_path / "out" / "runtime.md").read_text()

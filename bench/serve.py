@@ -1,0 +1,288 @@
+"""Part `serve` of `specserve bench runtime`: our whole stack against llama.cpp's `llama-server` as
+a new user meets both, on the same GGUF file, kernels and thread count.
+
+Eight chat requests of our own (four fresh generations, four code edits whose answer copies most of
+the prompt) go to `/v1/chat/completions`, greedy and streamed with usage. At each concurrency C, C
+clients each send the eight in turn from different offsets (closed loop), for a few rounds; within a
+round the systems take turns (one at a time, order rotated per round). Both servers stay up for the
+whole part, idle while the other runs, with the same batch limit (our max batch size, its `-np`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import httpx
+import redis
+
+from bench import peers
+from bench.prompts import humaneval_solution
+from bench.stats import ratio_ci
+
+PEER = "llama-server"
+FRESH = (
+    "Write a Python function that returns the n-th Fibonacci number, computed iteratively.",
+    "Write a Python function that checks whether a string is a palindrome, ignoring case and punctuation.",
+    "Write a Python function that merges two sorted lists into one sorted list without calling sort().",
+    "Write a Python function that splits one line of CSV into its fields, honouring double-quoted fields.",
+)
+# (HumanEval task, variable, new name): 20-30 line functions, so the answer is mostly the prompt.
+EDITS = (
+    ("HumanEval/1", "current_depth", "depth"),
+    ("HumanEval/20", "closest_pair", "best_pair"),
+    ("HumanEval/25", "fact", "factors"),
+    ("HumanEval/140", "new_text", "result"),
+)
+WARM_UP = "Say hello."  # not one of the eight, so warming up caches none of their prompts
+
+
+def workload() -> list[str]:
+    """The eight prompts: fresh generations, then the edits."""
+    edits = []
+    for task, old, new in EDITS:
+        code = humaneval_solution(task).strip("\n")
+        assert re.search(rf"\b{old}\b", code), f"{task} has no variable {old}"
+        edits.append(f"Rename the variable {old} to {new} in this function and reply with the whole function:\n\n"
+                     f"```python\n{code}\n```")
+    return [*FRESH, *edits]
+
+
+@dataclass
+class Reply:
+    """One request as the client saw it: times from sending, counts from the final usage."""
+
+    system: str
+    concurrency: int
+    round: int
+    client: int
+    prompt: int
+    text: str = ""
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int | None = None
+    ttft_ms: float = math.nan
+    e2e_ms: float = math.nan
+    error: str = ""
+
+    @property
+    def tpot_ms(self) -> float | None:
+        return tpot_ms(self.e2e_ms, self.ttft_ms, self.output_tokens)
+
+
+def tpot_ms(e2e_ms: float, ttft_ms: float, output_tokens: int) -> float | None:
+    """vLLM's time per output token: the time after the first token over the tokens after it."""
+    return (e2e_ms - ttft_ms) / (output_tokens - 1) if output_tokens > 1 else None
+
+
+async def chat(http: httpx.AsyncClient, base_url: str, model: str, prompt: str, max_tokens: int,
+               reply: Reply) -> Reply:
+    """Stream one greedy chat request into `reply`. TTFT is the first chunk with content; E2E the
+    last chunk (the usage one), as vLLM's benchmark times it."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    try:
+        async with http.stream("POST", f"{base_url}/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                reply.error = f"{response.status_code}: {(await response.aread()).decode(errors='replace')[:200]}"
+                return reply
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    reply.error = str(chunk["error"])[:200]
+                    return reply
+                now = (time.perf_counter() - started) * 1000
+                text = "".join(c.get("delta", {}).get("content") or "" for c in chunk.get("choices") or ())
+                if text and math.isnan(reply.ttft_ms):
+                    reply.ttft_ms = now
+                reply.text += text
+                reply.e2e_ms = now
+                if usage := chunk.get("usage"):
+                    reply.output_tokens, reply.prompt_tokens = usage["completion_tokens"], usage["prompt_tokens"]
+                    reply.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    except httpx.HTTPError as exc:
+        reply.error = f"{type(exc).__name__}: {exc}"
+    if not reply.error and (not reply.text or not reply.output_tokens):
+        reply.error = "no content" if not reply.text else "no usage in the stream"
+    return reply
+
+
+async def closed_loop(base_url: str, model: str, prompts: list[str], clients: int, max_tokens: int, system: str,
+                      round_: int) -> tuple[list[Reply], float]:
+    """`clients` clients each send every prompt in turn, client c from prompt c * len / clients on;
+    returns the replies and the wall time of the whole round."""
+    # A fresh connection per request: llama-server may close a kept-alive connection after a stream,
+    # and a request sent on it as it closes fails ("Server disconnected").
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0), limits=limits) as http:
+        async def client(c: int) -> list[Reply]:
+            out = []
+            for i in range(len(prompts)):
+                p = (c * len(prompts) // clients + i) % len(prompts)
+                out.append(await chat(http, base_url, model, prompts[p], max_tokens,
+                                      Reply(system, clients, round_, c, p)))
+            return out
+
+        started = time.perf_counter()
+        per_client = await asyncio.gather(*(client(c) for c in range(clients)))
+        return [r for replies in per_client for r in replies], time.perf_counter() - started
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest rank, as the system benchmark reports its percentiles."""
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else math.nan
+
+
+def p50(values) -> float:
+    return percentile(list(values), 0.5)
+
+
+def p99(values) -> float:
+    return percentile(list(values), 0.99)
+
+
+def system_stats(replies: list[Reply], rounds: list[dict]) -> dict:
+    """One system at one concurrency: throughput per round (all output tokens over the round's
+    wall time), latency percentiles over its requests, the mean prompt and cached tokens."""
+    ok = [r for r in replies if not r.error]
+    cached = [r.cached_tokens for r in ok if r.cached_tokens is not None]
+    rates = [rd["output_tokens"] / rd["wall_s"] for rd in rounds]
+    return {"tokens_per_s": statistics.mean(rates) if rates else math.nan,
+            "ttft_p50_ms": p50(r.ttft_ms for r in ok), "ttft_p99_ms": p99(r.ttft_ms for r in ok),
+            "tpot_p50_ms": p50(r.tpot_ms for r in ok if r.tpot_ms is not None),
+            "prompt_tokens_mean": statistics.mean(r.prompt_tokens for r in ok) if ok else math.nan,
+            "cached_tokens_mean": statistics.mean(cached) if cached else None,
+            "requests": len(replies), "errors": len(replies) - len(ok)}
+
+
+def compare(ours: list[Reply], peer: list[Reply], ours_rounds: list[dict], peer_rounds: list[dict]) -> dict:
+    """Ours / peer with paired bootstrap intervals: throughput paired by round, latencies by request
+    (the same client, prompt and round on both)."""
+    tps = {rd["round"]: rd["output_tokens"] / rd["wall_s"] for rd in peer_rounds}
+    rounds = [rd for rd in ours_rounds if rd["round"] in tps]
+    theirs = {(r.round, r.client, r.prompt): r for r in peer if not r.error}
+    pairs = [(r, theirs[(r.round, r.client, r.prompt)]) for r in ours if not r.error and (r.round, r.client, r.prompt)
+             in theirs]
+    timed = [(a, b) for a, b in pairs if a.tpot_ms is not None and b.tpot_ms is not None]
+    return {"tokens_per_s": ratio_ci([rd["output_tokens"] / rd["wall_s"] for rd in rounds],
+                                     [tps[rd["round"]] for rd in rounds]),
+            "ttft_p50": ratio_ci([a.ttft_ms for a, _ in pairs], [b.ttft_ms for _, b in pairs], stat=p50),
+            "ttft_p99": ratio_ci([a.ttft_ms for a, _ in pairs], [b.ttft_ms for _, b in pairs], stat=p99),
+            "tpot_p50": ratio_ci([a.tpot_ms for a, _ in timed], [b.tpot_ms for _, b in timed], stat=p50)}
+
+
+def greedy_matches(ours: list[Reply], peer: list[Reply]) -> dict:
+    """Of the prompts both systems answered in the first round (at one client), how many got the
+    same greedy text from both."""
+    first = [{r.prompt: r.text for r in replies if r.round == 0 and not r.error} for replies in (ours, peer)]
+    both = first[0].keys() & first[1].keys()
+    return {"matching": sum(first[0][p] == first[1][p] for p in both), "compared": len(both)}
+
+
+def summarise(replies: list[Reply], rounds: list[dict], ours: list[str], peer: str | None,
+              concurrency: tuple[int, ...]) -> dict:
+    """Rows per concurrency and system, ratios of each of ours to the peer, greedy matches at 1."""
+    rows, ratios, greedy = [], [], {}
+    for n in concurrency:
+        def of(system: str) -> tuple[list[Reply], list[dict]]:
+            return ([r for r in replies if r.system == system and r.concurrency == n],
+                    [rd for rd in rounds if rd["system"] == system and rd["concurrency"] == n])
+
+        for system in [*ours, *([peer] if peer else [])]:
+            rows.append({"system": system, "concurrency": n, **system_stats(*of(system))})
+        for system in ours if peer else ():
+            (mine, my_rounds), (theirs, their_rounds) = of(system), of(peer)
+            ratios.append({"system": system, "concurrency": n, **compare(mine, theirs, my_rounds, their_rounds)})
+            if n == 1:
+                greedy[system] = greedy_matches(mine, theirs)
+    return {"rows": rows, "ratios": ratios, "greedy_matches": greedy}
+
+
+def run_part(cfg) -> dict:
+    """Start both servers, run the rounds with the systems alternated, and summarise (`cfg`: the
+    runtime benchmark's RuntimeBenchConfig)."""
+    from bench.system import served_model, set_policy
+    from specserve.launcher import Stack
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
+    prompts = workload()
+    batch = max(cfg.concurrency)
+    ours = [f"specserve-{p}" for p in cfg.serve_policies]
+    binary = peers.find_llama_server()
+    out: dict = {"peer_binary": str(binary) if binary else None, "batch_limit": batch, "rounds": cfg.serve_rounds,
+                 "max_tokens": cfg.serve_max_tokens, "servers": "both up for the whole part, alternated by round",
+                 "prompts": prompts}
+    if binary is None:
+        out["skipped"] = "no llama-server built for this CPU (make peers): the peer is skipped"
+    env = {"SPECSERVE_RUNTIME": "llama.cpp", "SPECSERVE_THREADS": str(cfg.threads),
+           "SPECSERVE_MAX_BATCH_SIZE": str(batch)}
+    client = redis.Redis.from_url(cfg.redis_url)
+    replies: list[Reply] = []
+    rounds: list[dict] = []
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    stack = Stack(cfg.target, cfg.draft, cfg.redis_url, extra_env=env).start()
+    try:
+        urls = {system: (stack.http_address, served_model(stack.http_address)) for system in ours}
+        peer = (peers.llama_server(binary, PEER, cfg.target, cfg.draft, batch, cfg.threads,
+                                   cfg.out / "serve-llama-server.log") if binary else nullcontext(None))
+        with peer as peer_url:
+            if peer_url:
+                urls[PEER] = (peer_url, "peer")  # llama-server serves its one model under any name
+            for url, model in set(urls.values()):  # first requests pay for lazy set-up; not measured
+                asyncio.run(closed_loop(url, model, [WARM_UP], 1, 8, "warm-up", -1))
+            systems, policy = list(urls), None
+            for n in cfg.concurrency:
+                for r in range(cfg.serve_rounds):
+                    for system in systems[r % len(systems):] + systems[: r % len(systems)]:
+                        if system != PEER and system != policy:
+                            set_policy(client, system.removeprefix("specserve-"))
+                            time.sleep(cfg.settle_s)  # the gateway reads the ops keys every second
+                            policy = system
+                        got, wall = asyncio.run(closed_loop(*urls[system], prompts, n, cfg.serve_max_tokens, system, r))
+                        replies += got
+                        rounds.append({"system": system, "concurrency": n, "round": r, "wall_s": wall,
+                                       "output_tokens": sum(x.output_tokens for x in got if not x.error)})
+    finally:
+        stack.stop()
+    out.update(summarise(replies, rounds, ours, PEER if binary else None, cfg.concurrency))
+    out["round_times"] = rounds
+    out["replies"] = [{**asdict(r), "tpot_ms": r.tpot_ms} for r in replies]
+    return out
+
+
+def markdown(s: dict, machine: dict, threads: int) -> list[str]:
+    lines = ["", "## Serving: our stack vs llama-server (chat, greedy, streamed, closed loop)", "",
+             f"CPU flags {' '.join(machine['cpu_flags'])}; {threads} threads each; batch limit {s['batch_limit']} "
+             f"(our max batch size, llama-server `-np`); {s['rounds']} rounds of the 8 prompts per client, "
+             f"{s['max_tokens']} tokens at most; {s['servers']}."]
+    if s.get("skipped"):
+        lines += ["", f"Peer skipped: {s['skipped']}."]
+    lines += ["", "| system | concurrent | output tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | "
+                  "prompt tokens | cached prompt tokens | errors |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in s["rows"]:
+        cached = f"{row['cached_tokens_mean']:.0f}" if row["cached_tokens_mean"] is not None else "-"
+        lines.append(f"| {row['system']} | {row['concurrency']} | {row['tokens_per_s']:.2f} | {row['ttft_p50_ms']:.0f} | "
+                     f"{row['ttft_p99_ms']:.0f} | {row['tpot_p50_ms']:.1f} | {row['prompt_tokens_mean']:.0f} | {cached} | "
+                     f"{row['errors']}/{row['requests']} |")
+    if s["ratios"]:
+        lines += ["", "Ours / llama-server (95% CI): above 1 is ours faster for tokens/s, ours slower for the times.",
+                  "", "| system | concurrent | tokens/s | TTFT p50 | TTFT p99 | TPOT p50 |", "| --- | --- | --- | --- | --- | --- |"]
+        for row in s["ratios"]:
+            cells = " | ".join(f"{c['ratio']:.3f} ({c['low']:.3f}-{c['high']:.3f})"
+                               for c in (row[k] for k in ("tokens_per_s", "ttft_p50", "ttft_p99", "tpot_p50")))
+            lines.append(f"| {row['system']} | {row['concurrency']} | {cells} |")
+    for system, g in s["greedy_matches"].items():
+        lines += ["", f"Greedy text at 1 client, first round: {system} matches llama-server on {g['matching']} of "
+                      f"{g['compared']} prompts both answered ({len(s['prompts'])} sent)."]
+    return lines
