@@ -3,6 +3,8 @@
 - `system` (default): the whole system under replayed traces, every policy and llama-server.
 - `runtime`: cost tables of both runtimes, the stack against bare llama.cpp, policies against off,
   and (part `serve`) the whole stack against llama-server on chat requests.
+- `serve`: load on any running OpenAI-compatible server, with vLLM's `vllm bench serve` flags and
+  metrics (bench/serving.py; `specserve bench serve --help`).
 
 The system benchmark replays the Azure LLM inference traces (2023 code and conversation CSVs);
 `--traces DIR` names the folder that holds them (`azure_llm_2023_code.csv`, `azure_llm_2023_conv.csv`).
@@ -24,7 +26,8 @@ TRACE_FILES = {"code": "azure_llm_2023_code.csv", "chat": "azure_llm_2023_conv.c
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specserve bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="?", choices=["system", "runtime"], default="system")
+    parser.add_argument("which", nargs="?", choices=["system", "runtime", "serve"], default="system",
+                        help="serve takes its own flags (specserve bench serve --help)")
     parser.add_argument("--quick", action="store_true", help="one load, one repetition (minutes)")
     parser.add_argument("--target-model", default="", help="default: the built-in pair")
     parser.add_argument("--draft-model", default="")
@@ -34,7 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--redis-url", default="", help="default: a fresh redis-server for the run")
     parser.add_argument("--loads", default="", help="system: comma-separated offered concurrencies (default 1,2,4,8)")
     parser.add_argument("--policies", default="", help="system: comma-separated policies (default: all); runtime: ours in part serve")
-    parser.add_argument("--peers", default=None, help="system: comma-separated llama-server variants ('' for none)")
+    parser.add_argument("--peers", default=None,
+                        help="comma-separated llama-server variants ('' for none); runtime: those in part serve")
+    parser.add_argument("--workload", default="all", choices=["all", "fresh", "edits"],
+                        help="runtime, part serve: the eight prompts, or their fresh or edit half")
+    parser.add_argument("--proposer", default="", help="runtime, part serve: our drafter's proposer (default: its own)")
+    parser.add_argument("--concurrency", default="", help="runtime: comma-separated client counts (default 1,4)")
+    parser.add_argument("--rounds", type=int, default=0, help="runtime, part serve: rounds per concurrency (default 3)")
+    parser.add_argument("--conversations", type=int, default=8,
+                        help="runtime, part serve: two-turn MT-Bench conversations (0 skips)")
     parser.add_argument("--parts", default="", help="runtime: comma-separated parts (costs,decode,policies,http,serve)")
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -48,7 +59,7 @@ def model_pair(args: argparse.Namespace, torch_weights: bool) -> tuple[str, str]
 
 
 def runtime_config(args: argparse.Namespace, target: str, draft: str, redis_url: str):
-    from bench import runtime
+    from bench import peers, runtime
 
     rcfg = runtime.RuntimeBenchConfig(target, draft, redis_url, Path(args.out))
     if args.quick:
@@ -61,6 +72,16 @@ def runtime_config(args: argparse.Namespace, target: str, draft: str, redis_url:
             raise SystemExit(f"--parts: unknown {', '.join(unknown)} (parts: {', '.join(runtime.PARTS)})")
     if args.policies:
         rcfg.serve_policies = tuple(args.policies.split(","))
+    if args.peers is not None:
+        rcfg.serve_peers = tuple(p for p in args.peers.split(",") if p)
+        unknown = [p for p in rcfg.serve_peers if p not in peers.VARIANTS]
+        if unknown:
+            raise SystemExit(f"--peers: unknown {', '.join(unknown)} (variants: {', '.join(peers.VARIANTS)})")
+    rcfg.serve_workload, rcfg.serve_proposer, rcfg.serve_conversations = args.workload, args.proposer, args.conversations
+    if args.concurrency:
+        rcfg.concurrency = tuple(int(c) for c in args.concurrency.split(","))
+    if args.rounds:
+        rcfg.serve_rounds = args.rounds
     return rcfg
 
 
@@ -106,7 +127,15 @@ def run(which: str, config) -> str:
 def main(argv: list[str] | None = None) -> int:
     from specserve import launcher
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # its own flags, vLLM's, and no model pair or Redis of ours
+        from bench import serving
+
+        return serving.main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.which == "serve":
+        parser.error("serve comes first, then its own flags: specserve bench serve --base-url URL ...")
     cfg.setup_logging(args.log_level)
     # The runtime benchmark's cost table, and the system benchmark's full run, also measure the torch
     # runtime; the other parts run on the GGUF files alone, so they need no converted weights.

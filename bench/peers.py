@@ -21,7 +21,10 @@ PEERS_DIR = Path.home() / ".cache" / "specserve" / "peers"
 VARIANTS = {
     "llama-server": [],
     "llama-server-draft": ["--spec-type", "draft-simple"],
+    # Users tune the draft's minimum probability up from its default of 0 (a loss, they report).
+    "llama-server-draft-p75": ["--spec-type", "draft-simple", "--spec-draft-p-min", "0.75"],
     "llama-server-ngram": ["--spec-type", "ngram-simple"],
+    "llama-server-ngram-mod": ["--spec-type", "ngram-mod"],
 }
 CONTEXT_PER_SLOT = 1024
 
@@ -41,7 +44,7 @@ def command(binary: Path, variant: str, target: str, draft: str, slots: int, thr
     cmd = [str(binary), "-m", str(find_gguf(target)), "--host", "127.0.0.1", "--port", str(port),
            "-np", str(slots), "-c", str(CONTEXT_PER_SLOT * slots), "-t", str(threads), "-tb", str(threads),
            "-ngl", "0", "--no-webui", *VARIANTS[variant]]
-    if variant == "llama-server-draft":
+    if variant.startswith("llama-server-draft"):
         cmd += ["-md", str(find_gguf(draft)), "-td", str(threads), "-ngld", "0"]
     return cmd
 

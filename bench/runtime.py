@@ -68,6 +68,10 @@ class RuntimeBenchConfig:
     serve_rounds: int = 3  # serve: rounds of the eight prompts per client, systems alternated
     serve_max_tokens: int = 96
     serve_policies: tuple[str, ...] = ("off", "adaptive")  # our policies against llama-server
+    serve_peers: tuple[str, ...] = ("llama-server",)  # llama-server variants (bench/peers.py VARIANTS)
+    serve_workload: str = "all"  # all, fresh or edits
+    serve_proposer: str = ""  # our drafter's proposer (SPECSERVE_PROPOSER); empty: the default
+    serve_conversations: int = 8  # MT-Bench conversations of two turns (prefix reuse); 0 skips
 
 
 def _tokens(n: int, salt: int = 0) -> list[int]:

@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
 import re
 import statistics
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import httpx
-import redis
 
-from bench import peers
 from bench.prompts import humaneval_solution
 from bench.stats import ratio_ci
 
@@ -44,15 +40,15 @@ EDITS = (
 WARM_UP = "Say hello."  # not one of the eight, so warming up caches none of their prompts
 
 
-def workload() -> list[str]:
-    """The eight prompts: fresh generations, then the edits."""
+def workload(kind: str = "all") -> list[str]:
+    """The eight prompts: fresh generations, then the edits (`kind`: all, fresh or edits)."""
     edits = []
     for task, old, new in EDITS:
         code = humaneval_solution(task).strip("\n")
         assert re.search(rf"\b{old}\b", code), f"{task} has no variable {old}"
         edits.append(f"Rename the variable {old} to {new} in this function and reply with the whole function:\n\n"
                      f"```python\n{code}\n```")
-    return [*FRESH, *edits]
+    return {"all": [*FRESH, *edits], "fresh": list(FRESH), "edits": edits}[kind]
 
 
 @dataclass
@@ -82,11 +78,13 @@ def tpot_ms(e2e_ms: float, ttft_ms: float, output_tokens: int) -> float | None:
     return (e2e_ms - ttft_ms) / (output_tokens - 1) if output_tokens > 1 else None
 
 
-async def chat(http: httpx.AsyncClient, base_url: str, model: str, prompt: str, max_tokens: int,
+async def chat(http: httpx.AsyncClient, base_url: str, model: str, prompt: str | list[dict], max_tokens: int,
                reply: Reply) -> Reply:
-    """Stream one greedy chat request into `reply`. TTFT is the first chunk with content; E2E the
-    last chunk (the usage one), as vLLM's benchmark times it."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+    """Stream one greedy chat request into `reply` (`prompt`: the user's message, or the whole
+    conversation). TTFT is the first chunk with content; E2E the last chunk (the usage one), as
+    vLLM's benchmark times it."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     started = time.perf_counter()
     try:
@@ -190,75 +188,55 @@ def greedy_matches(ours: list[Reply], peer: list[Reply]) -> dict:
     return {"matching": sum(first[0][p] == first[1][p] for p in both), "compared": len(both)}
 
 
-def summarise(replies: list[Reply], rounds: list[dict], ours: list[str], peer: str | None,
+def summarise(replies: list[Reply], rounds: list[dict], ours: list[str], peers_: list[str],
               concurrency: tuple[int, ...]) -> dict:
-    """Rows per concurrency and system, ratios of each of ours to the peer, greedy matches at 1."""
+    """Rows per concurrency and system, ratios of each of ours to each peer, greedy matches at 1."""
     rows, ratios, greedy = [], [], {}
     for n in concurrency:
         def of(system: str) -> tuple[list[Reply], list[dict]]:
             return ([r for r in replies if r.system == system and r.concurrency == n],
                     [rd for rd in rounds if rd["system"] == system and rd["concurrency"] == n])
 
-        for system in [*ours, *([peer] if peer else [])]:
+        for system in [*ours, *peers_]:
             rows.append({"system": system, "concurrency": n, **system_stats(*of(system))})
-        for system in ours if peer else ():
-            (mine, my_rounds), (theirs, their_rounds) = of(system), of(peer)
-            ratios.append({"system": system, "concurrency": n, **compare(mine, theirs, my_rounds, their_rounds)})
-            if n == 1:
-                greedy[system] = greedy_matches(mine, theirs)
+        for system in ours:
+            for peer in peers_:
+                (mine, my_rounds), (theirs, their_rounds) = of(system), of(peer)
+                ratios.append({"system": system, "peer": peer, "concurrency": n,
+                               **compare(mine, theirs, my_rounds, their_rounds)})
+            if n == 1 and peers_:
+                greedy[system] = greedy_matches(of(system)[0], of(peers_[0])[0])
     return {"rows": rows, "ratios": ratios, "greedy_matches": greedy}
 
 
-def run_part(cfg) -> dict:
-    """Start both servers, run the rounds with the systems alternated, and summarise (`cfg`: the
-    runtime benchmark's RuntimeBenchConfig)."""
-    from bench.system import served_model, set_policy
-    from specserve.launcher import Stack
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
-    prompts = workload()
-    batch = max(cfg.concurrency)
-    ours = [f"specserve-{p}" for p in cfg.serve_policies]
-    binary = peers.find_llama_server()
-    out: dict = {"peer_binary": str(binary) if binary else None, "batch_limit": batch, "rounds": cfg.serve_rounds,
-                 "max_tokens": cfg.serve_max_tokens, "servers": "both up for the whole part, alternated by round",
-                 "prompts": prompts}
-    if binary is None:
-        out["skipped"] = "no llama-server built for this CPU (make peers): the peer is skipped"
-    env = {"SPECSERVE_RUNTIME": "llama.cpp", "SPECSERVE_THREADS": str(cfg.threads),
-           "SPECSERVE_MAX_BATCH_SIZE": str(batch)}
-    client = redis.Redis.from_url(cfg.redis_url)
-    replies: list[Reply] = []
-    rounds: list[dict] = []
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    stack = Stack(cfg.target, cfg.draft, cfg.redis_url, extra_env=env).start()
-    try:
-        urls = {system: (stack.http_address, served_model(stack.http_address)) for system in ours}
-        peer = (peers.llama_server(binary, PEER, cfg.target, cfg.draft, batch, cfg.threads,
-                                   cfg.out / "serve-llama-server.log") if binary else nullcontext(None))
-        with peer as peer_url:
-            if peer_url:
-                urls[PEER] = (peer_url, "peer")  # llama-server serves its one model under any name
-            for url, model in set(urls.values()):  # first requests pay for lazy set-up; not measured
-                asyncio.run(closed_loop(url, model, [WARM_UP], 1, 8, "warm-up", -1))
-            systems, policy = list(urls), None
-            for n in cfg.concurrency:
-                for r in range(cfg.serve_rounds):
-                    for system in systems[r % len(systems):] + systems[: r % len(systems)]:
-                        if system != PEER and system != policy:
-                            set_policy(client, system.removeprefix("specserve-"))
-                            time.sleep(cfg.settle_s)  # the gateway reads the ops keys every second
-                            policy = system
-                        got, wall = asyncio.run(closed_loop(*urls[system], prompts, n, cfg.serve_max_tokens, system, r))
-                        replies += got
-                        rounds.append({"system": system, "concurrency": n, "round": r, "wall_s": wall,
-                                       "output_tokens": sum(x.output_tokens for x in got if not x.error)})
-    finally:
-        stack.stop()
-    out.update(summarise(replies, rounds, ours, PEER if binary else None, cfg.concurrency))
-    out["round_times"] = rounds
-    out["replies"] = [{**asdict(r), "tpot_ms": r.tpot_ms} for r in replies]
+async def conversations(base_url: str, model: str, turns: list[tuple[str, str]], max_tokens: int,
+                        system: str) -> list[tuple[Reply, Reply]]:
+    """One client: each conversation's first turn, then its second sent after the first answer
+    (MT-Bench's order), so the second's prompt begins with the first's prompt and answer."""
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=0)
+    out = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0), limits=limits) as http:
+        for i, (first, second) in enumerate(turns):
+            one = await chat(http, base_url, model, first, max_tokens, Reply(system, 1, 0, 0, i))
+            messages = [{"role": "user", "content": first}, {"role": "assistant", "content": one.text},
+                        {"role": "user", "content": second}]
+            two = await chat(http, base_url, model, messages, max_tokens, Reply(system, 1, 1, 0, i))
+            out.append((one, two))
     return out
+
+
+def multi_turn_stats(pairs: list[tuple[Reply, Reply]]) -> dict:
+    """Prefix reuse across turns: the share of second-turn prompt tokens served from the cache,
+    and the second turns' TTFT against the first turns'."""
+    ok = [(a, b) for a, b in pairs if not a.error and not b.error]
+    cached = [b.cached_tokens for _, b in ok if b.cached_tokens is not None]
+    return {"conversations": len(pairs), "errors": len(pairs) - len(ok),
+            "first_prompt_tokens": statistics.mean(a.prompt_tokens for a, _ in ok) if ok else math.nan,
+            "second_prompt_tokens": statistics.mean(b.prompt_tokens for _, b in ok) if ok else math.nan,
+            "second_hit_rate": sum(cached) / sum(b.prompt_tokens for _, b in ok) if cached and ok else None,
+            "first_ttft_p50_ms": p50(a.ttft_ms for a, _ in ok), "second_ttft_p50_ms": p50(b.ttft_ms for _, b in ok),
+            "second_over_first_ttft": ratio_ci([b.ttft_ms for _, b in ok], [a.ttft_ms for a, _ in ok], stat=p50)
+            if len(ok) >= 2 else None}
 
 
 def markdown(s: dict, machine: dict, threads: int) -> list[str]:
@@ -276,13 +254,27 @@ def markdown(s: dict, machine: dict, threads: int) -> list[str]:
                      f"{row['ttft_p99_ms']:.0f} | {row['tpot_p50_ms']:.1f} | {row['prompt_tokens_mean']:.0f} | {cached} | "
                      f"{row['errors']}/{row['requests']} |")
     if s["ratios"]:
-        lines += ["", "Ours / llama-server (95% CI): above 1 is ours faster for tokens/s, ours slower for the times.",
-                  "", "| system | concurrent | tokens/s | TTFT p50 | TTFT p99 | TPOT p50 |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "Ours / peer (95% CI): above 1 is ours faster for tokens/s, ours slower for the times.",
+                  "", "| system | peer | concurrent | tokens/s | TTFT p50 | TTFT p99 | TPOT p50 |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for row in s["ratios"]:
-            cells = " | ".join(f"{c['ratio']:.3f} ({c['low']:.3f}-{c['high']:.3f})"
-                               for c in (row[k] for k in ("tokens_per_s", "ttft_p50", "ttft_p99", "tpot_p50")))
-            lines.append(f"| {row['system']} | {row['concurrency']} | {cells} |")
+            cells = " | ".join(_ci(row[k]) for k in ("tokens_per_s", "ttft_p50", "ttft_p99", "tpot_p50"))
+            lines.append(f"| {row['system']} | {row['peer']} | {row['concurrency']} | {cells} |")
     for system, g in s["greedy_matches"].items():
         lines += ["", f"Greedy text at 1 client, first round: {system} matches llama-server on {g['matching']} of "
                       f"{g['compared']} prompts both answered ({len(s['prompts'])} sent)."]
+    if s.get("multi_turn"):
+        lines += ["", "Two-turn conversations (MT-Bench, the second turn sent after the first answer, one client):", "",
+                  "| system | conversations | turn-1 prompt | turn-2 prompt | turn-2 cached share | turn-1 TTFT p50 ms | "
+                  "turn-2 TTFT p50 ms | turn 2 / turn 1 TTFT p50 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for system, m in s["multi_turn"].items():
+            hit = f"{m['second_hit_rate']:.1%}" if m["second_hit_rate"] is not None else "-"
+            ratio = _ci(m["second_over_first_ttft"]) if m["second_over_first_ttft"] else "-"
+            lines.append(f"| {system} | {m['conversations'] - m['errors']} | {m['first_prompt_tokens']:.0f} | "
+                         f"{m['second_prompt_tokens']:.0f} | {hit} | {m['first_ttft_p50_ms']:.0f} | "
+                         f"{m['second_ttft_p50_ms']:.0f} | {ratio} |")
     return lines
+
+
+def _ci(c: dict) -> str:
+    return f"{c['ratio']:.3f} ({c['low']:.3f}-{c['high']:.3f})"

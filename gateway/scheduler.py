@@ -20,14 +20,24 @@ from gateway.planner import Drafted, DraftPlan, Planner, SessionView
 from gateway.sequence import Delta, Finish, Sequence, Status
 from gateway.textstream import TextStream
 from specserve.background import Background, Tasks
-from specserve.contracts import PrefillItem, ProposeItem, SessionStatus, Sparse, VerifyItem, VerifyOutput
-from specserve.errors import DeadlineExceeded, ResourceExhausted, SpecServeError, Unavailable
+from specserve.contracts import (
+    PrefillItem,
+    ProposeItem,
+    SamplingParams,
+    SessionStatus,
+    Sparse,
+    VerifyItem,
+    VerifyOutput,
+)
+from specserve.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, SpecServeError, Unavailable
 from specserve.strategy import Strategy
 
 log = logging.getLogger(__name__)
 
 MAX_STEP_FAILURES = 3  # a step that fails this often in a row fails its requests
 STEP_RETRY_S = 0.1  # pause before retrying a failed step (a transient fault may clear)
+PROBE_SESSION, PROBE_TOKEN = "drafter-probe", 1  # the recovery probe's session and its one token
+NO_ROOM_RETRY_MS = 1000  # a prompt the verifier had no KV room for: running sessions free room soon
 
 
 @dataclass
@@ -228,12 +238,16 @@ class Scheduler(Background):
                 self.tasks.spawn(self._probe_drafter(), "probe-drafter")
 
     async def _probe_drafter(self) -> None:
+        """Until the drafter drafts again: a real (one-token) Propose, not Info, which a drafter
+        stuck in a draft would still answer."""
+        probe = [ProposeItem(PROBE_SESSION, 0, [PROBE_TOKEN], 1, SamplingParams())]
         while True:
             await asyncio.sleep(self.config.drafter_retry_s)
             try:
-                await self.drafter.info(timeout=self.config.draft_timeout_floor_s)
+                await self.drafter.propose(probe, timeout=self.config.draft_timeout_floor_s)
+                await self.drafter.release([PROBE_SESSION], timeout=self.config.draft_timeout_floor_s)
             except SpecServeError as exc:
-                log.debug("drafter still not answering: %s", exc)
+                log.debug("drafter still not drafting: %s", exc)
                 continue
             self.drafter_misses, self.drafter_down_until = 0, 0.0
             log.info("drafter answers again; speculation resumes")
@@ -317,6 +331,13 @@ class Scheduler(Background):
         for (seq, n), item, result in zip(chunks, items, out.prefills):
             if seq.status is Status.FINISHED:
                 self._to_release.append(seq.id)  # ended while the step ran: the verifier holds it now
+                continue
+            if result.status is SessionStatus.INVALID:
+                field, _, message = result.error.partition(": ")
+                self._finish(seq, Finish.ERROR, InvalidArgument(field, message))
+                continue
+            if result.status is SessionStatus.EXHAUSTED:  # no KV room for it now; the others ran
+                self._finish(seq, Finish.ERROR, ResourceExhausted(result.error, retry_after_ms=NO_ROOM_RETRY_MS))
                 continue
             for queue in (self.prefilling, self.resync, self.waiting):
                 if seq in queue:

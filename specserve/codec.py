@@ -7,7 +7,9 @@ from specserve.contracts import SamplingParams
 from specserve.v1 import common_pb2, drafter_pb2, verifier_pb2
 
 _STATUS_TO_PB = {c.SessionStatus.OK: common_pb2.SESSION_STATUS_OK,
-                 c.SessionStatus.NOT_FOUND: common_pb2.SESSION_STATUS_NOT_FOUND}
+                 c.SessionStatus.NOT_FOUND: common_pb2.SESSION_STATUS_NOT_FOUND,
+                 c.SessionStatus.INVALID: common_pb2.SESSION_STATUS_INVALID,
+                 c.SessionStatus.EXHAUSTED: common_pb2.SESSION_STATUS_EXHAUSTED}
 _STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
 
 
@@ -99,12 +101,14 @@ def _prefill_items_from_pb(items) -> list[c.PrefillItem]:
 
 
 def _prefill_results_to_pb(results: list[c.PrefillResult]) -> list[verifier_pb2.PrefillResult]:
-    return [verifier_pb2.PrefillResult(session_id=r.session_id, token_id=r.token_id, cached_tokens=r.cached_tokens)
-            for r in results]
+    return [verifier_pb2.PrefillResult(session_id=r.session_id, token_id=r.token_id, cached_tokens=r.cached_tokens,
+                                       status=_STATUS_TO_PB[r.status], error=r.error) for r in results]
 
 
 def _prefill_results_from_pb(results) -> list[c.PrefillResult]:
-    return [c.PrefillResult(r.session_id, r.token_id, r.cached_tokens) for r in results]
+    # A result without a status (an older verifier) ran.
+    return [c.PrefillResult(r.session_id, r.token_id, r.cached_tokens, _STATUS_FROM_PB.get(r.status, c.SessionStatus.OK),
+                            r.error) for r in results]
 
 
 def prefill_request_to_pb(items: list[c.PrefillItem]) -> verifier_pb2.PrefillRequest:

@@ -55,6 +55,8 @@ Sparse = tuple[list[int], list[float]]
 class SessionStatus(enum.Enum):
     OK = 1
     NOT_FOUND = 2  # unknown, evicted or out of sync: send the whole committed sequence again
+    INVALID = 3  # this item was malformed (its error names the field); the rest of the batch ran
+    EXHAUSTED = 4  # no room for this item now; the rest of the batch ran
 
 
 @dataclass
@@ -71,6 +73,8 @@ class PrefillResult:
     session_id: str
     token_id: int  # the first generated token; -1 after a partial chunk
     cached_tokens: int = 0  # prompt tokens so far whose KV came from the prefix cache
+    status: SessionStatus = SessionStatus.OK
+    error: str = ""  # why this chunk alone did not run
 
 
 @dataclass

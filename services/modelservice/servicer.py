@@ -110,8 +110,9 @@ async def serve_model(config: ModelServiceConfig, name: str, servicer: ModelServ
         servicer.attach(worker, loaded)
         for record in records if servicer.telemetry is not None else []:
             servicer.telemetry.emit(record)
-        tasks.spawn(_evict_forever(servicer.compute, getattr(worker, "evict_idle", worker.sessions.evict_idle)),
-                    "evict-idle-sessions")
+        # A worker with sessions in two tables (the hybrid drafter) evicts from both.
+        evict = getattr(worker, "evict_idle", None) or (lambda: worker.sessions.evict_idle())
+        tasks.spawn(_evict_forever(servicer.compute, evict), "evict-idle-sessions")
         if servicer.telemetry is not None:
             servicer.telemetry.start()
 

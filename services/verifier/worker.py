@@ -19,12 +19,13 @@ from specserve.contracts import (
     VerifyOutput,
     VerifyResult,
 )
-from specserve.errors import InvalidArgument
+from specserve.errors import InvalidArgument, ResourceExhausted
 from specserve.runtime import Row, Runtime
 from specserve.sampling import make_generator, processed_probs
 from specserve.sessions import SessionTable
 
 VERIFIER_SALT = 1
+NO_ROOM_RETRY_MS = 1000  # a prompt refused for want of KV room: sessions finish within about a second
 
 
 @dataclass
@@ -51,17 +52,32 @@ class VerifierWorker:
         return self.runtime.kv_tokens
 
     def prefill(self, items: list[PrefillItem]) -> PrefillOutput:
-        """Prompts (or their next chunks) alone: a step without verify rows."""
+        """Prompts (or their next chunks) alone: a step without verify rows; a refused chunk fails
+        the call, as the Prefill RPC always has."""
         out = self.verify([], items)
+        for r in out.prefills:
+            if r.status is SessionStatus.INVALID:
+                field, _, message = r.error.partition(": ")
+                raise InvalidArgument(field, message)
+            if r.status is SessionStatus.EXHAUSTED:
+                raise ResourceExhausted(r.error, retry_after_ms=NO_ROOM_RETRY_MS)
         return PrefillOutput(out.prefills, out.forward_ns)
 
     @torch.inference_mode()
     def verify(self, items: list[VerifyItem], prefills: list[PrefillItem] = ()) -> VerifyOutput:
         """One step, one forward: the verify rows of running sessions and the prompt chunks of
         sessions being prefilled; a prompt whose last chunk is here commits its first token. Every
-        item is checked before anything changes."""
-        earlier = self._check_prefills(prefills)
+        item is checked before anything changes. A prompt chunk fails alone: a malformed one is
+        refused (INVALID), and when the KV has no room for the chunks (EXHAUSTED) the running
+        sessions' step runs without them."""
         start = time.perf_counter_ns()
+        refused: dict[str, PrefillResult] = {}
+        chunks: list[tuple[PrefillItem, TargetSession | None]] = []
+        for item in prefills:
+            try:
+                chunks.append((item, self._check_prefill(item)))
+            except InvalidArgument as exc:
+                refused[item.session_id] = PrefillResult(item.session_id, -1, status=SessionStatus.INVALID, error=str(exc))
         results: dict[str, VerifyResult] = {}
         live: list[tuple[VerifyItem, TargetSession]] = []
         for item in items:
@@ -80,42 +96,51 @@ class VerifierWorker:
             if len(item.drafts) >= room:
                 item = VerifyItem(item.session_id, item.position, item.drafts[: room - 1], item.distributions[: room - 1])
             live.append((item, session))
-        for item, session in zip(prefills, earlier):
+        for item, session in chunks:
             if session is None:
                 self.sessions.release([item.session_id])  # a fresh prefill starts a new session
         # Greedy rows come back as argmax ids: no full-vocabulary row is copied for them.
-        rows = [Row(it.session_id, it.prompt, [len(it.prompt) - 1], it.partial or it.params.greedy) for it in prefills]
-        rows += [Row(it.session_id, [s.tokens[-1], *it.drafts], list(range(len(it.drafts) + 1)), s.params.greedy)
-                 for it, s in live]
-        logits = self.runtime.forward(rows) if rows else []
-        prefilled = [self._commit_prefill(item, session, row, out)
-                     for item, session, row, out in zip(prefills, earlier, rows, logits)]
-        for (item, session), row in zip(live, logits[len(prefills) :]):
+        prompt_rows = [Row(it.session_id, it.prompt, [len(it.prompt) - 1], it.partial or it.params.greedy)
+                       for it, _ in chunks]
+        verify_rows = [Row(it.session_id, [s.tokens[-1], *it.drafts], list(range(len(it.drafts) + 1)), s.params.greedy)
+                       for it, s in live]
+        try:
+            logits = self.runtime.forward(prompt_rows + verify_rows) if prompt_rows or verify_rows else []
+        except ResourceExhausted as exc:
+            if not prompt_rows:
+                raise
+            # No room for the new prompts now: they are refused, the running sessions step alone.
+            for item, _ in chunks:
+                refused[item.session_id] = PrefillResult(item.session_id, -1, status=SessionStatus.EXHAUSTED,
+                                                         error=str(exc))
+            chunks, prompt_rows = [], []
+            logits = self.runtime.forward(verify_rows) if verify_rows else []
+        done = {item.session_id: self._commit_prefill(item, session, row, out)
+                for (item, session), row, out in zip(chunks, prompt_rows, logits)}
+        for (item, session), row in zip(live, logits[len(prompt_rows) :]):
             accepted, emitted = self._accept(item, session, row)
             self.runtime.truncate(item.session_id, len(session.tokens) + accepted)
             session.tokens.extend(emitted)
             results[item.session_id] = VerifyResult(item.session_id, SessionStatus.OK, emitted, accepted)
-        return VerifyOutput([results[it.session_id] for it in items], sum(len(r.tokens) - r.reused for r in rows),
-                            time.perf_counter_ns() - start, prefilled)
+        positions = sum(len(r.tokens) - r.reused for r in prompt_rows + verify_rows)
+        return VerifyOutput([results[it.session_id] for it in items], positions, time.perf_counter_ns() - start,
+                            [refused.get(it.session_id) or done[it.session_id] for it in prefills])
 
-    def _check_prefills(self, items: list[PrefillItem]) -> list[TargetSession | None]:
-        """Validate prompt chunks; per item, the session an appended chunk continues (else None)."""
-        earlier = []
-        for item in items:
-            if not item.prompt:
-                raise InvalidArgument("prompt_token_ids", f"session {item.session_id}: prompt is empty")
-            if any(not 0 <= t < self.vocab for t in item.prompt):
-                raise InvalidArgument("prompt_token_ids", f"session {item.session_id}: token id outside [0, {self.vocab})")
-            session = self.sessions.get(item.session_id) if item.append else None
-            if item.append and (session is None or not session.partial):
-                raise InvalidArgument("append", f"session {item.session_id} has no partial prefill to continue")
-            held = len(session.tokens) if session else 0
-            if held + len(item.prompt) >= self.max_context:
-                raise InvalidArgument(
-                    "prompt_token_ids", f"session {item.session_id}: {held + len(item.prompt)} tokens leave no room "
-                    f"in the context window of {self.max_context}")
-            earlier.append(session)
-        return earlier
+    def _check_prefill(self, item: PrefillItem) -> TargetSession | None:
+        """Validate a prompt chunk; the session an appended chunk continues (else None)."""
+        if not item.prompt:
+            raise InvalidArgument("prompt_token_ids", f"session {item.session_id}: prompt is empty")
+        if any(not 0 <= t < self.vocab for t in item.prompt):
+            raise InvalidArgument("prompt_token_ids", f"session {item.session_id}: token id outside [0, {self.vocab})")
+        session = self.sessions.get(item.session_id) if item.append else None
+        if item.append and (session is None or not session.partial):
+            raise InvalidArgument("append", f"session {item.session_id} has no partial prefill to continue")
+        held = len(session.tokens) if session else 0
+        if held + len(item.prompt) >= self.max_context:
+            raise InvalidArgument(
+                "prompt_token_ids", f"session {item.session_id}: {held + len(item.prompt)} tokens leave no room "
+                f"in the context window of {self.max_context}")
+        return session
 
     def _commit_prefill(self, item: PrefillItem, session: TargetSession | None, row: Row,
                         out: torch.Tensor) -> PrefillResult:

@@ -145,7 +145,7 @@ def test_every_bench_variant_parses_and_builds_its_config(tmp_path, tiny_dir):
     assert isinstance(parts, runtime.RuntimeBenchConfig) and parts.parts == ("costs",)
     served = _cli_config("runtime", ["--parts", "serve"], tiny_dir, "redis://x")
     assert served.parts == ("serve",) and served.serve_rounds == 3 and served.serve_max_tokens == 96
-    assert served.concurrency == (1, 4) and served.threads == 2 and served.serve_policies == ("off",)
+    assert served.concurrency == (1, 4) and served.threads == 2 and served.serve_policies == ("off", "adaptive")
     assert "serve" in runtime.RuntimeBenchConfig("t", "d", "r", tmp_path).parts
     with pytest.raises(SystemExit, match="--parts: unknown nonsense"):
         _cli_config("runtime", ["--parts", "serve,nonsense"], tiny_dir, "redis://x")
@@ -237,7 +237,7 @@ def test_serve_summary_ratios_tpot_and_greedy_matches():
         rounds += [{"system": "specserve-off", "concurrency": 1, "round": r, "wall_s": 2.0, "output_tokens": 40},
                    {"system": "llama-server", "concurrency": 1, "round": r, "wall_s": 4.0, "output_tokens": 40}]
     replies[5].error = "Server disconnected"  # the peer's prompt 2 in round 0: left out of every pair
-    out = summarise(replies, rounds, ["specserve-off"], "llama-server", (1,))
+    out = summarise(replies, rounds, ["specserve-off"], ["llama-server"], (1,))
     ours, peer = out["rows"]
     assert ours["tokens_per_s"] == pytest.approx(20.0) and peer["tokens_per_s"] == pytest.approx(10.0)
     assert ours["tpot_p50_ms"] == pytest.approx(100.0) and ours["ttft_p50_ms"] == 52.0 and ours["ttft_p99_ms"] == 53.0
@@ -251,13 +251,14 @@ def test_serve_summary_ratios_tpot_and_greedy_matches():
     text = "\n".join(markdown({**out, "batch_limit": 4, "rounds": 2, "max_tokens": 96, "servers": "both up",
                                 "prompts": ["p"] * 4}, {"cpu_flags": ["avx2"]}, 2))
     assert "| specserve-off | 1 | 20.00 | 52 | 53 | 100.0 | 40 | - | 0/8 |" in text
-    assert "| specserve-off | 1 | 2.000 (2.000-2.000) |" in text and "on 2 of 3 prompts both answered (4 sent)" in text
+    assert "| specserve-off | llama-server | 1 | 2.000 (2.000-2.000) |" in text
+    assert "on 2 of 3 prompts both answered (4 sent)" in text
     # Without the peer: our rows only, and the report says why.
-    alone = summarise([r for r in replies if r.system != "llama-server"], rounds[::2], ["specserve-off"], None, (1,))
+    alone = summarise([r for r in replies if r.system != "llama-server"], rounds[::2], ["specserve-off"], [], (1,))
     assert [row["system"] for row in alone["rows"]] == ["specserve-off"] and alone["ratios"] == []
     text = "\n".join(markdown({**alone, "batch_limit": 4, "rounds": 2, "max_tokens": 96, "servers": "both up",
                                 "prompts": [], "skipped": "no llama-server"}, {"cpu_flags": []}, 2))
-    assert "Peer skipped: no llama-server." in text and "llama-server (95% CI)" not in text
+    assert "Peer skipped: no llama-server." in text and "Ours / peer (95% CI)" not in text
 
 
 def test_serve_client_times_content_and_counts_from_usage():
@@ -268,6 +269,7 @@ def test_serve_client_times_content_and_counts_from_usage():
     from bench.serve import Reply, chat, workload
 
     prompts = workload()
+    assert workload("fresh") + workload("edits") == prompts
     assert len(prompts) == 8 and all(p.startswith("Write a Python function") for p in prompts[:4])
     assert all(p.startswith("Rename the variable") and p.count("\n") >= 20 for p in prompts[4:])
     # As llama-server streams: a role chunk without content, content, the finish, then the usage.
@@ -315,3 +317,20 @@ def test_smoke_run_of_the_serve_part_on_our_stack_alone(tiny_dir, redis_url, tmp
             texts.setdefault(r["prompt"], set()).add(r["text"])
     assert len(texts) == 8 and all(len(t) == 1 for t in texts.values())
     assert "## Serving: our stack vs llama-server" in (tmp_path / "out" / "runtime.md").read_text()
+
+
+def test_multi_turn_stats_report_the_cached_share_and_the_ttft_ratio():
+    from bench.prompts import mt_bench_turns
+    from bench.serve import multi_turn_stats
+
+    turns = mt_bench_turns()
+    assert len(turns) == 80 and all(first and second for first, second in turns)
+    pairs = []
+    for i in range(4):
+        one = _reply("specserve-off", 0, 0, i, 400.0, 1400.0, 10)
+        two = _reply("specserve-off", 1, 0, i, 100.0, 1100.0, 10, cached=150)
+        one.prompt_tokens, two.prompt_tokens = 100, 200
+        pairs.append((one, two))
+    stats = multi_turn_stats(pairs)
+    assert stats["second_hit_rate"] == pytest.approx(0.75) and stats["first_prompt_tokens"] == 100
+    assert stats["second_over_first_ttft"]["ratio"] == pytest.approx(0.25)

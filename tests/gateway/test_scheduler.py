@@ -8,7 +8,7 @@ from gateway.backends.local import LocalVerifier
 from gateway.scheduler import SchedulerConfig
 from gateway.sequence import Sequence, Slo, Status
 from specserve.contracts import SamplingParams
-from specserve.errors import Unavailable
+from specserve.errors import DeadlineExceeded, Unavailable
 from specserve.strategy import CostModel, Strategy
 from tests.helpers import collect, target_only
 
@@ -244,3 +244,48 @@ def test_a_session_exactly_on_schedule_is_not_late():
     assert seq.behind_ms <= 0  # the next token is due one TPOT after the first
     seq.first_token_at -= 0.25  # 250 ms since the first token, still one token out
     assert seq.behind_ms == pytest.approx(150, abs=20)
+
+
+def test_the_drafter_probe_drafts_for_real_before_speculation_resumes(tiny_models):
+    """A drafter that answers Info but hangs in Propose stays left alone; once it drafts again,
+    the probe sees it and speculation resumes."""
+    sch = tiny_models.scheduler(SchedulerConfig(draft_timeout_floor_s=0.05, drafter_retry_s=0.05, drafter_max_misses=1),
+                                Strategy(mode="static", static_k=2))
+    propose = sch.drafter.propose
+    state = {"stuck": True, "probes": 0}
+
+    async def flaky(items, timeout=None):
+        if items[0].session_id == "drafter-probe":
+            state["probes"] += 1
+        if state["stuck"]:  # the injected fault: a drafter stuck in its draft loop, past the call's deadline
+            try:
+                await asyncio.wait_for(asyncio.sleep(5), timeout)
+            except TimeoutError:
+                raise DeadlineExceeded("drafter did not answer in time") from None
+        return await propose(items, timeout)
+
+    sch.drafter.propose = flaky
+    seq = Sequence("s", PROMPT, SamplingParams(max_new_tokens=400))
+
+    async def until(condition, limit_s=30.0):
+        deadline = asyncio.get_running_loop().time() + limit_s
+        while not condition():
+            assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+            await asyncio.sleep(0.01)
+
+    async def main():
+        sch.start()
+        sch.submit(seq)
+        out = asyncio.ensure_future(collect(seq))
+        await until(lambda: state["probes"] >= 3)
+        assert not sch.drafter_available  # Info would have answered all along
+        state["stuck"] = False
+        await until(lambda: sch.drafter_available)
+        drafted = seq.draft_tokens
+        await until(lambda: seq.draft_tokens > drafted or seq.finish is not None)
+        seq.cancelled = True
+        await out
+        await sch.stop()
+
+    asyncio.run(main())
+    assert seq.draft_tokens > 0
