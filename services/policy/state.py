@@ -47,14 +47,14 @@ class PolicyState:
                                   float(record["forward_ms"]), profile=True)
             elif component == "drafter":
                 self.cost.observe(int(record["batch_size"]), int(record["draft_steps"]), float(record["draft_ms"]),
-                                  0, 0, 0.0, free=bool(record.get("free", False)))
+                                  0, 0, 0.0, free=record.get("free", False) is True)
             return
         if component != "gateway":
             return
         n, positions = int(record["batch_size"]), int(record["verified_positions"])
         # A step whose drafter caught up on a whole history timed reading, not drafting.
         catchup = int(record.get("draft_catchup_tokens", 0)) > 0
-        free = bool(record.get("draft_free", False))
+        free = record.get("draft_free", False) is True
         self.cost.observe(n, 0 if catchup and not free else int(record["draft_steps"]),
                           0.0 if catchup and free else float(record["draft_ms"]), positions,
                           int(record["context_tokens"]), float(record["verify_ms"]), free=free)

@@ -307,7 +307,7 @@ def test_cached_profile_follows_the_config(tmp_path, gguf):
     for _ in range(2):
         assert cached_profile(config, SERVICE, "1", profile) == RECORDS
     assert calls == [1]
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
     assert cached_profile(dataclasses.replace(config, reprofile=True), SERVICE, "1", profile) == RECORDS
     assert calls == [1, 1]
     assert cached_profile(config, SERVICE, "2", profile) == RECORDS  # a new profile version misses
@@ -337,3 +337,33 @@ def test_settings_from_flags_and_environment(tmp_path):
     assert config.reprofile is True and config.profile_cache == "/p"
     config = cfg.load(ModelServiceConfig, ["--model", "m"], env={})
     assert config.reprofile is False and config.profile_cache == ""
+
+
+def test_two_services_never_profile_at_once(tmp_path):
+    """The second profile waits for the first: they would measure each other on shared cores."""
+    import threading
+
+    from services.modelservice.profiles import ProfileCache
+
+    cache, inside, overlaps = ProfileCache(tmp_path), [], []
+
+    def profile(name: str) -> None:
+        with cache.exclusive():
+            inside.append(name)
+            overlaps.append(len(inside))
+            started.set()
+            release.wait(5)
+            inside.remove(name)
+
+    started, release = threading.Event(), threading.Event()
+    first = threading.Thread(target=profile, args=("verifier",))
+    first.start()
+    assert started.wait(5)
+    started.clear()
+    second = threading.Thread(target=profile, args=("drafter",))
+    second.start()
+    assert not started.wait(0.2)  # blocked behind the first (a bounded wait for the fault's absence)
+    release.set()
+    first.join(5)
+    second.join(5)
+    assert overlaps == [1, 1]

@@ -93,7 +93,7 @@ async def test_second_start_warms_but_does_not_profile(config, capsys):
     assert all(name.startswith("model") for name in calls.warm + calls.profile)  # on the compute thread
     out = capsys.readouterr().out
     assert "verifier: profiling the model's step costs" in out and "verifier: using the cached profile from" in out
-    assert len(list(Path(config.profile_cache).iterdir())) == 1
+    assert len(list(Path(config.profile_cache).glob("*.json"))) == 1
 
 
 async def test_reprofile_profiles_at_every_start(config):
