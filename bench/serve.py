@@ -4,22 +4,28 @@ a new user meets both, on the same GGUF file, kernels and thread count.
 Eight chat requests of our own (four fresh generations, four code edits whose answer copies most of
 the prompt) go to `/v1/chat/completions`, greedy and streamed with usage. At each concurrency C, C
 clients each send the eight in turn from different offsets (closed loop), for a few rounds; within a
-round the systems take turns (one at a time, order rotated per round). Both servers stay up for the
-whole part, idle while the other runs, with the same batch limit (our max batch size, its `-np`).
+round the systems take turns (one at a time, order rotated per round). Every server stays up for
+the whole part, idle while another runs, with the same batch limit (our max batch size, its `-np`).
+Then two-turn MT-Bench conversations measure prefix reuse across turns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 import statistics
 import time
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
 
 import httpx
+import redis
 
+from bench import peers
+from bench import prompts as prompt_sets
 from bench.prompts import humaneval_solution
 from bench.stats import ratio_ci
 
@@ -237,6 +243,69 @@ def multi_turn_stats(pairs: list[tuple[Reply, Reply]]) -> dict:
             "first_ttft_p50_ms": p50(a.ttft_ms for a, _ in ok), "second_ttft_p50_ms": p50(b.ttft_ms for _, b in ok),
             "second_over_first_ttft": ratio_ci([b.ttft_ms for _, b in ok], [a.ttft_ms for a, _ in ok], stat=p50)
             if len(ok) >= 2 else None}
+
+
+def run_part(cfg) -> dict:
+    """Start our stack and every peer, run the rounds with the systems alternated, the two-turn
+    conversations, and summarise (`cfg`: the runtime benchmark's RuntimeBenchConfig)."""
+    from bench.system import served_model, set_policy
+    from specserve.launcher import Stack
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
+    prompts = workload(cfg.serve_workload)
+    batch = max(cfg.concurrency)
+    ours = [f"specserve-{p}" for p in cfg.serve_policies]
+    binary = peers.find_llama_server()
+    out: dict = {"peer_binary": str(binary) if binary else None, "batch_limit": batch, "rounds": cfg.serve_rounds,
+                 "max_tokens": cfg.serve_max_tokens, "servers": "all up for the whole part, alternated by round",
+                 "workload": cfg.serve_workload, "proposer": cfg.serve_proposer, "prompts": prompts}
+    if binary is None:
+        out["skipped"] = "no llama-server built for this CPU (make peers): the peers are skipped"
+    env = {"SPECSERVE_RUNTIME": "llama.cpp", "SPECSERVE_THREADS": str(cfg.threads),
+           "SPECSERVE_MAX_BATCH_SIZE": str(batch)}
+    if cfg.serve_proposer:
+        env["SPECSERVE_PROPOSER"] = cfg.serve_proposer
+    client = redis.Redis.from_url(cfg.redis_url)
+    replies: list[Reply] = []
+    rounds: list[dict] = []
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    stack = Stack(cfg.target, cfg.draft, cfg.redis_url, extra_env=env).start()
+    variants = list(cfg.serve_peers) if binary else []
+    try:
+        urls = {system: (stack.http_address, served_model(stack.http_address)) for system in ours}
+        with ExitStack() as running:
+            for variant in variants:  # llama-server serves its one model under any name
+                urls[variant] = (running.enter_context(peers.llama_server(
+                    binary, variant, cfg.target, cfg.draft, batch, cfg.threads, cfg.out / f"serve-{variant}.log")),
+                    "peer")
+            for url, model in set(urls.values()):  # first requests pay for lazy set-up; not measured
+                asyncio.run(closed_loop(url, model, [WARM_UP], 1, 8, "warm-up", -1))
+            systems, policy = list(urls), None
+            for n in cfg.concurrency:
+                for r in range(cfg.serve_rounds):
+                    for system in systems[r % len(systems):] + systems[: r % len(systems)]:
+                        if system in ours and system != policy:
+                            set_policy(client, system.removeprefix("specserve-"))
+                            time.sleep(cfg.settle_s)  # the gateway reads the ops keys every second
+                            policy = system
+                        got, wall = asyncio.run(closed_loop(*urls[system], prompts, n, cfg.serve_max_tokens, system, r))
+                        replies += got
+                        rounds.append({"system": system, "concurrency": n, "round": r, "wall_s": wall,
+                                       "output_tokens": sum(x.output_tokens for x in got if not x.error)})
+            if cfg.serve_conversations:
+                # Prefix caching across turns: our first policy and the plain peer, one client each.
+                turns = prompt_sets.mt_bench_turns()[: cfg.serve_conversations]
+                set_policy(client, ours[0].removeprefix("specserve-"))
+                time.sleep(cfg.settle_s)
+                out["multi_turn"] = {s: multi_turn_stats(asyncio.run(conversations(*urls[s], turns,
+                                                                                    cfg.serve_max_tokens, s)))
+                                     for s in (ours[0], PEER) if s in urls}
+    finally:
+        stack.stop()
+    out.update(summarise(replies, rounds, ours, variants, cfg.concurrency))
+    out["round_times"] = rounds
+    out["replies"] = [{**asdict(r), "tpot_ms": r.tpot_ms} for r in replies]
+    return out
 
 
 def markdown(s: dict, machine: dict, threads: int) -> list[str]:

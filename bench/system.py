@@ -236,8 +236,9 @@ class Bench:
     def replay(self, system: str, load: int, rep: int, requests: list[Request]) -> None:
         if system in PEERS:
             log = self.cfg.out / f"{system}.log"
-            with peers.llama_server(self.server, system, self.cfg.target, self.cfg.draft, load, self.cfg.threads,
-                                    log) as url:
+            # The same concurrency limit as ours: its parallel slots are our maximum batch.
+            with peers.llama_server(self.server, system, self.cfg.target, self.cfg.draft, self.cfg.max_batch_size,
+                                    self.cfg.threads, log) as url:
                 results, duration = asyncio.run(replay(url, "peer", requests, system, load, rep, False))
             recs = []
         else:

@@ -31,6 +31,9 @@ from specserve.tokenizer import load_tokenizer
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger("specserve.gateway")
+
+VERIFIER_CHECK_S = 1.0  # how often readiness asks the verifier (each ask may take this long)
+VERIFIER_MISSES = 2  # asks in a row without an answer before the gateway reports NOT_SERVING
 NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 
 
@@ -185,6 +188,7 @@ class Gateway:
         self.servicer.on_reject = lambda reason: metrics.rejected.labels(reason).inc()
         self.servicer.attach(scheduler, self.tokenizer, len(self.tokenizer), limits, info, admission)
         scheduler.start()
+        self.tasks.spawn(self._watch_verifier(), "watch-verifier")
         self.scheduler = scheduler
 
     async def follow_live(self, scheduler: Scheduler, limits: Limits, admission: Admission) -> None:
@@ -222,7 +226,33 @@ class Gateway:
                                self.config.max_request_bytes)
             self.http_server = http.http_server(api, self.config.tls_cert, self.config.tls_key)
             self.tasks.spawn(self.http_server.serve(sockets=[self.http_sock]), "http-server")
-        await run_until_signalled(self.server, self.warm_up, self.config.grace_s, on_stop=self.stop)
+        await run_until_signalled(self.server, self.warm_up, self.config.grace_s, on_stop=self.stop, drain=self.drain)
+
+    async def _watch_verifier(self) -> None:
+        """Readiness follows the verifier: health (gRPC and /health) turns NOT_SERVING within a
+        few seconds of the verifier going away, so a load balancer stops sending doomed traffic,
+        and SERVING again when it answers."""
+        misses = 0
+        while True:
+            await asyncio.sleep(VERIFIER_CHECK_S)
+            try:
+                await self.verifier.info(timeout=VERIFIER_CHECK_S)
+                misses = 0
+            except SpecServeError as exc:
+                misses += 1
+                log.debug("verifier check failed (%d in a row): %s", misses, exc)
+            ready = misses < VERIFIER_MISSES and not self.servicer.draining
+            if ready != self.server.serving and not self.servicer.draining:
+                log.warning("verifier %s: health %s", "answers again" if ready else "is away",
+                            "SERVING" if ready else "NOT_SERVING")
+                await self.server.set_serving(ready)
+
+    async def drain(self) -> None:
+        """Refuse new requests on both fronts; return once every request in flight has finished
+        (gRPC and HTTP streams alike)."""
+        self.servicer.draining = True
+        if self.scheduler is not None:
+            await self.scheduler.idle.wait()
 
 
 async def serve(config: GatewayConfig) -> None:

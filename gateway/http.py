@@ -224,7 +224,9 @@ class HttpApi:
 
     async def health(self) -> JSONResponse:
         ok = self.server.serving and self.servicer.scheduler is not None
-        return JSONResponse({"status": "ok" if ok else "starting"}, status_code=200 if ok else 503)
+        status = "ok" if ok else "draining" if self.servicer.draining else \
+            "starting" if self.servicer.scheduler is None else "unavailable"
+        return JSONResponse({"status": status}, status_code=200 if ok else 503)
 
     async def completions(self, body: CompletionRequest, request: Request):
         return await self._serve(request, body, chat=False)

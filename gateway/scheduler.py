@@ -139,6 +139,8 @@ class Scheduler(Background):
         self.chunked: list[Sequence] = []  # queued requests whose prompt chunks the current step carries
         self.streams: dict[str, TextStream] = {}
         self.wake = asyncio.Event()
+        self.idle = asyncio.Event()  # set while there is no request to serve
+        self.idle.set()
         self.drafter_down_until = 0.0
         self.drafter_misses = 0  # draft calls in a row that failed or missed their deadline
         self.step_id = 0
@@ -161,6 +163,7 @@ class Scheduler(Background):
             raise ResourceExhausted(f"queue is full ({self.config.max_queued} waiting)", retry_after_ms=1000)
         self.streams[seq.id] = TextStream(self.tokenizer, self.eos_ids, seq.params.max_new_tokens, seq.params.stop)
         self.waiting.append(seq)
+        self.idle.clear()
         self.wake.set()
 
     def cancel(self, seq: Sequence) -> None:
@@ -182,7 +185,9 @@ class Scheduler(Background):
             if not self.waiting and not self.running and not self.resync and not self.prefilling:
                 self.wake.clear()
                 await self._release()
+                self.idle.set()
                 await self.wake.wait()
+                self.idle.clear()
             try:
                 await self.step()
                 failures = 0

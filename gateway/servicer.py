@@ -86,6 +86,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def __init__(self):
         self.streams: dict[str, int] = {}  # open Generate streams per client
+        self.draining = False  # shutting down: new requests are refused, those in flight finish
         self.on_reject: Callable[[str], None] = lambda reason: None  # refusals other than admission's
 
     def attach(self, scheduler: Scheduler, tokenizer, vocab: int, limits: Limits, info: gateway_pb2.GatewayInfo,
@@ -97,6 +98,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def _ready(self) -> Scheduler:
         if self.scheduler is None:
             raise Unavailable("the gateway is starting; its model services are not ready yet")
+        if self.draining:
+            raise Unavailable("the gateway is shutting down; send to another replica")
         return self.scheduler
 
     def open_stream(self, request: GenerateInput, client: str) -> Sequence:

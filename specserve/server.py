@@ -182,8 +182,11 @@ class Server:
 
 
 async def run_until_signalled(server: Server, warm_up: Callable[[], Awaitable[None]],
-                              grace_s: float = 10.0, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Start, warm up (health turns SERVING after), then serve until SIGTERM/SIGINT and drain."""
+                              grace_s: float = 10.0, on_stop: Callable[[], Awaitable[None]] | None = None,
+                              drain: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Start, warm up (health turns SERVING after), then serve until SIGTERM/SIGINT and drain:
+    health turns NOT_SERVING, `drain()` (work the service finishes by itself, such as streams on
+    another front) and the gRPC calls in flight get up to `grace_s` together."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -194,6 +197,13 @@ async def run_until_signalled(server: Server, warm_up: Callable[[], Awaitable[No
     log.info("serving %s", ", ".join(server.service_names))
     await stop.wait()
     log.info("draining for up to %.0fs", grace_s)
-    await server.stop(grace_s)
+    await server.set_serving(False)  # load balancers stop sending new work
+    started = loop.time()
+    if drain is not None:
+        try:
+            await asyncio.wait_for(drain(), grace_s)
+        except TimeoutError:
+            log.warning("the drain did not finish in %.0fs", grace_s)
+    await server.stop(max(0.0, grace_s - (loop.time() - started)))
     if on_stop:
         await on_stop()

@@ -27,6 +27,7 @@ class ModelServiceConfig:
     max_sessions: int = doc(64, "llama.cpp runtime: sessions held at once (one sequence id each)")
     kv_tokens: int = doc(16384, "llama.cpp runtime: KV positions over all sessions; torch: prefix cache bound")
     kv_unified: bool = doc(True, "llama.cpp runtime: one KV buffer shared by all sequences (cheaper mixed batches)")
+    prefix_cache_mb: int = doc(1024, "llama.cpp runtime: host memory for released sessions' KV (prefix cache); 0 disables")
     redis_url: str = doc("", "Redis for telemetry and strategy; empty disables both")
     proposer: str = doc("draft_model", "drafter only: " + " or ".join(PROPOSERS))
     step_delay_ms: float = doc(0.0, "artificial delay added to every forward call (load tests only)")

@@ -35,7 +35,8 @@ def load(config: ModelServiceConfig) -> LoadedModel:
         torch.set_num_threads(config.threads)  # the services' own tensor work (sampling, acceptance)
     started = time.monotonic()
     rt = runtime.open_runtime(config.model, config.runtime, config.device, config.dtype, config.max_context,
-                              config.threads, config.max_sessions, config.kv_tokens, config.kv_unified)
+                              config.threads, config.max_sessions, config.kv_tokens, config.kv_unified,
+                              config.prefix_cache_mb)
     tokenizer = load_tokenizer(config.model)
     eos = list(rt.info.eos_token_ids)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:

@@ -24,7 +24,8 @@ RUNTIMES = ("auto", "torch", "llama.cpp")
 
 
 def open_runtime(model: str, name: str = "auto", device: str = "cpu", dtype: str = "auto", max_context: int = 0,
-                 threads: int = 0, max_sessions: int = 64, kv_tokens: int = 16384, kv_unified: bool = True) -> Runtime:
+                 threads: int = 0, max_sessions: int = 64, kv_tokens: int = 16384, kv_unified: bool = True,
+                 prefix_cache_mb: int = 1024) -> Runtime:
     """Open `model` on the runtime `name` picks (the llama.cpp options apply to llama.cpp only; on
     torch, `kv_tokens` bounds the prefix cache)."""
     if choose(name, model, device) == "llama.cpp":
@@ -33,7 +34,8 @@ def open_runtime(model: str, name: str = "auto", device: str = "cpu", dtype: str
         gguf = find_gguf(model)
         if gguf is None:
             raise InvalidArgument("model", f"the llama.cpp runtime needs a GGUF file; none at {model}")
-        return LlamaCppRuntime(gguf, max_context, max_sessions, kv_tokens, threads, kv_unified)
+        return LlamaCppRuntime(gguf, max_context, max_sessions, kv_tokens, threads, kv_unified,
+                               cache_bytes=prefix_cache_mb << 20)
     from specserve.runtime import torch_runtime
 
     return torch_runtime.load(model, device, dtype, max_context, kv_tokens)

@@ -118,3 +118,40 @@ def test_llama_cpp_runtime_refuses_sessions_past_its_limit_and_leaks_none(tiny_m
     assert set(runtime.seq_ids) == {"a", "b"}
     runtime.release("a")
     assert runtime.forward([Row("c", [8], [0])])[0].shape == (1, runtime.vocab_size)
+
+
+def test_a_prompt_that_fills_the_context_is_refused_and_one_short_of_it_gets_its_token(tiny_pair):
+    """Through validation and the fused step on both runtimes, prefix cache on: a prompt of the whole
+    context window is refused naming the field; one token shorter is served its one token, the
+    target's own; and a second request sharing most of that prompt reuses it and stays exact."""
+    import asyncio
+
+    from gateway.request import GenerateInput, Limits, validate
+    from specserve.errors import InvalidArgument
+    from tests.helpers import collect
+
+    max_context = 96
+    limits = Limits(max_context)
+    vocab = len(tiny_pair.tokenizer)
+    full = [(7 * i) % 300 + 3 for i in range(max_context)]
+    with pytest.raises(InvalidArgument, match="^prompt"):
+        validate(GenerateInput(prompt_token_ids=full, max_new_tokens=4), tiny_pair.tokenizer, vocab, limits)
+    short = validate(GenerateInput(prompt_token_ids=full[:-1], max_new_tokens=4), tiny_pair.tokenizer, vocab, limits)
+    assert short.params.max_new_tokens == 1
+    shared = validate(GenerateInput(prompt_token_ids=full[:80] + [5, 6, 7], max_new_tokens=8), tiny_pair.tokenizer,
+                      vocab, limits)
+    sch = tiny_pair.scheduler(strategy=Strategy(mode="static", static_k=3), eos_ids=[10**6], max_context=max_context)
+
+    async def main():
+        sch.start()
+        outs = []
+        for seq in (short, shared):  # one after the other: the second finds the first's KV cached
+            sch.submit(seq)
+            outs.append(await collect(seq))
+        await sch.stop()
+        return outs
+
+    (first, _, _), (second, _, _) = asyncio.run(main())
+    assert_lossless(first, tiny_pair.reference(short.prompt, 1))
+    assert_lossless(second, tiny_pair.reference(shared.prompt, 8))
+    assert shared.cached_tokens >= 80 - 1

@@ -103,3 +103,76 @@ def test_verifier_restart_fails_in_flight_promptly_then_serves(fault_stack):
         except grpc.RpcError:
             assert time.monotonic() < deadline
             time.sleep(0.5)
+
+
+def _health(stack) -> int:
+    import httpx
+
+    return httpx.get(f"{stack.http_address}/health", timeout=5).status_code
+
+
+def _until(condition, limit_s: float = 30.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def test_readiness_follows_the_verifier(fault_stack):
+    stack, _ = fault_stack
+    assert _health(stack) == 200
+    stack.services["verifier"].kill()
+    _until(lambda: _health(stack) == 503)  # within a few seconds: load balancers stop sending
+    with grpc.insecure_channel(stack.gateway_address) as channel:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    stack.restart("verifier", timeout_s=120)
+    _until(lambda: _health(stack) == 200)
+
+
+def test_sigterm_drains_http_streams_and_refuses_new_requests(tiny_dir):
+    """A stream in flight when the gateway is told to stop finishes with every token; a request
+    sent during the drain gets 503; then the gateway exits."""
+    import json
+    import signal
+
+    import httpx
+
+    url, proc = start_redis(free_port())
+    target, _ = tiny_dir
+    # A verifier slowed to ~20 ms a step, so a 120-token stream is still running when the signal lands.
+    stack = Stack(str(target), "", url, extra_env={"SPECSERVE_THREADS": "1", "SPECSERVE_STEP_DELAY_MS": "20"}
+                  ).start(timeout_s=120)
+    try:
+        model = httpx.get(f"{stack.http_address}/v1/models", timeout=10).json()["data"][0]["id"]
+        body = {"model": model, "prompt": PROMPT, "max_tokens": 120, "temperature": 0, "stream": True}
+        tokens, finish, started = [], [], threading.Event()
+
+        def stream():
+            with httpx.stream("POST", f"{stack.http_address}/v1/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        for choice in chunk.get("choices", []):
+                            if choice.get("text"):
+                                tokens.append(choice["text"])
+                                started.set()
+                            if choice.get("finish_reason"):
+                                finish.append(choice["finish_reason"])
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(30)
+        gateway = stack.services["gateway"].proc
+        gateway.send_signal(signal.SIGTERM)
+        _until(lambda: _health(stack) == 503, 10)
+        refused = httpx.post(f"{stack.http_address}/v1/completions", json={**body, "stream": False}, timeout=10)
+        assert refused.status_code == 503
+        reader.join(60)
+        assert finish == ["length"] and len(tokens) >= 100  # every token (a chunk may carry several)
+        assert gateway.wait(30) == 0
+    finally:
+        stack.stop()
+        proc.terminate()

@@ -3,7 +3,6 @@ starts with the same tokens, the output is what a fresh computation gives, and t
 when its room is needed."""
 
 import numpy as np
-import pytest
 import torch
 
 from specserve.runtime import Row
@@ -74,17 +73,29 @@ def test_a_prompt_read_in_chunks_reuses_the_prefix_across_chunks(tiny_pair):
     assert runtime.length("b") == len(SYSTEM) + 2
 
 
-def test_llama_cpp_evicts_the_least_recently_used_prefix_when_sequences_run_out(tiny_models):
+def test_llama_cpp_keeps_released_prefixes_in_host_memory_not_in_kv_cells(tiny_models):
+    """A released session's KV leaves the KV buffer (kept cells would lengthen every step's
+    attention) for host memory, within its byte budget, least recently used out; a hit restores it
+    and computes the same logits as a fresh prefill."""
     from specserve.runtime.llama_runtime import LlamaCppRuntime
 
-    runtime = LlamaCppRuntime(tiny_models.gguf[0], 256, max_sessions=2, kv_tokens=512, threads=1)
+    probe = LlamaCppRuntime(tiny_models.gguf[0], 256, max_sessions=2, kv_tokens=512, threads=1)
+    probe.forward([Row("p", [3, *SYSTEM], [0])])
+    one_entry = probe._ll.llama_state_seq_get_size(probe.ctx, probe.seq_ids["p"])
+    runtime = LlamaCppRuntime(tiny_models.gguf[0], 256, max_sessions=2, kv_tokens=512, threads=1,
+                              cache_bytes=one_entry + one_entry // 2)
     for i, sid in enumerate(("a", "b")):
         runtime.forward([Row(sid, [i + 3, *SYSTEM], [0])])
         runtime.release(sid)
-    assert runtime.cached_tokens == 2 * (len(SYSTEM) + 1)
-    row = Row("c", [4, *SYSTEM, 5], [len(SYSTEM) + 1])  # "b"'s prefix; "a" (the oldest) gives way
-    runtime.forward([row])
-    assert row.reused == len(SYSTEM) + 1
-    assert runtime.cached_tokens == len(SYSTEM) + 1
-    with pytest.raises(Exception, match="sequences"):
-        runtime.forward([Row("d", [1], [0]), Row("e", [2], [0])])  # "b" gives way, then nothing is left
+    assert runtime.cached_tokens == len(SYSTEM) + 1  # "a" (the oldest) gave way to "b"
+    assert runtime.free_ids and len(runtime.seq_ids) == 0  # no sequence or cell held for either
+    prompt = [4, *SYSTEM, 5]
+    row = Row("c", prompt, [len(prompt) - 1])
+    (hit,) = runtime.forward([row])
+    (fresh,) = LlamaCppRuntime(tiny_models.gguf[0], 256, max_sessions=2, kv_tokens=512, threads=1,
+                               cache_bytes=0).forward([Row("c", prompt, [len(prompt) - 1])])
+    assert row.reused == len(SYSTEM) + 1 and runtime.length("c") == len(prompt)
+    torch.testing.assert_close(hit, fresh, atol=1e-3, rtol=1e-3)
+    missing = Row("d", [3, *SYSTEM, 6], [len(SYSTEM) + 1])
+    runtime.forward([missing])
+    assert missing.reused == 0  # "a" was evicted
