@@ -301,7 +301,8 @@ def test_smoke_run_of_the_serve_part_on_our_stack_alone(tiny_dir, redis_url, tmp
 
     monkeypatch.setattr(peers, "find_llama_server", lambda: None)  # the skip path, whether or not it is built
     cfg = _cli_config("runtime", ["--out", str(tmp_path / "out"), "--parts", "serve"], tiny_dir, redis_url,
-                      threads=1, concurrency=(1, 2), serve_rounds=2, serve_max_tokens=6, settle_s=1.1)
+                      threads=1, concurrency=(1, 2), serve_rounds=2, serve_max_tokens=6, settle_s=1.1,
+                      serve_policies=("off",), serve_conversations=2)
     text = cli.run("runtime", cfg)
     serve = json.loads((tmp_path / "out" / "runtime.json").read_text())["serve"]
     assert serve["peer_binary"] is None and "make peers" in serve["skipped"] and "Peer skipped" in text
@@ -309,6 +310,8 @@ def test_smoke_run_of_the_serve_part_on_our_stack_alone(tiny_dir, redis_url, tmp
         ("specserve-off", 1, 16), ("specserve-off", 2, 32)]
     assert all(row["errors"] == 0 and row["tokens_per_s"] > 0 for row in serve["rows"])
     assert serve["ratios"] == [] and serve["greedy_matches"] == {}
+    turns = serve["multi_turn"]["specserve-off"]
+    assert turns["conversations"] == 2 and turns["errors"] == 0 and turns["second_hit_rate"] > 0
     # At one client (where the part compares greedy texts) each prompt returns the same text every
     # round; batched steps may not, as the tiny random model's logits are near ties.
     texts = {}
