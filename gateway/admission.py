@@ -13,7 +13,7 @@ import heapq
 from dataclasses import dataclass
 
 from gateway.planner import SessionView
-from gateway.scheduler import Scheduler, _view
+from gateway.scheduler import Scheduler, view_of
 from gateway.sequence import Finish, Sequence
 from specserve.errors import ResourceExhausted
 
@@ -70,7 +70,7 @@ class Admission:
         running = list(sch.running.values())
         ahead = sorted((s for s in [*sch.prefilling, *sch.resync, *sch.waiting] if s is not seq and s.sort_key() <= key),
                        key=Sequence.sort_key)
-        views = [_view(s) for s in [*running, *ahead, seq]]
+        views = [view_of(s) for s in [*running, *ahead, seq]]
         places = self._places(views)
         batch = views[: min(places, len(running))]
         full = views[:places]

@@ -115,12 +115,12 @@ class _Step:
     prompt_tokens: int = 0  # prompt tokens prefilled in the same forward
 
     def __post_init__(self) -> None:
-        self.views = [_view(s) for s in self.seqs]
+        self.views = [view_of(s) for s in self.seqs]
         self.drafted = {s.id: Drafted() for s in self.seqs}
         self.dists = {s.id: [] for s in self.seqs}
 
 
-def _view(seq: Sequence) -> SessionView:
+def view_of(seq: Sequence) -> SessionView:
     return SessionView(seq.id, seq.position, seq.slo.tpot_ms, seq.behind_ms, seq.mode, seq.static_k)
 
 
@@ -274,14 +274,14 @@ class Scheduler(Background):
         TPOT SLO (and max_batch_size); the chunks share a token budget sized so the predicted step
         keeps every running session on its TPOT schedule. A request whose TTFT slack is spent goes
         in whatever the budget."""
-        views = [_view(s) for s in self.running.values()]
+        views = [view_of(s) for s in self.running.values()]
         budget = self._prompt_budget(views)
         members = len(self.running) + len(self.prefilling)
         self.waiting.sort(key=Sequence.sort_key)
         batch: list[tuple[Sequence, int]] = []
         for seq in [*self.prefilling, *self.resync, *self.waiting]:
             joining = seq not in self.prefilling
-            if joining and (members >= self.config.max_batch_size or not self._fits(views + [_view(seq)])):
+            if joining and (members >= self.config.max_batch_size or not self._fits(views + [view_of(seq)])):
                 break
             remaining = len(seq.tokens) - seq.prefilled
             take = min(remaining, budget)
@@ -293,7 +293,7 @@ class Scheduler(Background):
             budget -= take
             members += joining
             if joining:
-                views.append(_view(seq))
+                views.append(view_of(seq))
         return batch
 
     def _fits(self, views: list[SessionView]) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from services.drafter.proposers.draft_model import DraftModelProposer
-from services.drafter.proposers.suffix import SuffixProposer
+from services.drafter.proposers.suffix import SuffixProposer, expected_accepted
 from specserve.contracts import ProposeItem, ProposeOutput, SessionStatus
 from specserve.runtime import Runtime
 from specserve.sessions import SessionTable
@@ -16,14 +16,6 @@ from specserve.sessions import SessionTable
 # A suffix draft is taken over the model's once it expects this many accepted tokens (the sum of
 # its cumulative probabilities): by then it beats what one model draft round usually gives.
 SUFFIX_WINS_AT = 1.5
-
-
-def expected_accepted(confidences: list[float]) -> float:
-    total, c = 0.0, 1.0
-    for p in confidences:
-        c *= p
-        total += c
-    return total
 
 
 class HybridProposer:

@@ -83,6 +83,15 @@ def draft_from(index: SuffixIndex, starts: list[int], budget: int, floor: float,
     return tokens, confidences
 
 
+def expected_accepted(confidences: list[float]) -> float:
+    """Expected accepted tokens of a draft: the sum of its cumulative confidences."""
+    total, c = 0.0, 1.0
+    for p in confidences:
+        c *= p
+        total += c
+    return total
+
+
 @dataclass
 class _Session:
     index: SuffixIndex
@@ -141,10 +150,7 @@ class SuffixProposer:
             if budget <= 0:
                 continue
             tokens, confidences = draft_from(index, starts, budget, max(self.floor, item.stop_confidence))
-            score, c = 0.0, 1.0
-            for p in confidences:
-                c *= p
-                score += c
+            score = expected_accepted(confidences)
             if score > best_score:
                 best, best_score = (tokens, confidences), score
         return best
