@@ -7,10 +7,12 @@ import sys
 
 from gateway.app import GatewayConfig, serve
 from specserve import config as cfg
+from specserve import lifeline
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg.setup_logging()
+    lifeline.follow()  # end with the launcher that started this process, if any
     config = cfg.load(GatewayConfig, sys.argv[1:] if argv is None else argv, prog="gateway")
     asyncio.run(serve(config))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,8 @@ class GatewayConfig:
     call_timeout_s: float = doc(SchedulerConfig.call_timeout_s, "cap on every downstream call")
     startup_timeout_s: float = doc(600.0, "how long to wait for the verifier at start")
     grace_s: float = doc(10.0, "drain time on SIGTERM")
+    instance: str = doc("", "this gateway's name in telemetry and on the model services, where it owns its "
+                            "sessions (a restart frees those its earlier run left); empty uses hostname:port")
     api_keys: str = doc("", "comma-separated API keys; when set, Generate and Info require one")
     tls_cert: str = doc("", "PEM certificate chain; with tls_key, serve TLS only")
     tls_key: str = doc("", "PEM private key for tls_cert")
@@ -154,7 +157,9 @@ class Gateway:
     async def warm_up(self) -> None:
         c, metrics = self.config, self.metrics
         vinfo, dinfo = await self.check_pair()
-        telemetry = TelemetryEmitter(self.redis, "gateway", f"{c.host}:{self.port}") if self.redis else None
+        owner = c.instance or f"{socket.gethostname()}:{self.port}"
+        await self.release_earlier_sessions(owner)
+        telemetry = TelemetryEmitter(self.redis, "gateway", owner) if self.redis else None
 
         def on_step(record) -> None:
             metrics.observe_step(record)
@@ -175,7 +180,7 @@ class Gateway:
         scheduler.on_finish = on_finish
         limits = Limits(vinfo.max_context, c.max_new_tokens, c.default_max_new_tokens, c.max_prompt_tokens,
                         default_ttft_ms=c.default_ttft_ms, default_tpot_ms=c.default_tpot_ms,
-                        max_streams_per_client=c.max_streams_per_client)
+                        max_streams_per_client=c.max_streams_per_client, session_prefix=owner + "/")
         if telemetry is not None:
             telemetry.start()
             self.background.append(telemetry)
@@ -190,6 +195,20 @@ class Gateway:
         scheduler.start()
         self.tasks.spawn(self._watch_verifier(), "watch-verifier")
         self.scheduler = scheduler
+
+    async def release_earlier_sessions(self, owner: str) -> None:
+        """Free the sessions an earlier run of this gateway left on the model services (it crashed:
+        they would hold KV and sequences until their TTL)."""
+        for name, backend in (("verifier", self.verifier), ("drafter", self.drafter)):
+            if backend is None:
+                continue
+            try:
+                released = await backend.release([], timeout=self.config.call_timeout_s, owner=owner)
+            except SpecServeError as exc:
+                log.warning("could not free earlier sessions on the %s: %s", name, exc)
+                continue
+            if released:
+                log.warning("freed %d sessions an earlier run of this gateway left on the %s", released, name)
 
     async def follow_live(self, scheduler: Scheduler, limits: Limits, admission: Admission) -> None:
         """The published strategy and the ops keys, applied as they change."""

@@ -27,6 +27,7 @@ class Limits:
     default_ttft_ms: float = 0.0
     default_tpot_ms: float = 0.0
     max_streams_per_client: int = 64
+    session_prefix: str = ""  # "<owner>/": the model services know this gateway's sessions by it
 
 
 @dataclass
@@ -105,5 +106,5 @@ def validate(request: GenerateInput, tokenizer, vocab: int, limits: Limits) -> S
     slo = Slo(request.slo.ttft_ms or limits.default_ttft_ms, request.slo.tpot_ms or limits.default_tpot_ms,
               request.slo.deadline_ms, request.slo.best_effort)
     # The session id is the gateway's own: two requests may send the same request_id.
-    return Sequence(uuid.uuid4().hex, prompt, params, slo, request.priority, request.mode,
+    return Sequence(limits.session_prefix + uuid.uuid4().hex, prompt, params, slo, request.priority, request.mode,
                     request.static_k if request.mode == "static" else 0, request_id=request.request_id)

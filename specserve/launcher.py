@@ -1,15 +1,18 @@
 """Start the whole system as local processes: Redis (if needed), verifier, drafter, policy, gateway.
 
 Used by `specserve up` and by the integration tests, so both run exactly what compose runs: the
-same entry points with the same SPECSERVE_* environment. Every child dies with the process that
-started it (a parent-death signal, which holds even when that process is SIGKILLed), and
-`Stack.supervise` restarts a service that dies, with backoff, until it keeps failing.
+same entry points with the same SPECSERVE_* environment. Every child ends with the process that
+started it (`specserve.lifeline`: it holds even when that process is SIGKILLed), each service
+binds a free port itself where none is configured (the launcher reads the port it bound from its
+log, so no other process can take it in between), and `Stack.supervise` restarts a service that
+dies or stops answering its health checks, with backoff.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,21 +25,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from specserve.server import check_health
+from specserve import lifeline
+from specserve.server import check_health, probe_health
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1  # prctl option: the signal a child gets when its parent dies
-RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0)  # waits before successive restarts of one service
-MAX_RESTARTS = 5  # restarts of one service within RESTART_WINDOW_S before the supervisor gives up
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 60.0)  # waits before successive restarts of one service
+MAX_RESTARTS = 5  # restarts of a required service within RESTART_WINDOW_S before the supervisor gives up
 RESTART_WINDOW_S = 300.0
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the parent goes, so no service outlives `up`."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+OPTIONAL = ("drafter", "policy")  # the system serves without these: they are restarted forever
+LIVENESS_TIMEOUT_S = 60.0  # a service whose health service answers nothing this long is killed and restarted
+LISTENING = re.compile(rb"listening on \S+:(\d+)")  # the line every service prints once it has bound a port
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -52,6 +51,8 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def free_port() -> int:
+    """A port free now; another process may take it before the caller's child binds it, so the
+    services bind port 0 themselves (see `Service.ports`) and this is for peers that cannot."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -95,13 +96,33 @@ class Service:
     address: str = ""  # gRPC address to health-check; empty for non-gRPC services
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    log_offset: int = 0  # where this start's output begins in the (appended) log
+    alive_at: float = 0.0  # when the process last answered a health check (or started)
 
     def start(self, log_dir: Path) -> None:
         self.log_path = log_dir / f"{self.name}.log"
-        out = self.log_path.open("ab")
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(self.args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+        self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        fd = lifeline.child_fd()
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1", lifeline.ENV: str(fd)}
+        with self.log_path.open("ab") as out:  # the child has its own handle
+            self.proc = subprocess.Popen(self.args, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True, pass_fds=(fd,))
+        self.alive_at = time.monotonic()
+
+    def ports(self, count: int, timeout_s: float) -> list[int]:
+        """The ports this start of the service bound, from the `listening on` lines of its log."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.log_path.open("rb") as f:
+                f.seek(self.log_offset)
+                found = [int(m) for m in LISTENING.findall(f.read())]
+            if len(found) >= count:
+                return found[:count]
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited during start-up: {failed_line(self.log_path.read_text(errors='replace'))}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} bound no port in {timeout_s:.0f}s")
+            time.sleep(0.05)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -133,6 +154,7 @@ class Stack:
     policy: bool = True
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="specserve-")))
     services: dict[str, Service] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def gateway_address(self) -> str:
@@ -142,85 +164,107 @@ class Stack:
     def http_address(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def service_specs(self) -> list[Service]:
-        py = sys.executable
-        vport, dport = free_port(), free_port()
-        self.gateway_port = self.gateway_port or free_port()
-        self.http_port = self.http_port or free_port()
-        common = {"SPECSERVE_REDIS_URL": self.redis_url, **self.extra_env}
-        specs = [
-            Service("verifier", [py, "-m", "services.verifier"],
-                    {**common, "SPECSERVE_MODEL": self.target_model, "SPECSERVE_PORT": str(vport)}, f"127.0.0.1:{vport}"),
-        ]
-        if self.draft_model:  # no draft model: a stack that never speculates
-            specs.append(Service("drafter", [py, "-m", "services.drafter"],
-                                 {**common, "SPECSERVE_MODEL": self.draft_model, "SPECSERVE_PORT": str(dport)},
-                                 f"127.0.0.1:{dport}"))
-        if self.policy and self.redis_url:
-            specs.append(Service("policy", [py, "-m", "services.policy"], {**common}))
-        specs.append(Service(
-            "gateway", [py, "-m", "gateway"],
-            {**common, "SPECSERVE_TOKENIZER": self.target_model, "SPECSERVE_VERIFIER": f"127.0.0.1:{vport}",
-             "SPECSERVE_DRAFTER": f"127.0.0.1:{dport}" if self.draft_model else "", "SPECSERVE_HOST": "127.0.0.1",
-             "SPECSERVE_PORT": str(self.gateway_port), "SPECSERVE_METRICS_PORT": str(self.metrics_port),
-             "SPECSERVE_HTTP_PORT": str(self.http_port)},
-            self.gateway_address))
-        return specs
-
     def start(self, timeout_s: float = 600.0, progress: Callable[[str], None] | None = None) -> "Stack":
-        """Start every service and wait until each reports SERVING; a busy port fails at once."""
+        """Start every service and wait until each reports SERVING; a busy port fails at once. The
+        model services bind free ports first, then the gateway starts with their addresses."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        specs = self.service_specs()
         for port in (self.gateway_port, self.http_port, self.metrics_port):
             if port and not port_is_free(port):
                 raise RuntimeError(f"port {port} is already in use (is another SpecServe running?)")
-        for spec in specs:
-            spec.start(self.log_dir)
-            self.services[spec.name] = spec
-            if progress:
-                progress(f"{spec.name}: started" + (f", will serve on {spec.address}" if spec.address else ""))
+        py = sys.executable
+        common = {"SPECSERVE_REDIS_URL": self.redis_url, **self.extra_env}
+        roles = [("verifier", self.target_model), ("drafter", self.draft_model)]  # no draft model: never speculates
         try:
+            models = [self._launch(Service(name, [py, "-m", f"services.{name}"],
+                                           {**common, "SPECSERVE_MODEL": model, "SPECSERVE_PORT": "0"}), progress)
+                      for name, model in roles if model]
+            for spec in models:
+                port = spec.ports(1, timeout_s)[0]
+                spec.env["SPECSERVE_PORT"] = str(port)  # a restart binds the port the gateway knows
+                spec.address = f"127.0.0.1:{port}"
+            if self.policy and self.redis_url:
+                self._launch(Service("policy", [py, "-m", "services.policy"], {**common}), progress)
+            addresses = {spec.name: spec.address for spec in models}
+            gateway = self._launch(Service("gateway", [py, "-m", "gateway"], {
+                **common, "SPECSERVE_TOKENIZER": self.target_model, "SPECSERVE_VERIFIER": addresses["verifier"],
+                "SPECSERVE_DRAFTER": addresses.get("drafter", ""), "SPECSERVE_HOST": "127.0.0.1",
+                "SPECSERVE_PORT": str(self.gateway_port), "SPECSERVE_METRICS_PORT": str(self.metrics_port),
+                "SPECSERVE_HTTP_PORT": str(self.http_port)}), progress)
+            self.gateway_port, self.http_port = gateway.ports(2, timeout_s)
+            gateway.env.update(SPECSERVE_PORT=str(self.gateway_port), SPECSERVE_HTTP_PORT=str(self.http_port))
+            gateway.address = self.gateway_address
             for spec in self.services.values():
                 if spec.address:
+                    if progress:
+                        progress(f"{spec.name}: serving on {spec.address} once loaded")
                     wait_healthy(spec.address, timeout_s, spec.proc, progress and (
                         lambda s, name=spec.name: progress(f"{name}: loading ({s:.0f} s)")))
         except Exception as exc:
             failed = next((s for s in self.services.values() if s.proc and s.proc.poll() is not None), None)
             self.stop()
             if failed is not None:
-                last = failed_line(self.logs(failed.name))
-                raise RuntimeError(f"{failed.name} exited during start-up: {last}") from exc
+                raise RuntimeError(f"{failed.name} exited during start-up: {failed_line(self.logs(failed.name))}") from exc
             raise
         return self
 
-    def supervise(self, on_event: Callable[[str], None] = log.warning, poll_s: float = 0.5) -> None:
-        """Watch the services from a thread: a service that dies is restarted after a backoff; after
-        MAX_RESTARTS within RESTART_WINDOW_S the supervisor gives up and sets `failed`."""
+    def _launch(self, spec: Service, progress: Callable[[str], None] | None) -> Service:
+        spec.start(self.log_dir)
+        self.services[spec.name] = spec
+        if progress:
+            progress(f"{spec.name}: started")
+        return spec
+
+    def supervise(self, on_event: Callable[[str], None] = log.warning, poll_s: float = 0.5,
+                  liveness_timeout_s: float = LIVENESS_TIMEOUT_S, backoff_s: tuple[float, ...] = RESTART_BACKOFF_S) -> None:
+        """Watch the services from a thread. A service that exits is restarted after a backoff; one
+        whose health service has answered nothing (SERVING or not) for `liveness_timeout_s` (hung,
+        or stopped by a signal) is killed and restarted. After MAX_RESTARTS within RESTART_WINDOW_S
+        of a required service the supervisor gives up and sets `failed`; an optional one (drafter,
+        policy: the gateway serves without them) is restarted forever at the longest backoff."""
         self.failed = ""
         self.restarts: dict[str, list[float]] = {name: [] for name in self.services}
         self._stopping = threading.Event()
 
+        def check(name: str, spec: Service) -> bool:
+            """Whether the service needs a restart; kills it when it stopped answering."""
+            if spec.proc.poll() is not None:
+                return True
+            now = time.monotonic()
+            if not spec.address or now - spec.alive_at < min(5.0, liveness_timeout_s / 3):
+                return False
+            if probe_health(spec.address, timeout_s=2) is not None:
+                spec.alive_at = now
+            elif now - spec.alive_at > liveness_timeout_s:
+                on_event(f"{name} answered no health check for {now - spec.alive_at:.0f} s; killing it")
+                spec.kill()
+                return True
+            return False
+
         def watch() -> None:
             while not self._stopping.wait(poll_s):
                 for name, spec in list(self.services.items()):
-                    if spec.proc is None or spec.proc.poll() is None or self._stopping.is_set():
+                    if spec.proc is None or self._stopping.is_set() or not check(name, spec):
                         continue
                     now = time.monotonic()
                     recent = [t for t in self.restarts[name] if now - t < RESTART_WINDOW_S]
-                    if len(recent) >= MAX_RESTARTS:
+                    if len(recent) >= MAX_RESTARTS and name not in OPTIONAL:
                         self.failed = (f"{name} died {len(recent) + 1} times in {RESTART_WINDOW_S:.0f} s "
                                        f"(last: {failed_line(self.logs(name))}); giving up")
                         on_event(self.failed)
                         return
-                    wait = RESTART_BACKOFF_S[min(len(recent), len(RESTART_BACKOFF_S) - 1)]
+                    wait = backoff_s[min(len(recent), len(backoff_s) - 1)]
                     on_event(f"{name} exited with code {spec.proc.returncode}; restarting in {wait:.0f} s "
                              f"(restart {len(recent) + 1})")
                     if self._stopping.wait(wait):
                         return
-                    self.restarts[name] = [*recent, time.monotonic()]
-                    spec.start(self.log_dir)
+                    with self._lock:
+                        if self._stopping.is_set():
+                            return
+                        self.restarts[name] = [*recent, time.monotonic()]
+                        spec.start(self.log_dir)
 
-        threading.Thread(target=watch, name="supervisor", daemon=True).start()
+        self.supervisor = threading.Thread(target=watch, name="supervisor", daemon=True)
+        self.supervisor.start()
 
     def restart(self, name: str, timeout_s: float = 300.0) -> None:
         spec = self.services[name]
@@ -230,8 +274,9 @@ class Stack:
             wait_healthy(spec.address, timeout_s, spec.proc)
 
     def stop(self) -> None:
-        if getattr(self, "_stopping", None) is not None:
-            self._stopping.set()
+        with self._lock:  # a restart under way finishes first; none starts after this
+            if getattr(self, "_stopping", None) is not None:
+                self._stopping.set()
         for spec in reversed(list(self.services.values())):
             spec.stop()
 
@@ -262,19 +307,24 @@ def failed_line(log_text: str) -> str:
 
 
 def start_redis(port: int | None = None) -> tuple[str, subprocess.Popen | None]:
-    """An embedded Redis for a machine without one: `redis-server` from the PATH."""
+    """An embedded Redis for a machine without one: `redis-server` from the PATH, following this
+    process's lifeline. Without a port, a free one (another free one if that is taken meanwhile)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("no Redis reachable and no redis-server on the PATH; set REDIS_URL")
-    port = port or free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            preexec_fn=_die_with_parent)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while not redis_reachable(url):
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise RuntimeError("redis-server did not start")
-        time.sleep(0.1)
-    return url, proc
+    for _ in range(1 if port else 3):
+        chosen = port or free_port()
+        fd = lifeline.child_fd()
+        proc = subprocess.Popen([sys.executable, "-m", "specserve.lifeline", "--", binary, "--port", str(chosen),
+                                 "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                                env={**os.environ, lifeline.ENV: str(fd)}, pass_fds=(fd,),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        url = f"redis://127.0.0.1:{chosen}/0"
+        deadline = time.monotonic() + 10
+        while not redis_reachable(url) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if proc.poll() is None and redis_reachable(url):
+            return url, proc
+        proc.kill()
+        proc.wait()
+    raise RuntimeError("redis-server did not start")

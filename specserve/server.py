@@ -132,14 +132,19 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
                                                    handler.response_serializer if handler else None)
 
 
-def check_health(address: str, timeout_s: float = 3.0) -> bool:
-    """Whether the server at `address` reports SERVING on the standard health service."""
+def probe_health(address: str, timeout_s: float = 3.0) -> int | None:
+    """The status the standard health service at `address` reports, or None when nothing answers
+    (no server, or one that is hung or stopped)."""
     with grpc.insecure_channel(address) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s).status
         except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
+            return None
+
+
+def check_health(address: str, timeout_s: float = 3.0) -> bool:
+    """Whether the server at `address` reports SERVING on the standard health service."""
+    return probe_health(address, timeout_s) == health_pb2.HealthCheckResponse.SERVING
 
 
 class Server:

@@ -36,6 +36,10 @@ class SessionTable(Generic[S]):
     def put(self, session_id: str, session: S) -> None:
         self._items[session_id] = (session, time.monotonic())
 
+    def owned_by(self, owner: str) -> list[str]:
+        """The ids of the sessions named "<owner>/...", the way a gateway names its sessions."""
+        return [sid for sid in self._items if sid.startswith(owner + "/")] if owner else []
+
     def release(self, session_ids: list[str]) -> int:
         released = [sid for sid in session_ids if self._items.pop(sid, None) is not None]
         if self.on_release is not None:

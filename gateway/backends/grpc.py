@@ -36,8 +36,9 @@ class _GrpcClient:
     async def info(self, timeout=None) -> WorkerInfo:
         return codec.info_from_pb(await self._call("Info", common_pb2.InfoRequest(), timeout))
 
-    async def release(self, session_ids, timeout=None) -> int:
-        return (await self._call("Release", common_pb2.ReleaseRequest(session_ids=session_ids), timeout)).released
+    async def release(self, session_ids, timeout=None, owner="") -> int:
+        request = common_pb2.ReleaseRequest(session_ids=session_ids, owner=owner)
+        return (await self._call("Release", request, timeout)).released
 
 
 class GrpcVerifier(_GrpcClient):

@@ -31,8 +31,8 @@ class _Local:
         except TimeoutError:
             raise DeadlineExceeded(f"{type(self).__name__} did not answer in {timeout:.2f}s") from None
 
-    async def release(self, session_ids, timeout=None) -> int:
-        return await self.compute.run(self.worker.release, session_ids)
+    async def release(self, session_ids, timeout=None, owner="") -> int:
+        return await self.compute.run(lambda: self.worker.release([*session_ids, *self.worker.sessions.owned_by(owner)]))
 
 
 class LocalVerifier(_Local):

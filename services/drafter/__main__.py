@@ -12,6 +12,7 @@ from services.modelservice.config import ModelServiceConfig
 from services.modelservice.loading import LoadedModel
 from services.modelservice.servicer import serve_model
 from specserve import config as cfg
+from specserve import lifeline
 from specserve.contracts import ProposeItem, SamplingParams
 from specserve.v1 import drafter_pb2, drafter_pb2_grpc
 
@@ -50,6 +51,7 @@ PROFILE_VERSION = "2"  # changes whenever what `profile` measures changes (cache
 
 def main(argv: list[str] | None = None) -> None:
     cfg.setup_logging()
+    lifeline.follow()  # end with the launcher that started this process, if any
     config = cfg.load(ModelServiceConfig, sys.argv[1:] if argv is None else argv, prog="drafter")
     servicer = DrafterServicer(config.model, ComputeThread(config.step_delay_ms), config.proposer)
     asyncio.run(serve_model(

@@ -64,7 +64,12 @@ class ModelServicer:
     async def Release(self, request, context):
         from specserve.v1 import common_pb2
 
-        released = await self.compute.run(self.ready().release, list(request.session_ids))
+        worker = self.ready()
+
+        def release() -> int:
+            return worker.release([*request.session_ids, *worker.sessions.owned_by(request.owner)])
+
+        released = await self.compute.run(release)
         return common_pb2.ReleaseResponse(released=released)
 
 

@@ -15,6 +15,7 @@ import redis
 from services.policy.consumer import Consumer
 from services.policy.state import PolicyState, parse_algorithm
 from specserve import config as cfg
+from specserve import lifeline
 from specserve.config import DEFAULT_REDIS_URL, doc
 from specserve.errors import InvalidArgument
 from specserve.strategy import STRATEGY_KEY, UPDATES_CHANNEL, Strategy
@@ -53,19 +54,20 @@ def publish(client: redis.Redis, strategy: Strategy) -> bool:
     return True
 
 
-def last_version(client: redis.Redis) -> int:
-    """The version of the strategy in Redis, so a restarted (or replacement) policy goes on from it."""
+def last_strategy(client: redis.Redis) -> Strategy | None:
+    """The valid strategy in Redis, if any: a restarted (or replacement) policy goes on from it,
+    its versions and its cost model, rather than from priors."""
     try:
         raw = client.get(STRATEGY_KEY)
-        return Strategy.from_json(raw).version if raw else 0
+        return Strategy.from_json(raw) if raw else None
     except (redis.RedisError, InvalidArgument):
-        return 0
+        return None
 
 
 def run(config: PolicyConfig, stop=lambda: False) -> None:
     client = redis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=2)
     state = PolicyState(config.algorithm, ttl_s=config.ttl_s)
-    state.version = last_version(client)
+    state.resume(last_strategy(client))
     name = config.consumer or f"{socket.gethostname()}-{os.getpid()}"
     consumer, last_publish, last_reclaim = None, 0.0, 0.0
     while not stop():
@@ -92,6 +94,7 @@ def run(config: PolicyConfig, stop=lambda: False) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg.setup_logging()
+    lifeline.follow()  # end with the launcher that started this process, if any
     config = cfg.load(PolicyConfig, sys.argv[1:] if argv is None else argv, prog="policy")
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))

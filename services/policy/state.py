@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
 from services.policy.estimators import AcceptanceEstimator, CalibrationEstimator, CostEstimator
 from specserve.errors import InvalidArgument
 from specserve.strategy import MAX_DRAFT_TOKENS_LIMIT, MODES, PRIOR_MEAN_CONFIDENCE, Strategy
+
+RESUME_STEPS = 200  # step records a restarted policy learns from before its own fit replaces the resumed one
 
 
 def parse_algorithm(name: str) -> tuple[str, int]:
@@ -35,6 +38,15 @@ class PolicyState:
     acceptance: AcceptanceEstimator = field(default_factory=AcceptanceEstimator)
     version: int = 0
     applied: int = 0
+    resumed: Strategy | None = None  # the last published strategy, until this state has learned its own
+
+    def resume(self, strategy: Strategy | None) -> None:
+        """Go on from a strategy an earlier policy published: its versions, and its cost model,
+        calibration and acceptance until RESUME_STEPS step records have been applied here (a
+        restart must not turn speculation back on where the earlier run learned it does not pay;
+        the model services' start-up profiles are not sent again)."""
+        if strategy is not None:
+            self.version, self.resumed = strategy.version, strategy
 
     def observe(self, record: dict) -> None:
         """Apply one record (raises KeyError/TypeError/ValueError when malformed). The gateway's
@@ -67,6 +79,10 @@ class PolicyState:
     def decide(self) -> Strategy:
         mode, k = parse_algorithm(self.algorithm)
         self.version += 1
+        if self.resumed is not None and self.applied < RESUME_STEPS:
+            return dataclasses.replace(self.resumed, mode=mode, static_k=k, version=self.version,
+                                       policy=f"{self.name}/{self.algorithm}", issued_at=time.time(),
+                                       ttl_s=self.ttl_s).validate()
         acc = self.acceptance
         per_token = acc.conditional if acc.conditional is not None else PRIOR_MEAN_CONFIDENCE
         return Strategy(

@@ -11,6 +11,7 @@ from services.modelservice.servicer import serve_model
 from services.verifier.servicer import VerifierServicer
 from services.verifier.worker import VerifierWorker
 from specserve import config as cfg
+from specserve import lifeline
 from specserve.contracts import PrefillItem, SamplingParams, VerifyItem
 from specserve.v1 import verifier_pb2, verifier_pb2_grpc
 
@@ -62,6 +63,7 @@ PROFILE_PROMPTS = (16, 64, 128, 256, 512)
 
 def main(argv: list[str] | None = None) -> None:
     cfg.setup_logging()
+    lifeline.follow()  # end with the launcher that started this process, if any
     config = cfg.load(ModelServiceConfig, sys.argv[1:] if argv is None else argv, prog="verifier")
     servicer = VerifierServicer(config.model, ComputeThread(config.step_delay_ms))
     asyncio.run(serve_model(

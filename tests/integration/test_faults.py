@@ -1,6 +1,7 @@
 """Faults under steady load, with real processes and a Redis of the test's own: nothing is lost or
 corrupted (greedy output still equals the reference), and nothing hangs."""
 
+import signal
 import threading
 import time
 
@@ -136,7 +137,6 @@ def test_sigterm_drains_http_streams_and_refuses_new_requests(tiny_dir):
     """A stream in flight when the gateway is told to stop finishes with every token; a request
     sent during the drain gets 503; then the gateway exits."""
     import json
-    import signal
 
     import httpx
 
@@ -177,3 +177,77 @@ def test_sigterm_drains_http_streams_and_refuses_new_requests(tiny_dir):
     finally:
         stack.stop()
         proc.terminate()
+
+
+def _verifier_sessions(stack) -> int:
+    from specserve.v1 import common_pb2, verifier_pb2_grpc
+
+    with grpc.insecure_channel(stack.services["verifier"].address) as channel:
+        return verifier_pb2_grpc.VerifierStub(channel).Info(common_pb2.InfoRequest(), timeout=10).sessions
+
+
+def _stream_until_first_token(address: str, n: int):
+    """A long greedy stream on a thread; returns once its first token has arrived."""
+    first = threading.Event()
+
+    def run():
+        try:
+            with grpc.insecure_channel(address) as channel:
+                for _ in gateway_pb2_grpc.GatewayStub(channel).Generate(
+                        gateway_pb2.GenerateRequest(prompt_token_ids={"ids": PROMPT}, sampling={"max_new_tokens": n}),
+                        timeout=120):
+                    first.set()
+        except grpc.RpcError:
+            pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert first.wait(60), "no first token"
+    return thread
+
+
+def test_a_restarted_gateway_frees_the_sessions_its_crashed_run_left(tiny_dir):
+    target, draft = tiny_dir
+    # A slowed verifier, so a long stream is still running when the gateway dies.
+    stack = Stack(str(target), str(draft), "", extra_env={"SPECSERVE_THREADS": "1", "SPECSERVE_STEP_DELAY_MS": "20"}
+                  ).start(timeout_s=120)
+    try:
+        _stream_until_first_token(stack.gateway_address, 200)
+        stack.services["gateway"].kill()  # SIGKILL: nothing released on the way out
+        assert _verifier_sessions(stack) >= 1
+        stack.restart("gateway", timeout_s=120)  # same instance name (hostname and port)
+        assert _verifier_sessions(stack) == 0
+    finally:
+        stack.stop()
+
+
+def test_a_stopped_verifier_fails_requests_within_a_bound_and_is_restarted(tiny_dir):
+    from specserve.server import probe_health
+
+    target, _ = tiny_dir
+    stack = Stack(str(target), "", "", extra_env={"SPECSERVE_THREADS": "1", "SPECSERVE_CALL_TIMEOUT_S": "3"}
+                  ).start(timeout_s=120)
+    events: list[str] = []
+    try:
+        reference = _generate(stack.gateway_address)
+        stopped = stack.services["verifier"].proc
+        stopped.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            _generate(stack.gateway_address, timeout=120)
+        assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), err.value
+        assert time.monotonic() - started < 60  # three timed-out steps, not the client's deadline
+        assert probe_health(stack.gateway_address, timeout_s=5) is not None  # the gateway still answers
+        stack.supervise(on_event=events.append, liveness_timeout_s=5)
+        _until(lambda: stack.services["verifier"].proc is not stopped, 60)
+        assert stopped.wait(10) == -signal.SIGKILL and any("answered no health check" in e for e in events), events
+        _until(lambda: _generate_or_none(stack.gateway_address) == reference, 120)
+    finally:
+        stack.stop()
+
+
+def _generate_or_none(address: str):
+    try:
+        return _generate(address)
+    except grpc.RpcError:
+        return None

@@ -248,11 +248,25 @@ def test_ops_cli_sets_validates_and_unsets(redis_url, redis_client):
     assert redis_client.get("specserve:ops:static_k") is None
 
 
-def test_a_restarted_policy_continues_the_strategy_versions(redis_client):
-    from services.policy.__main__ import last_version
+def test_a_restarted_policy_goes_on_from_the_published_strategy(redis_client):
+    """Versions continue, and the cost model the earlier run learned (drafting is dear here) stays
+    until this run has learned its own; an unreadable document is not resumed."""
+    from services.policy.__main__ import last_strategy
+    from services.policy.state import RESUME_STEPS
+    from specserve.telemetry import decode
 
-    assert last_version(redis_client) == 0
-    publish(redis_client, Strategy(mode="off", version=41, issued_at=1.0))
-    assert last_version(redis_client) == 41
+    assert last_strategy(redis_client) is None
+    dear = CostModel(draft_fixed=5000.0, verify_table=((1, 10.0), (2, 20.0), (4, 40.0)))
+    publish(redis_client, Strategy(mode="adaptive", cost=dear, mean_confidence=0.2, version=41, issued_at=1.0))
+    state = PolicyState("adaptive")
+    state.resume(last_strategy(redis_client))
+    first = state.decide()
+    assert first.version == 42 and first.cost == dear and first.mean_confidence == 0.2 and first.issued_at > 1.0
+    for i in range(RESUME_STEPS):
+        state.observe(decode(_record(i)))
+    assert state.decide().cost != dear
     redis_client.set(STRATEGY_KEY, "not json")
-    assert last_version(redis_client) == 0
+    assert last_strategy(redis_client) is None
+    fresh = PolicyState("adaptive")
+    fresh.resume(last_strategy(redis_client))
+    assert fresh.decide().version == 1
