@@ -101,9 +101,25 @@ def test_killing_the_drafter_loses_nothing(stack, reference):
     reqs = [r for r in _requests(8, seed=5) if r.sampling.temperature == 0]
     for r in reqs:
         r.sampling.max_new_tokens = 60
-    killer = threading.Timer(0.5, stack.services["drafter"].kill)
-    killer.start()
-    results = _run_concurrently(_generate, [(stack.gateway_address, r) for r in reqs])
+    drafter = stack.services["drafter"].proc
+    after_kill: list[int] = []
+
+    def generate_and_kill(address, request):
+        """The first request kills the drafter at its first token, so every request is in flight."""
+        with grpc.insecure_channel(address) as channel:
+            tokens, last = [], None
+            for m in gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=120):
+                if not tokens:
+                    drafter.kill()
+                elif drafter.poll() is not None:
+                    after_kill.extend(m.token_ids)
+                tokens += m.token_ids
+                last = m
+            return tokens, last
+
+    results = _run_concurrently(lambda address, request, i: (generate_and_kill if i == 0 else _generate)(address, request),
+                                [(stack.gateway_address, r, i) for i, r in enumerate(reqs)])
+    assert drafter.wait(10) == -9 and after_kill  # killed with the first request still streaming
     for req, (tokens, _) in zip(reqs, results):
         assert_lossless(tokens, reference(list(req.prompt_token_ids.ids), 60))
     stack.restart("drafter", timeout_s=120)
