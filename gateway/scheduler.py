@@ -121,7 +121,9 @@ class _Step:
 
 
 def view_of(seq: Sequence) -> SessionView:
-    return SessionView(seq.id, seq.position, seq.slo.tpot_ms, seq.behind_ms, seq.mode, seq.static_k)
+    return SessionView(seq.id, seq.position, seq.slo.tpot_ms, seq.behind_ms, seq.mode, seq.static_k,
+                       unread=seq.position - seq.drafter_position,
+                       remaining=max(seq.params.max_new_tokens - len(seq.generated), 1))
 
 
 class Scheduler(Background):

@@ -118,11 +118,23 @@ class Planner:
             k -= 1
         return k
 
+    def catchup_ms(self, sessions: list[SessionView], amortized: bool = False) -> float:
+        """The drafter's reading of the tokens it has not seen, before it can draft for these
+        sessions (a free drafter indexes them for nothing); `amortized`: spread over the steps each
+        session has left, the share one step of drafting must pay back."""
+        if self.strategy.cost.draft_free:
+            return 0.0
+        cost = self.strategy.cost
+        return sum(cost.t_positions(v.unread) / (v.remaining if amortized else 1) for v in sessions
+                   if v.unread > self.strategy.max_draft_tokens + 1) \
+            * self.time_scale
+
     def gate(self, sessions: list[SessionView], confidence: float) -> bool:
-        """Speculate only if one draft per session at this confidence beats plain decoding."""
+        """Speculate only if one draft per session at this confidence beats plain decoding, the
+        drafter's catch-up on unread tokens paid back over the sessions' remaining steps."""
         n = len(sessions)
         plain = n / self.step_ms(sessions, [0] * n)
-        one = (n + n * confidence) / self.step_ms(sessions, [1] * n)
+        one = (n + n * confidence) / (self.step_ms(sessions, [1] * n) + self.catchup_ms(sessions, amortized=True))
         return one > plain * self.strategy.gate_margin
 
     # --- the step's phases ---------------------------------------------------------------------

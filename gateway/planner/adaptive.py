@@ -31,9 +31,11 @@ class Adaptive(Controller):
             return {v.key: DraftPlan() for v in sessions}
         if not p.gate(sessions, c_bar):
             # Closed by the estimates: probe one model draft per session now and then, within the
-            # budget; a hybrid drafter's free drafts are asked for otherwise (prune weighs them).
-            extra_ms = p.step_ms(sessions, [1] * n) - p.step_ms(sessions, [0] * n)
-            p.exploring = p.may_explore(extra_ms)
+            # budget (the drafter's catch-up included), never in a step that carries a prompt (a
+            # queued request's first token would wait); a hybrid drafter's free drafts are asked
+            # for otherwise (prune weighs them).
+            extra_ms = p.step_ms(sessions, [1] * n) - p.step_ms(sessions, [0] * n) + p.catchup_ms(sessions)
+            p.exploring = p.prompt_tokens == 0 and p.may_explore(extra_ms)
             if p.exploring:
                 return {v.key: DraftPlan(1) for v in sessions}
             return {v.key: DraftPlan(k_cap if p.hybrid else 0, free_only=True) for v in sessions}

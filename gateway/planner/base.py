@@ -22,6 +22,8 @@ class SessionView:
     behind_ms: float = 0.0  # how far the session is behind its TPOT schedule (> 0 is late)
     mode: str = ""  # a per-request override of the strategy's mode ("off", "static")
     static_k: int = 0
+    unread: int = 0  # committed tokens the drafter has not read: it reads them before its next draft
+    remaining: int = 1  # tokens the session may still generate (steps left to pay back a catch-up)
 
 
 @dataclass

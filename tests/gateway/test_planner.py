@@ -167,3 +167,30 @@ def test_exploration_probes_a_closed_gate_within_two_percent_of_decode_time():
         extra += probe_ms
     assert probes > 0
     assert extra <= EXPLORE_SHARE * total * 1.05
+
+
+def test_a_drafter_catch_up_is_paid_back_over_the_steps_a_session_has_left():
+    """One draft pays here for a drafter that follows the session; one that must first read 400
+    unread tokens pays only where enough steps are left to earn that reading back."""
+    model = CostModel(draft_fixed=2.0, draft_per_seq=0.0, verify_per_ctx=0.0,
+                      verify_table=((1, 40.0), (2, 42.0), (4, 46.0), (512, 400.0)))
+    planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.6))
+    assert planner.gate([SessionView("a", 400, unread=1, remaining=10)], 0.6)
+    assert not planner.gate([SessionView("a", 400, unread=400, remaining=10)], 0.6)
+    assert planner.gate([SessionView("a", 400, unread=400, remaining=2000)], 0.6)
+    free = Planner(Strategy(mode="adaptive", cost=model), draft_free=True)  # a lookup reads for nothing
+    assert free.catchup_ms([SessionView("a", 400, unread=400, remaining=10)]) == 0.0
+
+
+def test_no_probe_in_a_step_that_carries_a_prompt_and_probes_pay_for_their_catch_up():
+    model = CostModel(draft_fixed=37.5, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=STEEP)
+    planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.3))
+    planner.decode_ms = 100_000.0  # a budget of 2 s of probes
+    planner.prompt_tokens = 64
+    planner.plan([SessionView("a", 50)])
+    assert not planner.exploring
+    planner.prompt_tokens = 0
+    planner.plan([SessionView("a", 5000, unread=5000)])  # reading 5,000 tokens does not fit the budget
+    assert not planner.exploring
+    planner.plan([SessionView("a", 50, unread=1)])
+    assert planner.exploring
