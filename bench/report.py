@@ -100,6 +100,19 @@ class Pooled:
             return None
         return sum(values) / len(values) if key == "mean_accepted_length" else sum(values)
 
+    def conditional_acceptance(self, system: str, load: int | None = None) -> list[float | None]:
+        """Per draft position, accepted there / reached there, over the repetitions (and loads)."""
+        runs = [r for r in self.runs if r["system"] == system and (load is None or r["load"] == load)]
+        accepted = position_sums(r.get("position_accepted") or () for r in runs)
+        reached = position_sums(r.get("position_reached") or () for r in runs)
+        return [a / n if n else None for a, n in zip(accepted, reached)]
+
+    def explored_share(self, system: str, load: int) -> float | None:
+        """The share of step time spent in exploration probes."""
+        runs = [r for r in self.runs if r["system"] == system and r["load"] == load and r.get("step_ms")]
+        total = sum(r["step_ms"] for r in runs)
+        return sum(r.get("explored_ms", 0.0) for r in runs) / total if total else None
+
     def best(self, load: int, policies: list[str]) -> str:
         return max((p for p in policies if p in self.at(load)), key=lambda p: self.goodput(p, load))
 
@@ -186,6 +199,7 @@ def markdown(report: dict) -> str:
                 f"{_fmt(pooled.spec(s, load, 'mean_accepted_length'), 2)} | {_fmt(pooled.spec(s, load, 'drafted_slots'))} | "
                 f"{_fmt(pooled.spec(s, load, 'pruned_slots'))} | {_fmt(pooled.spec(s, load, 'refused'))} |")
         lines.append("")
+    lines += _acceptance(pooled)
     lines += _extras(report)
     checks += ramp_checks(report.get("ramp"))
     for key, r in (report.get("unused_drafter") or {}).items():
@@ -199,6 +213,26 @@ def markdown(report: dict) -> str:
     if report.get("ramp"):
         lines += ["", "![load ramp: k, batch size and TPOT per step](ramp.png)"]
     return "\n".join(lines) + "\n"
+
+
+def _acceptance(pooled: "Pooled") -> list[str]:
+    """Conditional acceptance per draft position (every load pooled) and the exploring share."""
+    systems = [s for s in pooled.systems if any(v is not None for v in pooled.conditional_acceptance(s))]
+    if not systems:
+        return []
+    depth = max(len(pooled.conditional_acceptance(s)) for s in systems)
+    lines = ["## Acceptance per draft position", "",
+             "Accepted at a position / reached there (every earlier draft accepted), every load pooled; "
+             "exploring: the share of step time in probe steps, per load.", "",
+             "| system | " + " | ".join(f"pos {j + 1}" for j in range(depth)) + " | exploring by load |",
+             "| --- " * (depth + 2) + "|"]
+    for s in systems:
+        rates = pooled.conditional_acceptance(s)
+        explored = ", ".join(f"{load}: {_fmt(100 * share, 2)}%" for load in pooled.loads
+                             if (share := pooled.explored_share(s, load)) is not None)
+        lines.append(f"| {s} | " + " | ".join(_fmt(rates[j], 2) if j < len(rates) else "-" for j in range(depth))
+                     + f" | {explored or '-'} |")
+    return lines + ["", "![acceptance per draft position](acceptance.png)", ""]
 
 
 def _extras(report: dict) -> list[str]:
@@ -264,6 +298,20 @@ def plots(report: dict, out: Path) -> list[Path]:
     axes[0][-1].legend(fontsize=6)
     fig.tight_layout()
     paths.append(_save(fig, out / "tpot_cdf.png"))
+
+    rates = {s: pooled.conditional_acceptance(s) for s in pooled.systems}
+    rates = {s: r for s, r in rates.items() if any(v is not None for v in r)}
+    if rates:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for s, r in rates.items():
+            points = [(j + 1, v) for j, v in enumerate(r) if v is not None]
+            ax.plot([j for j, _ in points], [v for _, v in points], marker="o", label=s)
+        ax.set_xlabel("draft position")
+        ax.set_ylabel("accepted / reached")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(_save(fig, out / "acceptance.png"))
 
     ramp = report.get("ramp")
     if ramp:

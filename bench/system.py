@@ -191,6 +191,11 @@ def summarise(system: str, load: int, rep: int, results: list[Result], duration:
                    drafted_slots=drafted, pruned_slots=sum(int(r.get("pruned", 0)) for r in rows),
                    acceptance_rate=accepted / drafted if drafted else None,
                    acceptance_by_position=[a / d if d else None for a, d in zip(pos_a, pos_d)],
+                   # Counts per draft position, summed over repetitions in the report: accepted /
+                   # reached there is the conditional acceptance rate at that position.
+                   position_accepted=pos_a, position_reached=position_sums(r.get("position_reached", ()) for r in rows),
+                   explored_ms=sum(float(r["step_ms"]) for r in rows if r.get("explored") is True),
+                   step_ms=sum(float(r["step_ms"]) for r in rows),
                    k_over_time=[(round(t - recs[0][0], 2), s["k"]) for (t, _), s in zip(recs, step_series(recs))])
     else:
         drafted, accepted = sum(r.drafted for r in ok), sum(r.accepted for r in ok)

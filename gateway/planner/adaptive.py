@@ -19,8 +19,7 @@ class Adaptive(Controller):
         session behind its TPOT schedule gets a lower bar (it needs tokens more than the batch
         needs throughput); the tightest TPOT SLO caps every budget.
         """
-        cal, cost = p.strategy.calibration, p.strategy.cost
-        n = len(sessions)
+        cost, n = p.strategy.cost, len(sessions)
         c_bar = p.strategy.mean_confidence  # observed per-token survival (accepted / drafted), from the policy
         k_cap = p.slo_cap_k(sessions)
         if k_cap and cost.draft_free:
@@ -29,6 +28,19 @@ class Adaptive(Controller):
             return {v.key: DraftPlan(k_cap) for v in sessions}
         if k_cap == 0:
             return {v.key: DraftPlan() for v in sessions}
+        # A session whose drafter would first read more than a plain step's worth of unread tokens
+        # (a prompt it has not seen) drafts no model tokens: that reading would stall the step, and
+        # with it every first token waiting for the step.
+        plain_ms = p.step_ms(sessions, [0] * n)
+        stalling = {v.key for v in sessions if p.catchup_ms([v]) > plain_ms}
+        plans = {key: DraftPlan(k_cap if p.hybrid else 0, free_only=True) for key in stalling}
+        sessions = [v for v in sessions if v.key not in stalling]
+        if not sessions:
+            return plans
+        return plans | self._plan(p, sessions, k_cap, c_bar)
+
+    def _plan(self, p, sessions, k_cap, c_bar):
+        cal, cost, n = p.strategy.calibration, p.strategy.cost, len(sessions)
         if not p.gate(sessions, c_bar):
             # Closed by the estimates: probe one model draft per session now and then, within the
             # budget (the drafter's catch-up included), never in a step that carries a prompt (a

@@ -337,3 +337,20 @@ def test_multi_turn_stats_report_the_cached_share_and_the_ttft_ratio():
     stats = multi_turn_stats(pairs)
     assert stats["second_hit_rate"] == pytest.approx(0.75) and stats["first_prompt_tokens"] == 100
     assert stats["second_over_first_ttft"]["ratio"] == pytest.approx(0.25)
+
+
+def test_report_gives_conditional_acceptance_per_position_and_the_exploring_share(tmp_path):
+    from bench.report import Pooled, markdown, write_report
+
+    report = _report({"off": ([True] * 20, 50.0), "adaptive": ([True] * 20, 49.0)})
+    for rep, run in enumerate(r for r in report["runs"] if r["system"] == "adaptive"):
+        # 10 drafts reached position 1 and 8 were accepted; 8 reached position 2, 2 accepted there.
+        run.update(position_accepted=[8, 2], position_reached=[10, 8], explored_ms=1.0 + rep, step_ms=100.0)
+    pooled = Pooled(report)
+    assert pooled.conditional_acceptance("adaptive") == [pytest.approx(0.8), pytest.approx(0.25)]
+    assert pooled.conditional_acceptance("off") == []
+    assert pooled.explored_share("adaptive", 1) == pytest.approx(3.0 / 200.0)
+    text = markdown(report)
+    assert "| adaptive | 0.80 | 0.25 | 1: 1.50% |" in text and "| off |" not in text.split("## Acceptance")[1].split("##")[0]
+    write_report(report, tmp_path)
+    assert (tmp_path / "acceptance.png").stat().st_size > 0

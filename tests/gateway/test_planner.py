@@ -194,3 +194,14 @@ def test_no_probe_in_a_step_that_carries_a_prompt_and_probes_pay_for_their_catch
     assert not planner.exploring
     planner.plan([SessionView("a", 50, unread=1)])
     assert planner.exploring
+
+
+def test_a_session_whose_catch_up_would_stall_the_step_drafts_no_model_tokens():
+    """Drafting pays here, but not for a session the drafter has not read: reading its 400
+    tokens would cost more than a plain step and hold up every first token behind the step."""
+    model = CostModel(draft_fixed=2.0, draft_per_seq=0.0, verify_per_ctx=0.0,
+                      verify_table=((1, 40.0), (2, 42.0), (4, 46.0), (512, 400.0)))
+    planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.8))
+    plans = planner.plan([SessionView("read", 400, unread=2, remaining=2000),
+                          SessionView("unread", 400, unread=400, remaining=2000)])
+    assert plans["read"].max_draft_tokens > 0 and plans["unread"].max_draft_tokens == 0
