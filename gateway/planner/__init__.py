@@ -121,13 +121,15 @@ class Planner:
     def catchup_ms(self, sessions: list[SessionView], amortized: bool = False) -> float:
         """The drafter's reading of the tokens it has not seen, before it can draft for these
         sessions (a free drafter indexes them for nothing); `amortized`: spread over the steps each
-        session has left, the share one step of drafting must pay back."""
-        if self.strategy.cost.draft_free:
-            return 0.0
+        session has left, the share one step of drafting must pay back. The drafter reads like the
+        verifier prefills, at its own speed: the verifier's time for those tokens, scaled by the
+        drafter's measured time for one draft step over the verifier's for one position."""
         cost = self.strategy.cost
+        if cost.draft_free:
+            return 0.0
+        speed = min(cost.t_draft(1, 1) / max(cost.t_positions(1), 1e-9), 1.0)
         return sum(cost.t_positions(v.unread) / (v.remaining if amortized else 1) for v in sessions
-                   if v.unread > self.strategy.max_draft_tokens + 1) \
-            * self.time_scale
+                   if v.unread > self.strategy.max_draft_tokens + 1) * speed * self.time_scale
 
     def gate(self, sessions: list[SessionView], confidence: float) -> bool:
         """Speculate only if one draft per session at this confidence beats plain decoding, the

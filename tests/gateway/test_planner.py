@@ -172,7 +172,8 @@ def test_exploration_probes_a_closed_gate_within_two_percent_of_decode_time():
 def test_a_drafter_catch_up_is_paid_back_over_the_steps_a_session_has_left():
     """One draft pays here for a drafter that follows the session; one that must first read 400
     unread tokens pays only where enough steps are left to earn that reading back."""
-    model = CostModel(draft_fixed=2.0, draft_per_seq=0.0, verify_per_ctx=0.0,
+    # A draft step at half a verifier position: the drafter reads at half the verifier's speed.
+    model = CostModel(draft_fixed=20.0, draft_per_seq=0.0, verify_per_ctx=0.0,
                       verify_table=((1, 40.0), (2, 42.0), (4, 46.0), (512, 400.0)))
     planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.6))
     assert planner.gate([SessionView("a", 400, unread=1, remaining=10)], 0.6)
@@ -199,7 +200,8 @@ def test_no_probe_in_a_step_that_carries_a_prompt_and_probes_pay_for_their_catch
 def test_a_session_whose_catch_up_would_stall_the_step_drafts_no_model_tokens():
     """Drafting pays here, but not for a session the drafter has not read: reading its 400
     tokens would cost more than a plain step and hold up every first token behind the step."""
-    model = CostModel(draft_fixed=2.0, draft_per_seq=0.0, verify_per_ctx=0.0,
+    # A draft step at half a verifier position: the drafter reads at half the verifier's speed.
+    model = CostModel(draft_fixed=20.0, draft_per_seq=0.0, verify_per_ctx=0.0,
                       verify_table=((1, 40.0), (2, 42.0), (4, 46.0), (512, 400.0)))
     planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.8))
     plans = planner.plan([SessionView("read", 400, unread=2, remaining=2000),
