@@ -28,11 +28,14 @@ class Adaptive(Controller):
             return {v.key: DraftPlan(k_cap) for v in sessions}
         if k_cap == 0:
             return {v.key: DraftPlan() for v in sessions}
-        # A session whose drafter would first read more than a plain step's worth of unread tokens
-        # (a prompt it has not seen) drafts no model tokens: that reading would stall the step, and
-        # with it every first token waiting for the step.
-        plain_ms = p.step_ms(sessions, [0] * n)
-        stalling = {v.key for v in sessions if p.catchup_ms([v]) > plain_ms}
+        # The drafter's reading of unread tokens (prompts it has not seen) stays within a plain
+        # step's time per step: sessions cheapest to catch up first; the rest draft no model
+        # tokens this step, or the reading would stall the step and every first token behind it.
+        budget_ms, stalling = p.step_ms(sessions, [0] * n), set()
+        for v in sorted(sessions, key=lambda v: p.catchup_ms([v])):
+            budget_ms -= p.catchup_ms([v])
+            if budget_ms < 0:
+                stalling.add(v.key)
         plans = {key: DraftPlan(k_cap if p.hybrid else 0, free_only=True) for key in stalling}
         sessions = [v for v in sessions if v.key not in stalling]
         if not sessions:

@@ -207,3 +207,15 @@ def test_a_session_whose_catch_up_would_stall_the_step_drafts_no_model_tokens():
     plans = planner.plan([SessionView("read", 400, unread=2, remaining=2000),
                           SessionView("unread", 400, unread=400, remaining=2000)])
     assert plans["read"].max_draft_tokens > 0 and plans["unread"].max_draft_tokens == 0
+
+
+def test_the_drafter_reads_at_most_a_plain_step_s_worth_of_unread_tokens_per_step():
+    model = CostModel(draft_fixed=20.0, draft_per_seq=0.0, verify_per_ctx=0.0,
+                      verify_table=((1, 40.0), (2, 42.0), (4, 46.0), (512, 400.0)))
+    planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.8))
+    views = [SessionView(f"s{i}", 40, unread=20 + i, remaining=2000) for i in range(4)]
+    per_session, plain = planner.catchup_ms(views[:1]), planner.step_ms(views, [0] * 4)
+    assert per_session < plain < 4 * per_session  # each alone fits, all four do not
+    plans = planner.plan(views)
+    drafting = [v.key for v in views if plans[v.key].max_draft_tokens > 0]
+    assert 0 < len(drafting) < 4 and sum(planner.catchup_ms([v]) for v in views if v.key in drafting) <= plain
