@@ -29,9 +29,10 @@ class Adaptive(Controller):
         if k_cap == 0:
             return {v.key: DraftPlan() for v in sessions}
         # The drafter's reading of unread tokens (prompts it has not seen) stays within a plain
-        # step's time per step: sessions cheapest to catch up first; the rest draft no model
-        # tokens this step, or the reading would stall the step and every first token behind it.
-        budget_ms, stalling = p.step_ms(sessions, [0] * n), set()
+        # decode step's time per step (prompt chunks in the step do not widen it): sessions
+        # cheapest to catch up first; the rest draft no model tokens this step, or the reading
+        # would stall the step and every first token behind it.
+        budget_ms, stalling = p.step_ms(sessions, [0] * n, prompt_tokens=0), set()
         for v in sorted(sessions, key=lambda v: p.catchup_ms([v])):
             budget_ms -= p.catchup_ms([v])
             if budget_ms < 0:

@@ -219,3 +219,12 @@ def test_the_drafter_reads_at_most_a_plain_step_s_worth_of_unread_tokens_per_ste
     plans = planner.plan(views)
     drafting = [v.key for v in views if plans[v.key].max_draft_tokens > 0]
     assert 0 < len(drafting) < 4 and sum(planner.catchup_ms([v]) for v in views if v.key in drafting) <= plain
+
+
+def test_a_prompt_in_the_step_does_not_widen_the_drafter_s_reading_budget():
+    model = CostModel(draft_fixed=20.0, draft_per_seq=0.0, verify_per_ctx=0.0,
+                      verify_table=((1, 40.0), (2, 42.0), (4, 46.0), (512, 400.0)))
+    planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.8))
+    planner.prompt_tokens = 300  # the step also carries a 300-token prompt chunk
+    plans = planner.plan([SessionView("unread", 400, unread=300, remaining=2000)])
+    assert plans["unread"].max_draft_tokens == 0
