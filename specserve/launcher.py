@@ -102,11 +102,9 @@ class Service:
     def start(self, log_dir: Path) -> None:
         self.log_path = log_dir / f"{self.name}.log"
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        fd = lifeline.child_fd()
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1", lifeline.ENV: str(fd)}
         with self.log_path.open("ab") as out:  # the child has its own handle
-            self.proc = subprocess.Popen(self.args, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True, pass_fds=(fd,))
+            self.proc = lifeline.spawn(self.args, {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}, stdout=out,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
         self.alive_at = time.monotonic()
 
     def ports(self, count: int, timeout_s: float) -> list[int]:
@@ -314,11 +312,9 @@ def start_redis(port: int | None = None) -> tuple[str, subprocess.Popen | None]:
         raise RuntimeError("no Redis reachable and no redis-server on the PATH; set REDIS_URL")
     for _ in range(1 if port else 3):
         chosen = port or free_port()
-        fd = lifeline.child_fd()
-        proc = subprocess.Popen([sys.executable, "-m", "specserve.lifeline", "--", binary, "--port", str(chosen),
-                                 "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                                env={**os.environ, lifeline.ENV: str(fd)}, pass_fds=(fd,),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = lifeline.spawn([sys.executable, "-m", "specserve.lifeline", "--", binary, "--port", str(chosen),
+                               "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], dict(os.environ),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         url = f"redis://127.0.0.1:{chosen}/0"
         deadline = time.monotonic() + 10
         while not redis_reachable(url) and proc.poll() is None and time.monotonic() < deadline:

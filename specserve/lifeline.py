@@ -36,6 +36,12 @@ def child_fd() -> int:
     return _read_end
 
 
+def spawn(args: list[str], env: dict[str, str], **popen) -> subprocess.Popen:
+    """Start a child that follows this process: the read end passed, and named in its environment."""
+    fd = child_fd()
+    return subprocess.Popen(args, env={**env, ENV: str(fd)}, pass_fds=(fd,), **popen)
+
+
 def follow(on_gone=None, on_late=None) -> bool:
     """In a child: when the launcher goes, stop as on SIGTERM (or call `on_gone`), and after
     GRACE_S exit (calling `on_late` first) if still running. Whether there is a lifeline."""

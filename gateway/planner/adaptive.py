@@ -33,10 +33,11 @@ class Adaptive(Controller):
         # cheapest to catch up first; the rest draft no model tokens this step, or the reading
         # would stall the step and every first token behind it.
         budget_ms, stalling = p.step_ms(sessions, [0] * n, prompt_tokens=0), set()
-        for v in sorted(sessions, key=lambda v: p.catchup_ms([v])):
-            budget_ms -= p.catchup_ms([v])
+        reading = {v.key: p.catchup_ms([v]) for v in sessions}
+        for key in sorted(reading, key=reading.get):
+            budget_ms -= reading[key]
             if budget_ms < 0:
-                stalling.add(v.key)
+                stalling.add(key)
         plans = {key: DraftPlan(k_cap if p.hybrid else 0, free_only=True) for key in stalling}
         sessions = [v for v in sessions if v.key not in stalling]
         if not sessions:
