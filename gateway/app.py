@@ -55,6 +55,7 @@ class GatewayConfig:
     mode: str = doc("adaptive", "speculation mode used until a policy publishes a strategy")
     static_k: int = doc(4, "draft tokens per step in static mode")
     max_draft_tokens: int = doc(8, "longest draft per step")
+    max_free_draft_tokens: int = doc(24, "longest draft per step from a free drafter (suffix lookup, no model)")
     max_batch_size: int = doc(16, "most sessions decoded together")
     max_queued: int = doc(256, "most requests waiting for a batch slot")
     max_prefill_tokens: int = doc(2048, "prompt tokens prefilled per step")
@@ -115,7 +116,8 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.redis = redis.asyncio.Redis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2) \
             if config.redis_url else None
-        self.strategy = Strategy(mode=config.mode, static_k=config.static_k, max_draft_tokens=config.max_draft_tokens)
+        self.strategy = Strategy(mode=config.mode, static_k=config.static_k, max_draft_tokens=config.max_draft_tokens,
+                                 max_free_draft_tokens=config.max_free_draft_tokens)
         self.servicer = GatewayServicer()
         self.server = Server([NAME], options=[("grpc.max_receive_message_length", config.max_request_bytes)],
                              interceptors=[ApiKeyInterceptor(self.keys, f"/{NAME}/")] if self.keys else None)

@@ -122,7 +122,7 @@ class _Step:
 
 def view_of(seq: Sequence) -> SessionView:
     return SessionView(seq.id, seq.position, seq.slo.tpot_ms, seq.behind_ms, seq.mode, seq.static_k,
-                       unread=seq.position - seq.drafter_position,
+                       unread=seq.position - seq.drafter_position + seq.model_unread,
                        remaining=max(seq.params.max_new_tokens - len(seq.generated), 1))
 
 
@@ -221,13 +221,12 @@ class Scheduler(Background):
             elif seq.deadline is not None and now > seq.deadline:
                 self._finish(seq, Finish.DEADLINE)
 
-    def _draft_timeout(self, seqs: list[Sequence], items: list[ProposeItem]) -> float:
+    def _draft_timeout(self, seqs: list[Sequence], items: list[ProposeItem], catchup: int) -> float:
         """A small multiple of the predicted draft time (with a floor), within the batch's budget.
-        Tokens the drafter catches up on are priced as the target would read them (an upper bound:
-        the draft model is the smaller one)."""
+        The `catchup` tokens the drafter's model reads first are priced as the target would read
+        them (an upper bound: the draft model is the smaller one)."""
         k = max(i.max_draft_tokens for i in items)
         cost = self.planner.strategy.cost
-        catchup = sum(len(i.new_tokens) for i in items)
         predicted_s = (cost.t_draft(len(items), k) + cost.t_positions(catchup)) * self.planner.time_scale / 1000
         allowed = max(self.config.draft_timeout_floor_s, self.config.draft_timeout_factor * predicted_s)
         return min(self._timeout(seqs), allowed)
@@ -402,12 +401,15 @@ class Scheduler(Background):
         while self.drafter_available and any(p.max_draft_tokens > 0 for p in plans.values()):
             items = [ProposeItem(s.id, s.drafter_position, [] if round_ else s.tokens[s.drafter_position :],
                                  plan.max_draft_tokens, s.params, plan.stop_confidence, plan.min_token_confidence,
-                                 extend=round_ > 0, free_only=plan.free_only)
+                                 extend=round_ > 0, free_only=plan.free_only,
+                                 max_model_draft_tokens=plan.max_model_draft_tokens)
                      for s in step.seqs if (plan := plans.get(s.id)) is not None and plan.max_draft_tokens > 0]
             if not round_:
-                step.catchup = sum(len(i.new_tokens) for i in items if i.position == 0)
+                reading = [v for v in step.views if (plan := plans.get(v.key)) is not None
+                           and plan.max_draft_tokens > 0 and not plan.free_only]
+                step.catchup = self.planner.catchup_tokens(reading)
             try:
-                out = await self.drafter.propose(items, timeout=self._draft_timeout(step.seqs, items))
+                out = await self.drafter.propose(items, timeout=self._draft_timeout(step.seqs, items, step.catchup))
                 self.drafter_misses = 0
             except SpecServeError as exc:
                 await self._drafter_missed(exc)
@@ -419,9 +421,9 @@ class Scheduler(Background):
             for d in out.drafts:
                 seq = self.running[d.session_id]
                 if d.status is SessionStatus.NOT_FOUND:
-                    seq.drafter_position = 0  # the drafter lost it: send everything next time
+                    seq.drafter_position = seq.model_unread = 0  # the drafter lost it: send everything next time
                     continue
-                seq.drafter_position = seq.position
+                seq.drafter_position, seq.model_unread = seq.position, d.model_unread
                 step.drafted[d.session_id].tokens += d.tokens
                 step.drafted[d.session_id].confidences += d.confidences
                 step.dists[d.session_id] += d.distributions

@@ -62,6 +62,7 @@ class Sequence:
     unattainable: bool = False  # admitted best-effort although its SLO was predicted to fail
     # The drafter's view: committed tokens it has seen (0: it must start the session again).
     drafter_position: int = 0
+    model_unread: int = 0  # of those, tokens a hybrid drafter's model has not read yet
     # Tokens of the current prefill already sent to the verifier (chunked prefill).
     prefilled: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from the verifier's prefix cache

@@ -62,28 +62,29 @@ def propose_request_to_pb(items: list[c.ProposeItem], proposer: str = "") -> dra
             session_id=it.session_id, position=it.position, new_token_ids=it.new_tokens,
             max_draft_tokens=it.max_draft_tokens, stop_confidence=it.stop_confidence,
             min_token_confidence=it.min_token_confidence, extend=it.extend, sampling=sampling_to_pb(it.params),
-            free_only=it.free_only)
+            free_only=it.free_only, max_model_draft_tokens=it.max_model_draft_tokens)
         for it in items])
 
 
 def propose_request_from_pb(pb: drafter_pb2.ProposeRequest) -> list[c.ProposeItem]:
     return [c.ProposeItem(it.session_id, it.position, list(it.new_token_ids), it.max_draft_tokens,
                           sampling_from_pb(it.sampling), it.stop_confidence, it.min_token_confidence, it.extend,
-                          it.free_only)
+                          it.free_only, it.max_model_draft_tokens)
             for it in pb.items]
 
 
 def propose_output_to_pb(out: c.ProposeOutput) -> drafter_pb2.ProposeResponse:
     return drafter_pb2.ProposeResponse(draft_steps=out.draft_steps, draft_ns=out.draft_ns, results=[
         drafter_pb2.DraftResult(session_id=d.session_id, status=_STATUS_TO_PB[d.status], token_ids=d.tokens,
-                                confidences=d.confidences, distributions=[_sparse_to_pb(x) for x in d.distributions])
+                                confidences=d.confidences, distributions=[_sparse_to_pb(x) for x in d.distributions],
+                                model_unread=d.model_unread)
         for d in out.drafts])
 
 
 def propose_output_from_pb(pb: drafter_pb2.ProposeResponse) -> c.ProposeOutput:
     return c.ProposeOutput([
         c.Draft(d.session_id, _STATUS_FROM_PB.get(d.status, c.SessionStatus.NOT_FOUND), list(d.token_ids),
-                list(d.confidences), [_sparse_from_pb(x) for x in d.distributions])
+                list(d.confidences), [_sparse_from_pb(x) for x in d.distributions], d.model_unread)
         for d in pb.results], pb.draft_steps, pb.draft_ns)
 
 

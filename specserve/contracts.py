@@ -94,6 +94,11 @@ class ProposeItem:
     min_token_confidence: float = 0.0  # stop once the latest token's confidence is below this
     extend: bool = False  # draft further after the previous call's drafts
     free_only: bool = False  # only drafts that cost no model (a hybrid drafter's suffix lookup)
+    max_model_draft_tokens: int = 0  # most tokens a model may draft (free drafts: max_draft_tokens); 0: the same
+
+    @property
+    def model_budget(self) -> int:
+        return min(self.max_draft_tokens, self.max_model_draft_tokens or self.max_draft_tokens)
 
     @classmethod
     def make_dummy(cls, session_id: str = "s0", tokens: list[int] | None = None, k: int = 3) -> "ProposeItem":
@@ -107,6 +112,7 @@ class Draft:
     tokens: list[int] = field(default_factory=list)  # [k]
     confidences: list[float] = field(default_factory=list)  # [k] draft probability of each token
     distributions: list[Sparse] = field(default_factory=list)  # [k] or [] for greedy drafts
+    model_unread: int = 0  # committed tokens a hybrid drafter's model has not read (it reads them first)
 
 
 @dataclass

@@ -45,7 +45,7 @@ class LiveConfig:
             base = self.published
         else:
             base = replace(self.published, mode="adaptive", policy=f"gateway-fallback (last: {self.published.policy})")
-        overrides = {k: v for k, v in self.ops.items() if k in ("mode", "static_k", "max_draft_tokens")}
+        overrides = {k: v for k, v in self.ops.items() if k in ("mode", "static_k", "max_draft_tokens", "max_free_draft_tokens")}
         return base.with_overrides(**overrides) if overrides else base
 
 

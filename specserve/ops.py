@@ -40,6 +40,7 @@ OPS_KEYS: dict[str, Callable[[str], Any]] = {
     "mode": _choice(*MODES),
     "static_k": _int_in(0, MAX_DRAFT_TOKENS_LIMIT),
     "max_draft_tokens": _int_in(0, MAX_DRAFT_TOKENS_LIMIT),
+    "max_free_draft_tokens": _int_in(0, MAX_DRAFT_TOKENS_LIMIT),
     "max_batch_size": _int_in(1, 1024),
     "default_ttft_ms": _ms,
     "default_tpot_ms": _ms,

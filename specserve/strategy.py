@@ -154,6 +154,9 @@ class Calibration:
 class Strategy:
     mode: str = "adaptive"
     max_draft_tokens: int = 8  # K_max
+    # A free drafter's (suffix lookup's) longest draft: its tokens cost nothing to draft, only their
+    # verify positions, which the slot budget weighs (a copied run is often longer than K_max).
+    max_free_draft_tokens: int = 24
     static_k: int = 4
     threshold: float = 0.6  # the threshold controller's per-token cut
     gate_margin: float = 1.0  # speculate only if predicted gain beats plain decoding by this factor
@@ -173,7 +176,7 @@ class Strategy:
         the TTL is positive and the document is not issued in the future."""
         if self.mode not in MODES:
             raise InvalidArgument("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name in ("max_draft_tokens", "static_k"):
+        for name in ("max_draft_tokens", "max_free_draft_tokens", "static_k"):
             value = _int(name, getattr(self, name))
             if not 0 <= value <= MAX_DRAFT_TOKENS_LIMIT:
                 raise InvalidArgument(name, f"must be in [0, {MAX_DRAFT_TOKENS_LIMIT}], got {value}")

@@ -98,23 +98,25 @@ class Planner:
         return self._confidence_sum / self._confidence_n
 
     # --- the cost side -------------------------------------------------------------------------
-    def step_ms(self, sessions: list[SessionView], ks: list[int], prompt_tokens: int | None = None) -> float:
-        """Predicted step time: drafting, then one forward over the verify rows and the prompt
-        tokens prefilled in the same step (the step's own by default)."""
+    def step_ms(self, sessions: list[SessionView], ks: list[int], prompt_tokens: int | None = None,
+                free: bool = False) -> float:
+        """Predicted step time: drafting (nothing for `free` drafts), then one forward over the
+        verify rows and the prompt tokens prefilled in the same step (the step's own by default)."""
         cost = self.strategy.cost
         ctx = sum(s.context for s in sessions)
-        drafting = max(ks, default=0)
+        drafting = 0 if free else max(ks, default=0)
         prompt = self.prompt_tokens if prompt_tokens is None else prompt_tokens
         positions = sum(k + 1 for k in ks) + prompt
         return (cost.t_draft(len(sessions), drafting) + cost.t_verify(positions, ctx)) * self.time_scale
 
-    def slo_cap_k(self, sessions: list[SessionView]) -> int:
-        """The largest uniform k whose predicted step time fits the tightest TPOT SLO (0 always fits)."""
+    def slo_cap_k(self, sessions: list[SessionView], free: bool = False) -> int:
+        """The largest uniform k whose predicted step time fits the tightest TPOT SLO (0 always fits);
+        `free`: for drafts that cost no model, up to the free drafter's longest draft."""
         caps = [s.tpot_slo_ms for s in sessions if s.tpot_slo_ms > 0]
-        k = self.strategy.max_draft_tokens
+        k = self.strategy.max_free_draft_tokens if free else self.strategy.max_draft_tokens
         if not caps:
             return k
-        while k > 0 and self.step_ms(sessions, [k] * len(sessions)) > min(caps):
+        while k > 0 and self.step_ms(sessions, [k] * len(sessions), free=free) > min(caps):
             k -= 1
         return k
 
@@ -129,7 +131,15 @@ class Planner:
             return 0.0
         speed = min(cost.t_draft(1, 1) / max(cost.t_positions(1), 1e-9), 1.0)
         return sum(cost.t_positions(v.unread) / (v.remaining if amortized else 1) for v in sessions
-                   if v.unread > self.strategy.max_draft_tokens + 1) * speed * self.time_scale
+                   if self._catching_up(v)) * speed * self.time_scale
+
+    def catchup_tokens(self, sessions: list[SessionView]) -> int:
+        """Tokens the drafter's model reads before drafting for these sessions, beyond a step's
+        usual few (0 for a free drafter)."""
+        return 0 if self.strategy.cost.draft_free else sum(v.unread for v in sessions if self._catching_up(v))
+
+    def _catching_up(self, v: SessionView) -> bool:
+        return v.unread > self.strategy.max_draft_tokens + 1
 
     def gate(self, sessions: list[SessionView], confidence: float) -> bool:
         """Speculate only if one draft per session at this confidence beats plain decoding, the

@@ -22,12 +22,14 @@ class Adaptive(Controller):
         cost, n = p.strategy.cost, len(sessions)
         c_bar = p.strategy.mean_confidence  # observed per-token survival (accepted / drafted), from the policy
         k_cap = p.slo_cap_k(sessions)
-        if k_cap and cost.draft_free:
-            # Drafts that cost no model: ask for the whole budget and let `prune` keep the slots
-            # whose survival pays for their verify positions, from each draft's own confidence.
-            return {v.key: DraftPlan(k_cap) for v in sessions}
+        # Drafts that cost no model (a free drafter's, a hybrid's suffix lookup): ask for the whole
+        # budget and let `prune` keep the slots whose survival pays for their verify positions,
+        # from each draft's own confidence.
+        free_cap = p.slo_cap_k(sessions, free=True) if cost.draft_free or p.hybrid else 0
+        if cost.draft_free:
+            return {v.key: DraftPlan(free_cap) for v in sessions}
         if k_cap == 0:
-            return {v.key: DraftPlan() for v in sessions}
+            return {v.key: DraftPlan(free_cap, free_only=True) for v in sessions}
         # The drafter's reading of unread tokens (prompts it has not seen) stays within a plain
         # decode step's time per step (prompt chunks in the step do not widen it): sessions
         # cheapest to catch up first; the rest draft no model tokens this step, or the reading
@@ -38,13 +40,13 @@ class Adaptive(Controller):
             budget_ms -= reading[key]
             if budget_ms < 0:
                 stalling.add(key)
-        plans = {key: DraftPlan(k_cap if p.hybrid else 0, free_only=True) for key in stalling}
+        plans = {key: DraftPlan(free_cap, free_only=True) for key in stalling}
         sessions = [v for v in sessions if v.key not in stalling]
         if not sessions:
             return plans
-        return plans | self._plan(p, sessions, k_cap, c_bar)
+        return plans | self._plan(p, sessions, k_cap, free_cap, c_bar)
 
-    def _plan(self, p, sessions, k_cap, c_bar):
+    def _plan(self, p, sessions, k_cap, free_cap, c_bar):
         cal, cost, n = p.strategy.calibration, p.strategy.cost, len(sessions)
         if not p.gate(sessions, c_bar):
             # Closed by the estimates: probe one model draft per session now and then, within the
@@ -55,7 +57,7 @@ class Adaptive(Controller):
             p.exploring = p.prompt_tokens == 0 and p.may_explore(extra_ms)
             if p.exploring:
                 return {v.key: DraftPlan(1) for v in sessions}
-            return {v.key: DraftPlan(k_cap if p.hybrid else 0, free_only=True) for v in sessions}
+            return {v.key: DraftPlan(free_cap, free_only=True) for v in sessions}
         efficiency_k1 = (n + n * c_bar) / p.step_ms(sessions, [1] * n)  # tokens per ms at k = 1
         # One more draft row and one more verified position, both in measured (scaled) time, as
         # the efficiency is: the slower the measured steps, the higher the bar.
@@ -63,7 +65,8 @@ class Adaptive(Controller):
         verify_ms = cost.t_verify(2 * n + 1, ctx) - cost.t_verify(2 * n, ctx)
         marginal_ms = (cost.draft_per_seq + cost.draft_fixed / n + max(verify_ms, 0.0)) * p.time_scale
         bar = efficiency_k1 * marginal_ms / max(c_bar, 1e-6)
-        return {v.key: DraftPlan(k_cap, stop_confidence=cal.inverse(min(bar * (LATE_BAR_FACTOR if v.behind_ms > 0 else 1.0), 1.0)))
+        return {v.key: DraftPlan(max(k_cap, free_cap), max_model_draft_tokens=k_cap,
+                                 stop_confidence=cal.inverse(min(bar * (LATE_BAR_FACTOR if v.behind_ms > 0 else 1.0), 1.0)))
                 for v in sessions}
 
     def prune(self, p, sessions, drafted, keep, auto):

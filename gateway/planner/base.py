@@ -32,6 +32,7 @@ class DraftPlan:
     stop_confidence: float = 0.0  # on the raw cumulative confidence
     min_token_confidence: float = 0.0
     free_only: bool = False  # only drafts that cost no model (a hybrid drafter's suffix lookup)
+    max_model_draft_tokens: int = 0  # most of them a model drafts (a hybrid's suffix may go on); 0: all
 
 
 @dataclass

@@ -117,13 +117,15 @@ STEEP = ((1, 75.0), (2, 120.0), (4, 150.0), (8, 200.0))
 
 def test_a_free_drafter_is_asked_for_its_whole_budget_and_pruned_by_each_draft_s_confidence():
     """Drafts that cost no model: the gate does not guess from a prior mean confidence; every
-    session may draft its budget, and the slot budget keeps a long confident copy (9 tokens for
-    200 ms beats 1 for 75) and drops a guess at 0.3 (1.3 tokens for 120 ms loses to 1 for 75)."""
+    session may draft its free budget (longer than a model's), and the slot budget keeps a long
+    confident copy (13 tokens for 262 ms beats 1 for 75) and drops a guess at 0.3 (1.3 tokens for
+    120 ms loses to 1 for 75)."""
     free = CostModel(draft_fixed=0.5, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=STEEP, draft_free=True)
-    planner = Planner(Strategy(mode="adaptive", cost=free, mean_confidence=0.1, max_draft_tokens=7))
+    planner = Planner(Strategy(mode="adaptive", cost=free, mean_confidence=0.1, max_draft_tokens=7,
+                               max_free_draft_tokens=12))
     views = [SessionView("copy", 50)]
-    assert planner.plan(views)["copy"].max_draft_tokens == 7
-    assert planner.prune(views, {"copy": Drafted(list(range(7)), [1.0] * 7)}) == {"copy": 7}
+    assert planner.plan(views)["copy"].max_draft_tokens == 12
+    assert planner.prune(views, {"copy": Drafted(list(range(12)), [1.0] * 12)}) == {"copy": 12}
     assert planner.prune(views, {"copy": Drafted([1], [0.3])}) == {"copy": 0}
 
 
@@ -228,3 +230,41 @@ def test_a_prompt_in_the_step_does_not_widen_the_drafter_s_reading_budget():
     planner.prompt_tokens = 300  # the step also carries a 300-token prompt chunk
     plans = planner.plan([SessionView("unread", 400, unread=300, remaining=2000)])
     assert plans["unread"].max_draft_tokens == 0
+
+
+def test_a_hybrid_session_whose_model_has_not_read_it_gets_free_drafts_only():
+    """The hybrid's suffix index read the whole prompt, its model none of it: the model's reading
+    counts as unread, so the session is offered free drafts, not a stalling model catch-up."""
+    from gateway.scheduler import view_of
+    from gateway.sequence import Sequence
+    from specserve.contracts import SamplingParams
+
+    seq = Sequence("s", list(range(400)), SamplingParams(max_new_tokens=2000))
+    seq.drafter_position, seq.model_unread = 400, 400
+    view = view_of(seq)
+    assert view.unread == 400
+    model = CostModel(draft_fixed=20.0, draft_per_seq=0.0, verify_per_ctx=0.0,
+                      verify_table=((1, 40.0), (2, 42.0), (4, 46.0), (512, 400.0)))
+    planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.8), hybrid=True)
+    plan = planner.plan([view])["s"]
+    assert plan.free_only and plan.max_draft_tokens > 0
+    assert planner.catchup_tokens([view]) == 400
+    seq.model_unread = 0
+    assert not planner.plan([view_of(seq)])["s"].free_only
+
+
+def test_a_hybrid_s_free_drafts_may_run_past_the_model_s_budget():
+    """Gate open or closed, a hybrid's suffix drafts are asked for up to the free budget; the
+    model's share stays within K_max."""
+    model = CostModel(draft_fixed=20.0, draft_per_seq=0.0, verify_per_ctx=0.0,
+                      verify_table=((1, 40.0), (2, 42.0), (4, 46.0), (512, 400.0)))
+    view = [SessionView("s", 100, unread=1, remaining=500)]
+    for confidence, free_only in ((0.9, False), (0.01, True)):
+        planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=confidence, max_draft_tokens=8,
+                                   max_free_draft_tokens=20), hybrid=True)
+        plan = planner.plan(view)["s"]
+        assert (plan.max_draft_tokens, plan.free_only) == (20, free_only)
+        assert free_only or plan.max_model_draft_tokens == 8
+    # A drafter of one kind asks for the model's budget only.
+    planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.9, max_free_draft_tokens=20))
+    assert planner.plan(view)["s"].max_draft_tokens == 8

@@ -58,16 +58,25 @@ class HybridProposer:
                 # A model that lost the session drafts nothing this time; the suffix's drafts stand.
                 if d.status is SessionStatus.OK:
                     drafts[d.session_id] = d
+        for sid, draft in drafts.items():
+            if draft.status is SessionStatus.OK:
+                draft.model_unread = len(self._tokens(sid)) - self._model_position(sid)
         return ProposeOutput([drafts[it.session_id] for it in items], steps, time.perf_counter_ns() - start)
+
+    def _tokens(self, session_id: str) -> list[int]:
+        return self.suffix.sessions.get(session_id).index.tokens
+
+    def _model_position(self, session_id: str) -> int:
+        """Committed tokens of the session the model holds (0 when it holds another history)."""
+        tokens, held = self._tokens(session_id), self.model.sessions.get(session_id)
+        return len(held.tokens) if held is not None and held.tokens == tokens[: len(held.tokens)] else 0
 
     def _catch_up(self, item: ProposeItem) -> ProposeItem:
         """The item for the model: the tokens committed since the model last read this session."""
         if item.extend:
             return item
-        tokens = self.suffix.sessions.get(item.session_id).index.tokens
-        held = self.model.sessions.get(item.session_id)
-        position = len(held.tokens) if held is not None and held.tokens == tokens[: len(held.tokens)] else 0
-        return ProposeItem(item.session_id, position, tokens[position:], item.max_draft_tokens, item.params,
+        tokens, position = self._tokens(item.session_id), self._model_position(item.session_id)
+        return ProposeItem(item.session_id, position, tokens[position:], item.model_budget, item.params,
                            item.stop_confidence, item.min_token_confidence)
 
     def release(self, session_ids: list[str]) -> int:

@@ -102,12 +102,18 @@ def test_the_hybrid_drafts_from_the_suffix_where_it_expects_enough_and_from_the_
     assert out.drafts[0].tokens == [15, 16, 17, 18] and out.drafts[0].confidences == [1.0] * 4
     assert len(out.drafts[1].tokens) == 4 and out.draft_steps == 4  # the model drafted the fresh one only
     assert proposer.model.sessions.get("copy") is None  # the model never read the copied session
+    # The gateway learns what the model would read first if it drafted for the session.
+    assert [d.model_unread for d in out.drafts] == [len(copy), 0]
     # Free drafts only: the model is left alone, even where the suffix has nothing.
     out = proposer.propose([ProposeItem("fresh", 3, [7], 4, SamplingParams(), free_only=True)])
     assert out.draft_steps == 0 and out.drafts[0].status is SessionStatus.OK
     # When the model drafts for the copied session later, it catches up on everything it missed.
     out = proposer.propose([ProposeItem("copy", len(copy), [1, 2, 3], 2, SamplingParams())])
     assert out.draft_steps == 2 and len(proposer.model.sessions.get("copy").tokens) == len(copy) + 3
+    assert out.drafts[0].model_unread == 0
+    # A budget past the model's: the model stops at its own.
+    out = proposer.propose([ProposeItem("fresh", 4, [8], 12, SamplingParams(), max_model_draft_tokens=3)])
+    assert out.draft_steps == 3 and len(out.drafts[0].tokens) == 3
     assert proposer.release(["copy", "fresh"]) == 2
 
 
