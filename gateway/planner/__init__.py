@@ -110,10 +110,14 @@ class Planner:
         return (cost.t_draft(len(sessions), drafting) + cost.t_verify(positions, ctx)) * self.time_scale
 
     def slo_cap_k(self, sessions: list[SessionView], free: bool = False) -> int:
-        """The largest uniform k whose predicted step time fits the tightest TPOT SLO (0 always fits);
-        `free`: for drafts that cost no model, up to the free drafter's longest draft."""
+        """The largest uniform k whose predicted step time fits the tightest TPOT SLO (0 always fits).
+        `free`: for drafts that cost no model, which share the free drafter's longest draft among
+        the batch (never fewer than K_max each): a long step delays every request arriving during it."""
         caps = [s.tpot_slo_ms for s in sessions if s.tpot_slo_ms > 0]
-        k = self.strategy.max_free_draft_tokens if free else self.strategy.max_draft_tokens
+        strategy = self.strategy
+        k = strategy.max_draft_tokens
+        if free:
+            k = max(strategy.max_free_draft_tokens // max(len(sessions), 1), min(k, strategy.max_free_draft_tokens))
         if not caps:
             return k
         while k > 0 and self.step_ms(sessions, [k] * len(sessions), free=free) > min(caps):

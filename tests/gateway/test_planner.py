@@ -268,3 +268,10 @@ def test_a_hybrid_s_free_drafts_may_run_past_the_model_s_budget():
     # A drafter of one kind asks for the model's budget only.
     planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.9, max_free_draft_tokens=20))
     assert planner.plan(view)["s"].max_draft_tokens == 8
+
+
+def test_free_drafts_share_their_budget_among_the_batch_down_to_k_max_each():
+    free = CostModel(draft_fixed=0.5, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=STEEP, draft_free=True)
+    planner = Planner(Strategy(mode="adaptive", cost=free, max_draft_tokens=8, max_free_draft_tokens=24))
+    budgets = [planner.plan([SessionView(f"s{i}", 50) for i in range(n)])["s0"].max_draft_tokens for n in (1, 2, 4)]
+    assert budgets == [24, 12, 8]
