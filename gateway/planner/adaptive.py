@@ -20,6 +20,9 @@ class Adaptive(Controller):
         needs throughput); the tightest TPOT SLO caps every budget.
         """
         cost, n = p.strategy.cost, len(sessions)
+        if p.prompt_tokens:
+            # A prompt's first token comes from this step: no draft makes it wait.
+            return {v.key: DraftPlan() for v in sessions}
         c_bar = p.strategy.mean_confidence  # observed per-token survival (accepted / drafted), from the policy
         k_cap = p.slo_cap_k(sessions)
         # Drafts that cost no model (a free drafter's, a hybrid's suffix lookup): ask for the whole
@@ -31,10 +34,10 @@ class Adaptive(Controller):
         if k_cap == 0:
             return {v.key: DraftPlan(free_cap, free_only=True) for v in sessions}
         # The drafter's reading of unread tokens (prompts it has not seen) stays within a plain
-        # decode step's time per step (prompt chunks in the step do not widen it): sessions
-        # cheapest to catch up first; the rest draft no model tokens this step, or the reading
-        # would stall the step and every first token behind it.
-        budget_ms, stalling = p.step_ms(sessions, [0] * n, prompt_tokens=0), set()
+        # decode step's time per step: sessions cheapest to catch up first; the rest draft no
+        # model tokens this step, or the reading would stall the step and every first token
+        # behind it.
+        budget_ms, stalling = p.step_ms(sessions, [0] * n), set()
         reading = {v.key: p.catchup_ms([v]) for v in sessions}
         for key in sorted(reading, key=reading.get):
             budget_ms -= reading[key]
@@ -50,11 +53,10 @@ class Adaptive(Controller):
         cal, cost, n = p.strategy.calibration, p.strategy.cost, len(sessions)
         if not p.gate(sessions, c_bar):
             # Closed by the estimates: probe one model draft per session now and then, within the
-            # budget (the drafter's catch-up included), never in a step that carries a prompt (a
-            # queued request's first token would wait); a hybrid drafter's free drafts are asked
+            # budget (the drafter's catch-up included); a hybrid drafter's free drafts are asked
             # for otherwise (prune weighs them).
             extra_ms = p.step_ms(sessions, [1] * n) - p.step_ms(sessions, [0] * n) + p.catchup_ms(sessions)
-            p.exploring = p.prompt_tokens == 0 and p.may_explore(extra_ms)
+            p.exploring = p.may_explore(extra_ms)
             if p.exploring:
                 return {v.key: DraftPlan(1) for v in sessions}
             return {v.key: DraftPlan(free_cap, free_only=True) for v in sessions}

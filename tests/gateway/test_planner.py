@@ -223,13 +223,18 @@ def test_the_drafter_reads_at_most_a_plain_step_s_worth_of_unread_tokens_per_ste
     assert 0 < len(drafting) < 4 and sum(planner.catchup_ms([v]) for v in views if v.key in drafting) <= plain
 
 
-def test_a_prompt_in_the_step_does_not_widen_the_drafter_s_reading_budget():
+def test_a_step_that_carries_a_prompt_drafts_nothing_free_drafts_included():
+    """The prompt's first token comes from this step: no draft may lengthen it, not even drafts
+    that cost nothing to make (their verify positions do)."""
     model = CostModel(draft_fixed=20.0, draft_per_seq=0.0, verify_per_ctx=0.0,
                       verify_table=((1, 40.0), (2, 42.0), (4, 46.0), (512, 400.0)))
-    planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.8))
-    planner.prompt_tokens = 300  # the step also carries a 300-token prompt chunk
-    plans = planner.plan([SessionView("unread", 400, unread=300, remaining=2000)])
-    assert plans["unread"].max_draft_tokens == 0
+    free = CostModel(draft_fixed=0.5, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=STEEP, draft_free=True)
+    for cost, hybrid in ((model, False), (model, True), (free, False)):
+        planner = Planner(Strategy(mode="adaptive", cost=cost, mean_confidence=0.9), hybrid=hybrid)
+        view = [SessionView("s", 400, unread=1, remaining=2000)]
+        assert planner.plan(view)["s"].max_draft_tokens > 0
+        planner.prompt_tokens = 64  # the step also carries a prompt chunk
+        assert planner.plan(view)["s"].max_draft_tokens == 0
 
 
 def test_a_hybrid_session_whose_model_has_not_read_it_gets_free_drafts_only():
