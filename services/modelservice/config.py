@@ -29,7 +29,7 @@ class ModelServiceConfig:
     kv_unified: bool = doc(True, "llama.cpp runtime: one KV buffer shared by all sequences (cheaper mixed batches)")
     prefix_cache_mb: int = doc(1024, "llama.cpp runtime: host memory for released sessions' KV (prefix cache); 0 disables")
     redis_url: str = doc("", "Redis for telemetry and strategy; empty disables both")
-    proposer: str = doc("draft_model", "drafter only: " + " or ".join(PROPOSERS))
+    proposer: str = doc("hybrid", "drafter only: " + " or ".join(PROPOSERS))
     step_delay_ms: float = doc(0.0, "artificial delay added to every forward call (load tests only)")
     grace_s: float = doc(10.0, "drain time on SIGTERM")
     instance: str = doc("", "instance name in telemetry; empty uses host:port")
