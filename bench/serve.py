@@ -196,7 +196,8 @@ def greedy_matches(ours: list[Reply], peer: list[Reply]) -> dict:
 
 def summarise(replies: list[Reply], rounds: list[dict], ours: list[str], peers_: list[str],
               concurrency: tuple[int, ...]) -> dict:
-    """Rows per concurrency and system, ratios of each of ours to each peer, greedy matches at 1."""
+    """Rows per concurrency and system, ratios of each of ours to each peer and to our first policy
+    (speculation against plain decoding), greedy matches at 1."""
     rows, ratios, greedy = [], [], {}
     for n in concurrency:
         def of(system: str) -> tuple[list[Reply], list[dict]]:
@@ -206,7 +207,7 @@ def summarise(replies: list[Reply], rounds: list[dict], ours: list[str], peers_:
         for system in [*ours, *peers_]:
             rows.append({"system": system, "concurrency": n, **system_stats(*of(system))})
         for system in ours:
-            for peer in peers_:
+            for peer in [*peers_, *(p for p in ours[:1] if p != system)]:
                 (mine, my_rounds), (theirs, their_rounds) = of(system), of(peer)
                 ratios.append({"system": system, "peer": peer, "concurrency": n,
                                **compare(mine, theirs, my_rounds, their_rounds)})

@@ -132,11 +132,12 @@ def test_second_up_on_a_busy_port_exits_naming_it(tiny_dir, redis_url):
 
 
 def test_a_dead_policy_does_not_turn_speculation_on(tiny_dir, redis_url, redis_client):
-    """A policy (here: this test, writing the strategy document) found that drafting does not pay,
-    then goes away; once its strategy expires the gateway keeps planning plain decoding."""
+    """A policy (here: this test, writing the strategy document) found that the draft model's
+    drafts do not pay, then goes away; once its strategy expires the gateway keeps planning plain
+    decoding."""
     client = redis_client  # a flushed database: no strategy from an earlier test
     stack = Stack(str(tiny_dir[0]), str(tiny_dir[1]), redis_url, policy=False,
-                  extra_env={"SPECSERVE_THREADS": "1"}).start(120)
+                  extra_env={"SPECSERVE_THREADS": "1", "SPECSERVE_PROPOSER": "draft_model"}).start(120)
     try:
         assert _generate(stack.gateway_address)[1].draft_tokens > 0  # the default strategy drafts
         dear = CostModel(draft_fixed=5000.0, draft_per_seq=0.0, verify_table=((1, 10.0), (2, 20.0), (4, 40.0)))
