@@ -108,7 +108,8 @@ class Pooled:
         return [a / n if n else None for a, n in zip(accepted, reached)]
 
     def explored_share(self, system: str, load: int) -> float | None:
-        """The share of step time spent in exploration probes."""
+        """The share of step time that exploration probes added (their predicted extra time over
+        plain decoding, what the exploration budget charges)."""
         runs = [r for r in self.runs if r["system"] == system and r["load"] == load and r.get("step_ms")]
         total = sum(r["step_ms"] for r in runs)
         return sum(r.get("explored_ms", 0.0) for r in runs) / total if total else None
@@ -223,7 +224,7 @@ def _acceptance(pooled: "Pooled") -> list[str]:
     depth = max(len(pooled.conditional_acceptance(s)) for s in systems)
     lines = ["## Acceptance per draft position", "",
              "Accepted at a position / reached there (every earlier draft accepted), every load pooled; "
-             "exploring: the share of step time in probe steps, per load.", "",
+             "exploring: the share of step time that probe drafts added (the budget allows 2%), per load.", "",
              "| system | " + " | ".join(f"pos {j + 1}" for j in range(depth)) + " | exploring by load |",
              "| --- " * (depth + 2) + "|"]
     for s in systems:

@@ -83,6 +83,7 @@ class StepRecord:
     prompt_tokens: int = 0  # prompt tokens prefilled in the same forward (in verified_positions)
     draft_free: bool = False  # the drafter runs no model: its time is per call
     explored: bool = False  # a probe step: drafted although the estimates said plain decoding
+    probe_ms: float = 0.0  # a probe step's predicted extra time over plain decoding (the exploration budget's charge)
     # per draft position: sessions whose drafts before it were all accepted (so it was tested);
     # accepted / reached there is the conditional acceptance rate at that position
     position_reached: list[int] = field(default_factory=list)
@@ -501,7 +502,7 @@ class Scheduler(Background):
             mode=self.planner.strategy.mode,
             pruned=sum(len(d.tokens) for d in step.drafted.values()) - sum(step.keep.values()),
             draft_catchup_tokens=step.catchup, prompt_tokens=step.prompt_tokens,
-            draft_free=self.planner.draft_free, explored=step.explored))
+            draft_free=self.planner.draft_free, explored=step.explored, probe_ms=probe_ms))
 
     # --- output ------------------------------------------------------------------------------
     def _commit(self, seq: Sequence, tokens: list[int], now: float) -> None:

@@ -289,3 +289,27 @@ def test_the_drafter_probe_drafts_for_real_before_speculation_resumes(tiny_model
 
     asyncio.run(main())
     assert seq.draft_tokens > 0
+
+
+def test_a_probe_step_records_the_extra_time_the_exploration_budget_charges(tiny_models):
+    """The gate stays closed (drafts at 37.5 ms each against 75 ms steps, confidence 0.3), the budget
+    allows probes: their steps carry their predicted extra time, plain steps none."""
+    records = []
+    dear = CostModel(draft_fixed=37.5, draft_per_seq=0.0, verify_per_ctx=0.0,
+                     verify_table=((1, 75.0), (2, 120.0), (4, 150.0), (8, 200.0)))
+    sch = tiny_models.scheduler(strategy=Strategy(mode="adaptive", cost=dear, mean_confidence=0.3),
+                                on_step=records.append)
+    sch.planner.decode_ms = 1e6  # a long history of plain decoding: a budget for several probes
+    seq = Sequence("s", PROMPT, SamplingParams(max_new_tokens=12))
+
+    async def main():
+        sch.start()
+        sch.submit(seq)
+        tokens = await collect(seq)
+        await sch.stop()
+        return tokens
+
+    asyncio.run(main())
+    probes = [r for r in records if r.explored]
+    assert probes and all(r.probe_ms > 0 for r in probes)
+    assert all(r.probe_ms == 0 for r in records if not r.explored) and len(probes) < len(records)
