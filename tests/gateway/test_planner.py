@@ -171,12 +171,16 @@ def test_exploration_probes_a_closed_gate_within_two_percent_of_decode_time():
     assert extra <= EXPLORE_SHARE * total * 1.05
 
 
+# A draft model at half a verifier position per draft step, so it reads at half the verifier's speed.
+READING_MODEL = CostModel(draft_fixed=20.0, draft_per_seq=0.0, verify_per_ctx=0.0,
+                          verify_table=((1, 40.0), (2, 42.0), (4, 46.0), (512, 400.0)))
+
+
 def test_a_drafter_catch_up_is_paid_back_over_the_steps_a_session_has_left():
     """One draft pays here for a drafter that follows the session; one that must first read 400
     unread tokens pays only where enough steps are left to earn that reading back."""
     # A draft step at half a verifier position: the drafter reads at half the verifier's speed.
-    model = CostModel(draft_fixed=20.0, draft_per_seq=0.0, verify_per_ctx=0.0,
-                      verify_table=((1, 40.0), (2, 42.0), (4, 46.0), (512, 400.0)))
+    model = READING_MODEL
     planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.6))
     assert planner.gate([SessionView("a", 400, unread=1, remaining=10)], 0.6)
     assert not planner.gate([SessionView("a", 400, unread=400, remaining=10)], 0.6)
@@ -203,8 +207,7 @@ def test_a_session_whose_catch_up_would_stall_the_step_drafts_no_model_tokens():
     """Drafting pays here, but not for a session the drafter has not read: reading its 400
     tokens would cost more than a plain step and hold up every first token behind the step."""
     # A draft step at half a verifier position: the drafter reads at half the verifier's speed.
-    model = CostModel(draft_fixed=20.0, draft_per_seq=0.0, verify_per_ctx=0.0,
-                      verify_table=((1, 40.0), (2, 42.0), (4, 46.0), (512, 400.0)))
+    model = READING_MODEL
     planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.8))
     plans = planner.plan([SessionView("read", 400, unread=2, remaining=2000),
                           SessionView("unread", 400, unread=400, remaining=2000)])
@@ -212,8 +215,7 @@ def test_a_session_whose_catch_up_would_stall_the_step_drafts_no_model_tokens():
 
 
 def test_the_drafter_reads_at_most_a_plain_step_s_worth_of_unread_tokens_per_step():
-    model = CostModel(draft_fixed=20.0, draft_per_seq=0.0, verify_per_ctx=0.0,
-                      verify_table=((1, 40.0), (2, 42.0), (4, 46.0), (512, 400.0)))
+    model = READING_MODEL
     planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.8))
     views = [SessionView(f"s{i}", 40, unread=20 + i, remaining=2000) for i in range(4)]
     per_session, plain = planner.catchup_ms(views[:1]), planner.step_ms(views, [0] * 4)
@@ -226,8 +228,7 @@ def test_the_drafter_reads_at_most_a_plain_step_s_worth_of_unread_tokens_per_ste
 def test_a_step_that_carries_a_prompt_drafts_nothing_free_drafts_included():
     """The prompt's first token comes from this step: no draft may lengthen it, not even drafts
     that cost nothing to make (their verify positions do)."""
-    model = CostModel(draft_fixed=20.0, draft_per_seq=0.0, verify_per_ctx=0.0,
-                      verify_table=((1, 40.0), (2, 42.0), (4, 46.0), (512, 400.0)))
+    model = READING_MODEL
     free = CostModel(draft_fixed=0.5, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=STEEP, draft_free=True)
     for cost, hybrid in ((model, False), (model, True), (free, False)):
         planner = Planner(Strategy(mode="adaptive", cost=cost, mean_confidence=0.9), hybrid=hybrid)
@@ -248,8 +249,7 @@ def test_a_hybrid_session_whose_model_has_not_read_it_gets_free_drafts_only():
     seq.drafter_position, seq.model_unread = 400, 400
     view = view_of(seq)
     assert view.unread == 400
-    model = CostModel(draft_fixed=20.0, draft_per_seq=0.0, verify_per_ctx=0.0,
-                      verify_table=((1, 40.0), (2, 42.0), (4, 46.0), (512, 400.0)))
+    model = READING_MODEL
     planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.8), hybrid=True)
     plan = planner.plan([view])["s"]
     assert plan.free_only and plan.max_draft_tokens > 0
@@ -261,8 +261,7 @@ def test_a_hybrid_session_whose_model_has_not_read_it_gets_free_drafts_only():
 def test_a_hybrid_s_free_drafts_may_run_past_the_model_s_budget():
     """Gate open or closed, a hybrid's suffix drafts are asked for up to the free budget; the
     model's share stays within K_max."""
-    model = CostModel(draft_fixed=20.0, draft_per_seq=0.0, verify_per_ctx=0.0,
-                      verify_table=((1, 40.0), (2, 42.0), (4, 46.0), (512, 400.0)))
+    model = READING_MODEL
     view = [SessionView("s", 100, unread=1, remaining=500)]
     for confidence, free_only in ((0.9, False), (0.01, True)):
         planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=confidence, max_draft_tokens=8,
