@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 BASE = "off"
 SPECULATIVE_PEER = "llama-server-draft"
+PROPOSERS = {"free": "suffix", "model": "model"}  # the report's split of draft acceptance by proposer
+MAX_POSITIONS_SHOWN = 12  # the acceptance table's columns (free drafts run to 24)
 
 
 def position_sums(rows) -> list[int]:
@@ -100,11 +102,20 @@ class Pooled:
             return None
         return sum(values) / len(values) if key == "mean_accepted_length" else sum(values)
 
-    def conditional_acceptance(self, system: str, load: int | None = None) -> list[float | None]:
-        """Per draft position, accepted there / reached there, over the repetitions (and loads)."""
+    def conditional_acceptance(self, system: str, load: int | None = None, proposer: str = "all"
+                               ) -> list[float | None]:
+        """Per draft position, accepted there / reached there, over the repetitions (and loads), for
+        the drafts of every proposer, the free proposer's ("free") or the draft model's ("model")."""
         runs = [r for r in self.runs if r["system"] == system and (load is None or r["load"] == load)]
-        accepted = position_sums(r.get("position_accepted") or () for r in runs)
-        reached = position_sums(r.get("position_reached") or () for r in runs)
+        counts = {f"{pre}{name}": position_sums(r.get(f"{pre}{name}") or () for r in runs)
+                  for pre in ("", "free_") for name in ("position_accepted", "position_reached")}
+        if proposer == "free":
+            accepted, reached = counts["free_position_accepted"], counts["free_position_reached"]
+        elif proposer == "model":
+            accepted, reached = ([v - f for v, f in zip(counts[name], counts[f"free_{name}"] + [0] * len(counts[name]))]
+                                 for name in ("position_accepted", "position_reached"))
+        else:
+            accepted, reached = counts["position_accepted"], counts["position_reached"]
         return [a / n if n else None for a, n in zip(accepted, reached)]
 
     def explored_share(self, system: str, load: int) -> float | None:
@@ -217,21 +228,24 @@ def markdown(report: dict) -> str:
 
 
 def _acceptance(pooled: "Pooled") -> list[str]:
-    """Conditional acceptance per draft position (every load pooled) and the exploring share."""
-    systems = [s for s in pooled.systems if any(v is not None for v in pooled.conditional_acceptance(s))]
-    if not systems:
+    """Conditional acceptance per draft position and proposer (every load pooled) and the exploring share."""
+    rows = {(s, proposer): pooled.conditional_acceptance(s, proposer=proposer) for s in pooled.systems
+            for proposer in PROPOSERS}
+    rows = {key: rates for key, rates in rows.items() if any(v is not None for v in rates)}
+    if not rows:
         return []
-    depth = max(len(pooled.conditional_acceptance(s)) for s in systems)
+    depth = min(max(len(r) for r in rows.values()), MAX_POSITIONS_SHOWN)
     lines = ["## Acceptance per draft position", "",
-             "Accepted at a position / reached there (every earlier draft accepted), every load pooled; "
-             "exploring: the share of step time that probe drafts added (the budget allows 2%), per load.", "",
-             "| system | " + " | ".join(f"pos {j + 1}" for j in range(depth)) + " | exploring by load |",
-             "| --- " * (depth + 2) + "|"]
-    for s in systems:
-        rates = pooled.conditional_acceptance(s)
+             "Accepted at a position / reached there (every earlier draft accepted), every load pooled, per "
+             "proposer (suffix: the free lookup's drafts; model: the draft model's); exploring: the share of "
+             "step time that probe drafts added (the budget allows 2%), per load.", "",
+             "| system | proposer | " + " | ".join(f"pos {j + 1}" for j in range(depth)) + " | exploring by load |",
+             "| --- " * (depth + 3) + "|"]
+    for (s, proposer), rates in rows.items():
         explored = ", ".join(f"{load}: {_fmt(100 * share, 2)}%" for load in pooled.loads
                              if (share := pooled.explored_share(s, load)) is not None)
-        lines.append(f"| {s} | " + " | ".join(_fmt(rates[j], 2) if j < len(rates) else "-" for j in range(depth))
+        lines.append(f"| {s} | {PROPOSERS[proposer]} | "
+                     + " | ".join(_fmt(rates[j], 2) if j < len(rates) else "-" for j in range(depth))
                      + f" | {explored or '-'} |")
     return lines + ["", "![acceptance per draft position](acceptance.png)", ""]
 
@@ -300,7 +314,8 @@ def plots(report: dict, out: Path) -> list[Path]:
     fig.tight_layout()
     paths.append(_save(fig, out / "tpot_cdf.png"))
 
-    rates = {s: pooled.conditional_acceptance(s) for s in pooled.systems}
+    rates = {f"{s} ({PROPOSERS[proposer]})": pooled.conditional_acceptance(s, proposer=proposer)
+             for s in pooled.systems for proposer in PROPOSERS}
     rates = {s: r for s, r in rates.items() if any(v is not None for v in r)}
     if rates:
         fig, ax = plt.subplots(figsize=(7, 4))

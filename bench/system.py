@@ -194,6 +194,8 @@ def summarise(system: str, load: int, rep: int, results: list[Result], duration:
                    # Counts per draft position, summed over repetitions in the report: accepted /
                    # reached there is the conditional acceptance rate at that position.
                    position_accepted=pos_a, position_reached=position_sums(r.get("position_reached", ()) for r in rows),
+                   **{name: position_sums(r.get(name, ()) for r in rows)
+                      for name in ("free_position_accepted", "free_position_reached")},
                    explored_ms=sum(float(r.get("probe_ms", 0.0)) for r in rows if r.get("explored") is True),
                    step_ms=sum(float(r["step_ms"]) for r in rows),
                    k_over_time=[(round(t - recs[0][0], 2), s["k"]) for (t, _), s in zip(recs, step_series(recs))])

@@ -88,6 +88,11 @@ class StepRecord:
     # accepted / reached there is the conditional acceptance rate at that position
     position_reached: list[int] = field(default_factory=list)
     draft_catchup_tokens: int = 0  # tokens the drafter re-read to catch up (their time is not drafting)
+    # which verified draft positions (in `confidences`' order) a free proposer drafted (1) or a model (0),
+    # and the free proposer's share of `position_reached` / `position_accepted`
+    free_slots: list[int] = field(default_factory=list)
+    free_position_reached: list[int] = field(default_factory=list)
+    free_position_accepted: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -112,6 +117,9 @@ class _Step:
     position_accepted: list[int] = field(default_factory=list)
     position_drafted: list[int] = field(default_factory=list)
     position_reached: list[int] = field(default_factory=list)
+    free_slots: list[int] = field(default_factory=list)
+    free_position_reached: list[int] = field(default_factory=list)
+    free_position_accepted: list[int] = field(default_factory=list)
     explored: bool = False
     prompt_tokens: int = 0  # prompt tokens prefilled in the same forward
 
@@ -425,8 +433,7 @@ class Scheduler(Background):
                     seq.drafter_position = seq.model_unread = 0  # the drafter lost it: send everything next time
                     continue
                 seq.drafter_position, seq.model_unread = seq.position, d.model_unread
-                step.drafted[d.session_id].tokens += d.tokens
-                step.drafted[d.session_id].confidences += d.confidences
+                step.drafted[d.session_id].add(d.tokens, d.confidences, d.free)
                 step.dists[d.session_id] += d.distributions
             round_ += 1
             tick = time.perf_counter()
@@ -459,6 +466,7 @@ class Scheduler(Background):
         longest = max((len(i.drafts) for i in step.items), default=0)
         step.position_accepted, step.position_drafted = [0] * longest, [0] * longest
         step.position_reached = [0] * longest
+        step.free_position_reached, step.free_position_accepted = [0] * longest, [0] * longest
         for seq, item, result in zip(step.seqs, step.items, out.results):
             if result.status is SessionStatus.NOT_FOUND:
                 del self.running[seq.id]
@@ -471,12 +479,16 @@ class Scheduler(Background):
             seq.draft_tokens += k
             seq.accepted_tokens += result.accepted
             step.accepted.append(result.accepted)
+            free = int(step.drafted[seq.id].free)
             for j, c in enumerate(step.drafted[seq.id].cumulative()[:k]):
                 step.confidences.append(c)
                 step.outcomes.append(int(j < result.accepted))
+                step.free_slots.append(free)
                 step.position_drafted[j] += 1
                 step.position_accepted[j] += int(j < result.accepted)
                 step.position_reached[j] += int(j <= result.accepted)
+                step.free_position_accepted[j] += free * int(j < result.accepted)
+                step.free_position_reached[j] += free * int(j <= result.accepted)
             self._commit(seq, result.tokens, now)
 
     def _record(self, step: "_Step", out: VerifyOutput) -> None:
@@ -494,7 +506,8 @@ class Scheduler(Background):
             step_id=self.step_id, batch_size=len(step.seqs), verified_positions=out.verified_positions,
             draft_steps=step.draft_steps, drafted=[len(i.drafts) for i in step.items], accepted=step.accepted,
             position_accepted=step.position_accepted, position_drafted=step.position_drafted,
-            position_reached=step.position_reached,
+            position_reached=step.position_reached, free_slots=step.free_slots,
+            free_position_reached=step.free_position_reached, free_position_accepted=step.free_position_accepted,
             confidences=step.confidences, outcomes=step.outcomes, predicted_step_ms=step.predicted_ms,
             draft_ms=step.draft_ns / 1e6, verify_ms=out.forward_ns / 1e6, step_ms=step_ms,
             planner_ms=step.planner_s * 1000, queue_depth=len(self.waiting), running=len(self.running),

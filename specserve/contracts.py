@@ -113,6 +113,7 @@ class Draft:
     confidences: list[float] = field(default_factory=list)  # [k] draft probability of each token
     distributions: list[Sparse] = field(default_factory=list)  # [k] or [] for greedy drafts
     model_unread: int = 0  # committed tokens a hybrid drafter's model has not read (it reads them first)
+    free: bool = False  # drafted by a proposer that runs no model (suffix, n-gram lookup)
 
 
 @dataclass

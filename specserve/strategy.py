@@ -150,6 +150,15 @@ class Calibration:
         return 1.0 + 1e-9  # unreachable: never draft past this
 
 
+def _validate_calibration(name: str, cal: Calibration) -> None:
+    for part, values in (("raw", cal.raw), ("survival", cal.survival)):
+        if any(not 0.0 <= _number(f"{name}.{part}", v) <= 1.0 for v in values):
+            raise InvalidArgument(f"{name}.{part}", "values must be in [0, 1]")
+    if len(cal.raw) != len(cal.survival) or len(cal.raw) < 2 or list(cal.raw) != sorted(cal.raw) \
+            or list(cal.survival) != sorted(cal.survival):
+        raise InvalidArgument(name, "raw and survival must be increasing and of equal length >= 2")
+
+
 @dataclass(frozen=True)
 class Strategy:
     mode: str = "adaptive"
@@ -164,7 +173,8 @@ class Strategy:
     mean_confidence: float = PRIOR_MEAN_CONFIDENCE  # c̄: confidence assumed for a position not drafted yet
     acceptance_rate: float = PRIOR_ACCEPTANCE_RATE  # α: global accepted / drafted
     cost: CostModel = field(default_factory=CostModel)
-    calibration: Calibration = field(default_factory=Calibration)
+    calibration: Calibration = field(default_factory=Calibration)  # a draft model's confidences
+    free_calibration: Calibration = field(default_factory=Calibration)  # a free proposer's (suffix, n-gram)
     version: int = 0
     policy: str = "default"
     issued_at: float = 0.0  # unix seconds
@@ -192,14 +202,13 @@ class Strategy:
         if _number("issued_at", self.issued_at) > time.time() + CLOCK_SKEW_S:
             raise InvalidArgument("issued_at", f"{self.issued_at} is in the future")
         _validate_cost(self.cost)
-        cal = self.calibration
-        for name, values in (("calibration.raw", cal.raw), ("calibration.survival", cal.survival)):
-            if any(not 0.0 <= _number(name, v) <= 1.0 for v in values):
-                raise InvalidArgument(name, "values must be in [0, 1]")
-        if len(cal.raw) != len(cal.survival) or len(cal.raw) < 2 or list(cal.raw) != sorted(cal.raw) \
-                or list(cal.survival) != sorted(cal.survival):
-            raise InvalidArgument("calibration", "raw and survival must be increasing and of equal length >= 2")
+        _validate_calibration("calibration", self.calibration)
+        _validate_calibration("free_calibration", self.free_calibration)
         return self
+
+    def calibration_for(self, free: bool) -> Calibration:
+        """The calibration of a free proposer's drafts or of a model's."""
+        return self.free_calibration if free else self.calibration
 
     def expired(self, now: float | None = None) -> bool:
         return self.issued_at > 0 and (now or time.time()) > self.issued_at + self.ttl_s
@@ -220,14 +229,16 @@ class Strategy:
             unknown = sorted(set(doc) - known)
             if unknown:
                 raise InvalidArgument("strategy", f"unknown field {unknown[0]!r}")
-            cost_doc, cal_doc = doc.pop("cost", {}), doc.pop("calibration", {})
-            if not isinstance(cost_doc, dict) or not isinstance(cal_doc, dict):
-                raise TypeError("cost and calibration must be JSON objects")
+            cost_doc = doc.pop("cost", {})
+            cals = {name: doc.pop(name, {}) for name in ("calibration", "free_calibration")}
+            if not isinstance(cost_doc, dict) or not all(isinstance(c, dict) for c in cals.values()):
+                raise TypeError("cost and calibrations must be JSON objects")
             cost = CostModel(**cost_doc)
             cost = replace(cost, shape_buckets=tuple(cost.shape_buckets),
                            verify_table=tuple((p, t) for p, t in cost.verify_table))
-            cal = Calibration(tuple(cal_doc.get("raw", (0.0, 1.0))), tuple(cal_doc.get("survival", (0.0, 1.0))))
-            return cls(**doc, cost=cost, calibration=cal).validate()
+            cals = {name: Calibration(tuple(c.get("raw", (0.0, 1.0))), tuple(c.get("survival", (0.0, 1.0))))
+                    for name, c in cals.items()}
+            return cls(**doc, cost=cost, **cals).validate()
         except InvalidArgument:
             raise
         except (ValueError, TypeError, AttributeError, OverflowError) as exc:

@@ -41,6 +41,12 @@ class Drafted:
 
     tokens: list[int] = field(default_factory=list)
     confidences: list[float] = field(default_factory=list)
+    free: bool = False  # every draft so far came from a proposer that runs no model
+
+    def add(self, tokens: list[int], confidences: list[float], free: bool) -> None:
+        self.free = free and (self.free or not self.tokens)
+        self.tokens += tokens
+        self.confidences += confidences
 
     def cumulative(self) -> list[float]:
         out, c = [], 1.0
@@ -75,10 +81,11 @@ class Controller:
 def efficiency(p: Planner, sessions: list[SessionView], drafted: dict[str, Drafted], plan: dict[str, int],
                draft_ms: float, calibrated: bool = False) -> float:
     """Predicted G of verifying plan[k] drafts of each session, the drafting (draft_ms) already done;
-    with `calibrated`, through the strategy's calibration (Ĉ instead of raw C)."""
+    with `calibrated`, through the strategy's calibration of each session's proposer (Ĉ instead of raw C)."""
     cost = p.strategy.cost
     cums = [drafted[k].cumulative()[: plan[k]] for k in plan]
     if calibrated:
-        cums = [[p.strategy.calibration(c) for c in cs] for cs in cums]
+        cals = [p.strategy.calibration_for(drafted[k].free) for k in plan]
+        cums = [[cal(c) for c in cs] for cal, cs in zip(cals, cums)]
     ctx = sum(v.context for v in sessions)
     return expected_tokens(cums) / (draft_ms + cost.t_verify(sum(plan.values()) + len(sessions) + p.prompt_tokens, ctx))

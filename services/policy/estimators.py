@@ -139,7 +139,9 @@ class CalibrationEstimator:
                 i += 1
         survival = [r for r, _, n in blocks for _ in range(n)]
         centers = [(b + 0.5) / self.bins for b in range(self.bins)]
-        return Calibration((0.0, *centers, 1.0), (0.0, *survival, max(survival[-1], 1.0 - 1e-6)))
+        # Past the last bin's centre the survival stays that bin's: a raw 1.0 (a suffix draft's
+        # usual confidence) is worth what such drafts measured, not certainty.
+        return Calibration((0.0, *centers, 1.0), (0.0, *survival, survival[-1]))
 
 
 @dataclass

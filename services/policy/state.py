@@ -34,8 +34,10 @@ class PolicyState:
     name: str = "specserve-policy"
     ttl_s: float = 10.0
     cost: CostEstimator = field(default_factory=CostEstimator)
-    calibration: CalibrationEstimator = field(default_factory=CalibrationEstimator)
-    acceptance: AcceptanceEstimator = field(default_factory=AcceptanceEstimator)
+    calibration: CalibrationEstimator = field(default_factory=CalibrationEstimator)  # a draft model's drafts
+    free_calibration: CalibrationEstimator = field(default_factory=CalibrationEstimator)  # a free proposer's
+    acceptance: AcceptanceEstimator = field(default_factory=AcceptanceEstimator)  # every proposer's
+    model_acceptance: AcceptanceEstimator = field(default_factory=AcceptanceEstimator)  # a draft model's only
     version: int = 0
     applied: int = 0
     resumed: Strategy | None = None  # the last published strategy, until this state has learned its own
@@ -70,10 +72,18 @@ class PolicyState:
         self.cost.observe(n, 0 if catchup and not free else int(record["draft_steps"]),
                           0.0 if catchup and free else float(record["draft_ms"]), positions,
                           int(record["context_tokens"]), float(record["verify_ms"]), free=free)
-        self.calibration.observe([float(c) for c in record["confidences"]], [int(o) for o in record["outcomes"]])
+        confidences, outcomes = [float(c) for c in record["confidences"]], [int(o) for o in record["outcomes"]]
+        free_slots = [int(f) for f in record.get("free_slots", ())] or [0] * len(confidences)
+        for estimator, kind in ((self.calibration, 0), (self.free_calibration, 1)):
+            estimator.observe([c for c, f in zip(confidences, free_slots) if f == kind],
+                              [o for o, f in zip(outcomes, free_slots) if f == kind])
+        reached, accepted = ([int(v) for v in record.get(name, ())] for name in ("position_reached", "position_accepted"))
+        free_reached, free_accepted = ([int(v) for v in record.get(name, ())] or [0] * len(reached)
+                                       for name in ("free_position_reached", "free_position_accepted"))
         self.acceptance.observe(sum(int(d) for d in record["drafted"]), sum(int(a) for a in record["accepted"]),
-                                [int(r) for r in record.get("position_reached", ())],
-                                [int(a) for a in record.get("position_accepted", ())])
+                                reached, accepted)
+        self.model_acceptance.observe(0, 0, [r - f for r, f in zip(reached, free_reached)],
+                                      [a - f for a, f in zip(accepted, free_accepted)])
         self.applied += 1
 
     def decide(self) -> Strategy:
@@ -84,9 +94,12 @@ class PolicyState:
                                        policy=f"{self.name}/{self.algorithm}", issued_at=time.time(),
                                        ttl_s=self.ttl_s).validate()
         acc = self.acceptance
-        per_token = acc.conditional if acc.conditional is not None else PRIOR_MEAN_CONFIDENCE
+        # c̄ prices a model's next draft: its own drafts' rate, every proposer's before it has drafted.
+        per_token = next((c for c in (self.model_acceptance.conditional, acc.conditional) if c is not None),
+                         PRIOR_MEAN_CONFIDENCE)
         return Strategy(
             mode=mode, static_k=k, cost=self.cost.fit(), calibration=self.calibration.fit(),
+            free_calibration=self.free_calibration.fit(),
             acceptance_rate=min(acc.rate, 0.99), mean_confidence=min(max(per_token, 0.05), 0.99),
             version=self.version, policy=f"{self.name}/{self.algorithm}", issued_at=time.time(), ttl_s=self.ttl_s,
         ).validate()

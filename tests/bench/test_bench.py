@@ -345,12 +345,18 @@ def test_report_gives_conditional_acceptance_per_position_and_the_exploring_shar
     report = _report({"off": ([True] * 20, 50.0), "adaptive": ([True] * 20, 49.0)})
     for rep, run in enumerate(r for r in report["runs"] if r["system"] == "adaptive"):
         # 10 drafts reached position 1 and 8 were accepted; 8 reached position 2, 2 accepted there.
-        run.update(position_accepted=[8, 2], position_reached=[10, 8], explored_ms=1.0 + rep, step_ms=100.0)
+        # Of those, the suffix drafted 4 that reached position 1 (all accepted) and 4 at position 2 (2 accepted).
+        run.update(position_accepted=[8, 2], position_reached=[10, 8], explored_ms=1.0 + rep, step_ms=100.0,
+                   free_position_accepted=[4, 2], free_position_reached=[4, 4])
     pooled = Pooled(report)
     assert pooled.conditional_acceptance("adaptive") == [pytest.approx(0.8), pytest.approx(0.25)]
+    assert pooled.conditional_acceptance("adaptive", proposer="free") == [pytest.approx(1.0), pytest.approx(0.5)]
+    assert pooled.conditional_acceptance("adaptive", proposer="model") == [pytest.approx(4 / 6), pytest.approx(0.0)]
     assert pooled.conditional_acceptance("off") == []
     assert pooled.explored_share("adaptive", 1) == pytest.approx(3.0 / 200.0)
     text = markdown(report)
-    assert "| adaptive | 0.80 | 0.25 | 1: 1.50% |" in text and "| off |" not in text.split("## Acceptance")[1].split("##")[0]
+    table = text.split("## Acceptance")[1].split("##")[0]
+    assert "| adaptive | suffix | 1.00 | 0.50 | 1: 1.50% |" in table
+    assert "| adaptive | model | 0.67 | 0.00 | 1: 1.50% |" in table and "| off |" not in table
     write_report(report, tmp_path)
     assert (tmp_path / "acceptance.png").stat().st_size > 0

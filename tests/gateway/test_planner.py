@@ -129,6 +129,29 @@ def test_a_free_drafter_is_asked_for_its_whole_budget_and_pruned_by_each_draft_s
     assert planner.prune(views, {"copy": Drafted([1], [0.3])}) == {"copy": 0}
 
 
+def test_each_draft_is_pruned_through_its_own_proposer_s_calibration():
+    """The same raw confidence 1.0 means what each proposer's drafts measured: free drafts that
+    survived 95% keep a 12-token copy; a model whose drafts at 1.0 survived 20% keeps none."""
+    free = CostModel(draft_fixed=0.5, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=STEEP, draft_free=True)
+    low, high = Calibration((0.0, 1.0), (0.0, 0.2)), Calibration((0.0, 1.0), (0.0, 0.95))
+    planner = Planner(Strategy(mode="adaptive", cost=free, max_free_draft_tokens=12, calibration=low,
+                               free_calibration=high), hybrid=True)
+    views = [SessionView("copy", 50)]
+    tokens, sure = list(range(12)), [1.0] * 12
+    assert planner.prune(views, {"copy": Drafted(tokens, sure, free=True)}) == {"copy": 12}
+    assert planner.prune(views, {"copy": Drafted(tokens, sure, free=False)}) == {"copy": 0}
+
+
+def test_drafts_are_free_only_while_every_round_s_were():
+    drafted = Drafted()
+    drafted.add([1, 2], [1.0, 1.0], free=True)
+    assert drafted.free
+    drafted.add([3], [0.5], free=False)
+    assert not drafted.free and drafted.tokens == [1, 2, 3]
+    drafted.add([4], [1.0], free=True)
+    assert not drafted.free
+
+
 def test_model_drafts_stay_off_where_the_table_says_they_lose():
     """The same steep table with a draft model at half a target token: at the prior mean
     confidence, one draft (1.6 tokens for 37.5 + 120 ms) loses to plain decoding (1 for 75 ms)."""

@@ -236,6 +236,30 @@ def test_acceptance_is_the_conditional_rate_per_position_not_accepted_over_draft
     assert state.decide().mean_confidence == pytest.approx(0.8, abs=0.02)
 
 
+def test_each_proposer_gets_its_own_calibration_and_c_bar_is_the_model_s_rate():
+    """A hybrid drafter's steps mix suffix drafts (raw confidence 1.0, survive 90%) and model drafts
+    (raw 0.9, survive 30%): each calibration sees only its own proposer's drafts, and c̄, which
+    prices the model's next draft, is the model's conditional rate, not the pooled one."""
+    import random
+
+    rng = random.Random(5)
+    state = PolicyState()
+    for i in range(2000):
+        free = i % 2
+        ok = int(rng.random() < (0.9 if free else 0.3))
+        state.observe({"component": "gateway", "batch_size": 1, "verified_positions": 2, "draft_steps": 1 - free,
+                       "draft_ms": 1.0, "context_tokens": 50, "verify_ms": 80.0, "confidences": [1.0 if free else 0.9],
+                       "outcomes": [ok], "free_slots": [free], "drafted": [1], "accepted": [ok],
+                       "position_reached": [1], "position_accepted": [ok],
+                       "free_position_reached": [free], "free_position_accepted": [free * ok]})
+    strategy = state.decide()
+    assert strategy.free_calibration(0.99) == pytest.approx(0.9, abs=0.04)
+    assert strategy.calibration(0.9) == pytest.approx(0.3, abs=0.05)
+    assert strategy.calibration(0.99) < 0.5  # the model's drafts never reached 1.0: not the suffix's 0.9
+    assert strategy.mean_confidence == pytest.approx(0.3, abs=0.04)
+    assert state.acceptance.conditional == pytest.approx(0.6, abs=0.04)  # pooled, for the report
+
+
 def test_ops_cli_sets_validates_and_unsets(redis_url, redis_client):
     def ops(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "specserve.cli", "ops", "--redis-url", redis_url, *args],

@@ -38,6 +38,7 @@ def _doc(**changes) -> str:
     ({"cost.draft_fixed": -1.0}, "cost.draft_fixed"),
     ({"cost.shape_buckets": [4, 2]}, "cost.shape_buckets"),
     ({"calibration.raw": [0.0, 2.0]}, "calibration.raw"),
+    ({"free_calibration.survival": [0.5, 0.2]}, "free_calibration"),
     ({"gate_margin": 0}, "gate_margin"),
     ({"surprise": 1}, "strategy"),
 ])
@@ -60,7 +61,7 @@ _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | s
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from([*json.loads(Strategy().to_json()), "cost", "calibration", "x"]), _JSON,
+@given(st.dictionaries(st.sampled_from([*json.loads(Strategy().to_json()), "cost", "calibration", "free_calibration", "x"]), _JSON,
                        max_size=4) | _JSON)
 def test_any_document_is_a_strategy_or_an_invalid_argument(doc):
     base = json.loads(Strategy().to_json())

@@ -50,7 +50,7 @@ class NgramProposer:
             self.sessions.put(item.session_id, (tokens, pending + out))
             # A deterministic proposer samples from a point mass on its token.
             dists = [] if item.params.greedy else [([t], [1.0]) for t in out]
-            drafts.append(Draft(item.session_id, SessionStatus.OK, out, [self.confidence] * len(out), dists))
+            drafts.append(Draft(item.session_id, SessionStatus.OK, out, [self.confidence] * len(out), dists, free=True))
         return ProposeOutput(drafts, 0, time.perf_counter_ns() - start)
 
     def release(self, session_ids: list[str]) -> int:

@@ -123,7 +123,7 @@ class SuffixProposer:
             session.pending = (session.pending if item.extend else []) + tokens
             # A deterministic proposer samples from a point mass on its token.
             dists = [] if item.params.greedy else [([t], [1.0]) for t in tokens]
-            drafts.append(Draft(item.session_id, SessionStatus.OK, tokens, confidences, dists))
+            drafts.append(Draft(item.session_id, SessionStatus.OK, tokens, confidences, dists, free=True))
         return ProposeOutput(drafts, 0, time.perf_counter_ns() - start)
 
     def _sync(self, item: ProposeItem) -> _Session | None:

@@ -86,10 +86,15 @@ def test_suffix_drafts_are_lossless_across_batch_mixes(tiny_pair, strategy):
     code = tokenizer.encode("for i in range(10):\n    print(i)\nfor i in range(10):\n")
     requests = [(code, SamplingParams(max_new_tokens=30)), (code[:7], SamplingParams(max_new_tokens=12)),
                 ([5, 9, 11], SamplingParams(max_new_tokens=20))]
-    seqs, outs = run_local(tiny_pair, requests, strategy, proposer="suffix", overrides=[("", 0), ("static", 2)])
+    records = []
+    seqs, outs = run_local(tiny_pair, requests, strategy, proposer="suffix", overrides=[("", 0), ("static", 2)],
+                           on_step=records.append)
     for (prompt, params), (tokens, _, _) in zip(requests, outs):
         assert_lossless(tokens, tiny_pair.reference(prompt, params.max_new_tokens, tokenizer.eos_token_id))
     assert sum(s.draft_tokens for s in seqs) > 0
+    # Every verified draft is the suffix's, and its records say so, per slot and per position.
+    assert [f for r in records for f in r.free_slots] == [1] * sum(len(r.confidences) for r in records) != []
+    assert all(r.free_position_reached == r.position_reached for r in records)
 
 
 def test_the_hybrid_drafts_from_the_suffix_where_it_expects_enough_and_from_the_model_elsewhere(tiny_pair):
@@ -101,6 +106,7 @@ def test_the_hybrid_drafts_from_the_suffix_where_it_expects_enough_and_from_the_
                             ProposeItem("fresh", 0, [5, 9, 11], 4, SamplingParams())])
     assert out.drafts[0].tokens == [15, 16, 17, 18] and out.drafts[0].confidences == [1.0] * 4
     assert len(out.drafts[1].tokens) == 4 and out.draft_steps == 4  # the model drafted the fresh one only
+    assert [d.free for d in out.drafts] == [True, False]  # each calibrated as its proposer's
     assert proposer.model.sessions.get("copy") is None  # the model never read the copied session
     # The gateway learns what the model would read first if it drafted for the session.
     assert [d.model_unread for d in out.drafts] == [len(copy), 0]
@@ -123,7 +129,14 @@ def test_hybrid_drafts_are_lossless(tiny_pair):
     requests = [(code, SamplingParams(max_new_tokens=30)), ([5, 9, 11], SamplingParams(max_new_tokens=20))]
     cheap = CostModel(draft_fixed=1.0, draft_per_seq=0.1)
     for strategy in (Strategy(mode="static", static_k=3), Strategy(mode="adaptive", cost=cheap)):
-        seqs, outs = run_local(tiny_pair, requests, strategy, proposer="hybrid")
+        records = []
+        seqs, outs = run_local(tiny_pair, requests, strategy, proposer="hybrid", on_step=records.append)
         for (prompt, params), (tokens, _, _) in zip(requests, outs):
             assert_lossless(tokens, tiny_pair.reference(prompt, params.max_new_tokens, tokenizer.eos_token_id))
         assert sum(s.draft_tokens for s in seqs) > 0
+        # Step records say which proposer drafted each verified position.
+        for r in records:
+            assert len(r.free_slots) == len(r.confidences)
+            assert all(f <= n for f, n in zip(r.free_position_reached, r.position_reached))
+        if strategy.mode == "static":
+            assert 0 in [f for r in records for f in r.free_slots]  # the model drafted the fresh prompt
