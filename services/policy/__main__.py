@@ -21,6 +21,7 @@ from specserve.errors import InvalidArgument
 from specserve.strategy import STRATEGY_KEY, UPDATES_CHANNEL, Strategy
 
 log = logging.getLogger("specserve.policy")
+READ_BATCH = 1000  # telemetry entries per read: a quarter second of steps at any load we serve
 
 
 @dataclass
@@ -31,6 +32,8 @@ class PolicyConfig:
     algorithm: str = doc("adaptive", "adaptive, specserve, smartspec, threshold, static:K or off")
     consumer: str = doc("", "consumer name in the group; empty uses host and pid")
     publish_every_s: float = doc(1.0, "publish at least this often while traffic flows")
+    read_every_s: float = doc(0.25, "while traffic flows, read the telemetry this often (records gather in between: "
+                                    "a read per step would take CPU from the models)")
     ttl_s: float = doc(10.0, "time-to-live of each published strategy")
     reclaim_idle_ms: int = doc(30_000, "reclaim entries other consumers left pending this long")
 
@@ -38,6 +41,8 @@ class PolicyConfig:
         parse_algorithm(self.algorithm)
         if not self.redis_url:
             raise InvalidArgument("redis_url", "the policy needs Redis")
+        if not 0 <= self.read_every_s < self.ttl_s / 2:
+            raise InvalidArgument("read_every_s", f"must be in [0, ttl_s / 2), got {self.read_every_s}")
 
 
 def publish(client: redis.Redis, strategy: Strategy) -> bool:
@@ -81,11 +86,13 @@ def run(config: PolicyConfig, stop=lambda: False) -> None:
             if now - last_reclaim > config.reclaim_idle_ms / 1000:
                 consumer.reclaim()
                 last_reclaim = now
-            applied = consumer.poll(block_ms=int(config.publish_every_s * 500))
+            applied = consumer.poll(block_ms=int(config.publish_every_s * 500), count=READ_BATCH)
             # Publish once a second while traffic flows, and before the last one expires regardless.
             if time.monotonic() - last_publish >= (config.publish_every_s if applied else config.ttl_s / 2):
                 publish(client, state.decide())
                 last_publish = time.monotonic()
+            if applied:
+                time.sleep(config.read_every_s)
         except redis.RedisError as exc:
             log.warning("redis unavailable (%s); retrying", exc)
             consumer = None

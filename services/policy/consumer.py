@@ -52,16 +52,19 @@ class Consumer:
         return 0
 
     def _handle(self, entries) -> int:
-        done = 0
+        """Apply the entries, then acknowledge them all in one round trip (an entry applied but not
+        acknowledged when this consumer dies is applied again by whoever reclaims it)."""
+        done, ids = 0, []
         for entry_id, fields in entries:
+            ids.append(entry_id)
             if fields is None:  # trimmed away by MAXLEN before we got to it
-                self.client.xack(self.stream, self.group, entry_id)
                 continue
             try:
                 self.apply(decode(fields))
             except (KeyError, TypeError, ValueError, OverflowError) as exc:  # one bad record never kills the loop
                 self.malformed += 1
                 log.warning("skipping malformed telemetry entry %s: %s", entry_id, exc)
-            self.client.xack(self.stream, self.group, entry_id)
             done += 1
+        if ids:
+            self.client.xack(self.stream, self.group, *ids)
         return done
