@@ -203,7 +203,7 @@ async def _client_tpot_http(http, url: str, model: str, ids: list[int], tokens: 
             doc = json.loads(line[6:])
             if doc.get("usage"):
                 count = doc["usage"]["completion_tokens"]
-            elif doc["choices"] and doc["choices"][0]["text"]:
+            elif doc["choices"]:  # a chunk of tokens (its text may be held back at a partial character)
                 stamps.append(time.perf_counter())
     return (stamps[-1] - stamps[0]) * 1000 / max(count - 1, 1)
 

@@ -22,6 +22,7 @@ from gateway.scheduler import Scheduler, SchedulerConfig
 from gateway.servicer import GatewayServicer
 from specserve.background import Tasks
 from specserve.config import doc
+from specserve.contracts import MAX_PLAIN_STEPS
 from specserve.errors import FailedPrecondition, InvalidArgument, SpecServeError
 from specserve.live import LiveConfig, LiveReader
 from specserve.server import ApiKeyInterceptor, Server, run_until_signalled
@@ -59,6 +60,10 @@ class GatewayConfig:
     max_batch_size: int = doc(16, "most sessions decoded together")
     max_queued: int = doc(256, "most requests waiting for a batch slot")
     max_prefill_tokens: int = doc(2048, "prompt tokens prefilled per step")
+    max_plain_steps: int = doc(SchedulerConfig.max_plain_steps, "plain decoding with no request waiting: tokens per "
+                               "session per verify call (a decode burst); 1 turns bursts off")
+    max_burst_ms: float = doc(SchedulerConfig.max_burst_ms, "a decode burst's longest predicted time (what a request "
+                              "arriving meanwhile may wait)")
     max_new_tokens: int = doc(2048, "largest max_new_tokens a request may ask for")
     default_max_new_tokens: int = doc(128, "max_new_tokens when a request leaves it 0")
     default_ttft_ms: float = doc(0.0, "TTFT SLO of requests that set none; 0 is none")
@@ -86,6 +91,8 @@ class GatewayConfig:
             raise InvalidArgument("admission", f"must be one of {', '.join(ADMISSION_MODES)}")
         if self.max_batch_size < 1:
             raise InvalidArgument("max_batch_size", "must be >= 1")
+        if not 1 <= self.max_plain_steps <= MAX_PLAIN_STEPS:
+            raise InvalidArgument("max_plain_steps", f"must be in [1, {MAX_PLAIN_STEPS}], got {self.max_plain_steps}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InvalidArgument("tls_cert", "tls_cert and tls_key go together")
 
@@ -169,7 +176,8 @@ class Gateway:
                 telemetry.emit(record)
 
         scheduler = Scheduler(self.verifier, self.drafter, self.tokenizer, vinfo.eos_token_ids,
-                              SchedulerConfig(c.max_batch_size, c.max_queued, c.max_prefill_tokens, c.call_timeout_s),
+                              SchedulerConfig(c.max_batch_size, c.max_queued, c.max_prefill_tokens, c.call_timeout_s,
+                                              max_plain_steps=c.max_plain_steps, max_burst_ms=c.max_burst_ms),
                               self.strategy, on_step=on_step, draft_free=bool(dinfo and dinfo.free_drafts),
                               hybrid=bool(dinfo and dinfo.hybrid))
         admission = Admission(scheduler, c.admission, on_reject=lambda seq: metrics.rejected.labels("slo").inc(),

@@ -53,6 +53,11 @@ class SchedulerConfig:
     draft_timeout_factor: float = 3.0
     draft_timeout_floor_s: float = 0.5
     drafter_max_misses: int = 3
+    # A step with neither drafts nor prompts, while no request waits, decodes up to this many tokens
+    # per session in one verify call, within `max_burst_ms` of predicted time; a request arriving
+    # meanwhile ends the burst after its current forward.
+    max_plain_steps: int = 4
+    max_burst_ms: float = 500.0
 
 
 @dataclass
@@ -88,6 +93,7 @@ class StepRecord:
     # accepted / reached there is the conditional acceptance rate at that position
     position_reached: list[int] = field(default_factory=list)
     draft_catchup_tokens: int = 0  # tokens the drafter re-read to catch up (their time is not drafting)
+    forwards: int = 1  # forward passes in the step's verify call (a decode burst runs several)
     # which verified draft positions (in `confidences`' order) a free proposer drafted (1) or a model (0),
     # and the free proposer's share of `position_reached` / `position_accepted`
     free_slots: list[int] = field(default_factory=list)
@@ -158,7 +164,8 @@ class Scheduler(Background):
         self.on_step = on_step or (lambda record: None)
         self.on_finish = on_finish or (lambda seq: None)
         self._to_release: list[str] = []
-        self.tasks = Tasks()  # the drafter probe
+        self.bursting = False  # a decode burst's verify call is under way
+        self.tasks = Tasks()  # the drafter probe, ending a burst
 
     # --- admission ---------------------------------------------------------------------------
     @property
@@ -176,6 +183,15 @@ class Scheduler(Background):
         self.waiting.append(seq)
         self.idle.clear()
         self.wake.set()
+        if self.bursting:  # it goes in after the burst's current forward, not its last
+            self.bursting = False
+            self.tasks.spawn(self._end_burst(), "end-burst")
+
+    async def _end_burst(self) -> None:
+        try:
+            await self.verifier.end_burst(timeout=self.config.call_timeout_s)
+        except SpecServeError as exc:  # the burst runs its course; the request waits for it
+            log.warning("could not end the decode burst: %s", exc)
 
     def cancel(self, seq: Sequence) -> None:
         """Called when the client goes away; the session is freed at the next step boundary."""
@@ -383,6 +399,8 @@ class Scheduler(Background):
             plans = self._plan(step)
             await self._draft(step, plans)
             self._prune(step)
+            if not chunks:
+                self._burst(step)
         else:
             step.predicted_ms = self.planner.step_ms([], [])
         out = await self._verify(step, items, [s for s, _ in chunks])
@@ -449,9 +467,23 @@ class Scheduler(Background):
                       for s in step.seqs]
         step.planner_s += time.perf_counter() - tick
 
+    def _burst(self, step: "_Step") -> None:
+        """Plain decoding with nobody waiting: several tokens per session in one verify call
+        (vLLM's multi-step scheduling), so the step's cost outside the forward (the RPCs, this
+        loop, telemetry) is paid once per burst instead of once per token."""
+        config = self.config
+        if config.max_plain_steps < 2 or self.waiting or self.prefilling or self.resync \
+                or any(item.drafts for item in step.items):
+            return
+        n = min(config.max_plain_steps, int(config.max_burst_ms // max(step.predicted_ms, 1e-3)))
+        if n >= 2:
+            for seq, item in zip(step.seqs, step.items):
+                item.plain_steps = min(n, seq.params.max_new_tokens - len(seq.generated))
+
     async def _verify(self, step: "_Step", prefills: list[PrefillItem], prefilling: list[Sequence]
                       ) -> VerifyOutput | None:
         seqs = [*step.seqs, *prefilling]
+        self.bursting = any(item.plain_steps > 1 for item in step.items)
         try:
             return await self.verifier.verify(step.items, prefills, timeout=self._timeout(seqs))
         except SpecServeError as exc:
@@ -459,6 +491,8 @@ class Scheduler(Background):
             for seq in seqs:
                 self._finish(seq, Finish.ERROR, _as_unavailable(exc, "verifier"))
             return None
+        finally:
+            self.bursting = False
 
     def _commit_step(self, step: "_Step", out: VerifyOutput) -> None:
         """Stream each session's emitted tokens; sessions the verifier lost go to re-prefill."""
@@ -475,7 +509,7 @@ class Scheduler(Background):
                 step.accepted.append(0)
                 continue
             k = len(item.drafts)
-            seq.steps += 1
+            seq.steps += max(len(result.tokens) - result.accepted, 1)  # a decode burst ran several
             seq.draft_tokens += k
             seq.accepted_tokens += result.accepted
             step.accepted.append(result.accepted)
@@ -500,7 +534,7 @@ class Scheduler(Background):
             # The drafter's catch-up on histories it had not read is part of the probe's price.
             probe_ms += self.planner.strategy.cost.t_positions(step.catchup) * self.planner.time_scale \
                 if step.catchup else 0.0
-        self.planner.observe_step(step.predicted_ms, step_ms, probe_ms)
+        self.planner.observe_step(step.predicted_ms, step_ms / out.forwards, probe_ms)
         self.step_id += 1
         self.on_step(StepRecord(
             step_id=self.step_id, batch_size=len(step.seqs), verified_positions=out.verified_positions,
@@ -515,7 +549,7 @@ class Scheduler(Background):
             mode=self.planner.strategy.mode,
             pruned=sum(len(d.tokens) for d in step.drafted.values()) - sum(step.keep.values()),
             draft_catchup_tokens=step.catchup, prompt_tokens=step.prompt_tokens,
-            draft_free=self.planner.draft_free, explored=step.explored, probe_ms=probe_ms))
+            draft_free=self.planner.draft_free, explored=step.explored, probe_ms=probe_ms, forwards=out.forwards))
 
     # --- output ------------------------------------------------------------------------------
     def _commit(self, seq: Sequence, tokens: list[int], now: float) -> None:

@@ -131,24 +131,26 @@ def prefill_output_from_pb(pb: verifier_pb2.PrefillResponse) -> c.PrefillOutput:
 def verify_request_to_pb(items: list[c.VerifyItem], prefills: list[c.PrefillItem] = ()) -> verifier_pb2.VerifyRequest:
     return verifier_pb2.VerifyRequest(items=[
         verifier_pb2.VerifyItem(session_id=it.session_id, position=it.position, draft_token_ids=it.drafts,
-                                draft_distributions=[_sparse_to_pb(x) for x in it.distributions])
+                                draft_distributions=[_sparse_to_pb(x) for x in it.distributions],
+                                plain_steps=it.plain_steps)
         for it in items], prefills=_prefill_items_to_pb(prefills))
 
 
 def verify_request_from_pb(pb: verifier_pb2.VerifyRequest) -> tuple[list[c.VerifyItem], list[c.PrefillItem]]:
     return [c.VerifyItem(it.session_id, it.position, list(it.draft_token_ids),
-                         [_sparse_from_pb(x) for x in it.draft_distributions]) for it in pb.items], \
+                         [_sparse_from_pb(x) for x in it.draft_distributions], it.plain_steps) for it in pb.items], \
         _prefill_items_from_pb(pb.prefills)
 
 
 def verify_output_to_pb(out: c.VerifyOutput) -> verifier_pb2.VerifyResponse:
     return verifier_pb2.VerifyResponse(verified_positions=out.verified_positions, forward_ns=out.forward_ns, results=[
         verifier_pb2.VerifyResult(session_id=r.session_id, status=_STATUS_TO_PB[r.status], token_ids=r.tokens,
-                                  accepted=r.accepted) for r in out.results], prefills=_prefill_results_to_pb(out.prefills))
+                                  accepted=r.accepted) for r in out.results], prefills=_prefill_results_to_pb(out.prefills),
+        forwards=out.forwards)
 
 
 def verify_output_from_pb(pb: verifier_pb2.VerifyResponse) -> c.VerifyOutput:
     return c.VerifyOutput([
         c.VerifyResult(r.session_id, _STATUS_FROM_PB.get(r.status, c.SessionStatus.NOT_FOUND), list(r.token_ids),
                        r.accepted) for r in pb.results], pb.verified_positions, pb.forward_ns,
-        _prefill_results_from_pb(pb.prefills))
+        _prefill_results_from_pb(pb.prefills), max(pb.forwards, 1))

@@ -123,12 +123,16 @@ class ProposeOutput:
     draft_ns: int
 
 
+MAX_PLAIN_STEPS = 64  # the longest decode burst one verify call may ask for
+
+
 @dataclass
 class VerifyItem:
     session_id: str
     position: int  # committed tokens the caller believes the session holds
     drafts: list[int]  # [k]; none is a plain decode step
     distributions: list[Sparse] = field(default_factory=list)  # [k] when sampling
+    plain_steps: int = 0  # without drafts: up to this many plain decode steps in one call (a burst)
 
     @classmethod
     def make_dummy(cls, session_id: str = "s0", position: int = 4, drafts: list[int] | None = None) -> "VerifyItem":
@@ -149,6 +153,7 @@ class VerifyOutput:
     verified_positions: int  # positions in the step's forward: drafts + 1 per session, plus prompt tokens
     forward_ns: int
     prefills: list[PrefillResult] = field(default_factory=list)  # one per prompt chunk in the step
+    forwards: int = 1  # forward passes run (more than one where a decode burst ran)
 
 
 @dataclass

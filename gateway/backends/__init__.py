@@ -33,5 +33,7 @@ class VerifierBackend(Protocol):
     async def prefill(self, items: list[PrefillItem], timeout: float | None = None) -> PrefillOutput: ...
     async def verify(self, items: list[VerifyItem], prefills: list[PrefillItem] = (),
                      timeout: float | None = None) -> VerifyOutput:
-        """One step: verify rows and prompt chunks in one forward."""
+        """One step: verify rows and prompt chunks in one forward (or a decode burst of several)."""
+    async def end_burst(self, timeout: float | None = None) -> None:
+        """End the decode burst under way after its current forward."""
     async def release(self, session_ids: list[str], timeout: float | None = None, owner: str = "") -> int: ...

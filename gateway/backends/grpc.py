@@ -8,7 +8,7 @@ import grpc
 from specserve import codec
 from specserve.contracts import PrefillOutput, ProposeOutput, VerifyOutput, WorkerInfo
 from specserve.errors import DeadlineExceeded, InvalidArgument, Unavailable
-from specserve.v1 import common_pb2, drafter_pb2_grpc, verifier_pb2_grpc
+from specserve.v1 import common_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
 
 def _translate(exc: grpc.aio.AioRpcError, service: str) -> Exception:
@@ -53,6 +53,9 @@ class GrpcVerifier(_GrpcClient):
     async def verify(self, items, prefills=(), timeout=None) -> VerifyOutput:
         return codec.verify_output_from_pb(
             await self._call("Verify", codec.verify_request_to_pb(items, prefills), timeout))
+
+    async def end_burst(self, timeout=None) -> None:
+        await self._call("EndBurst", verifier_pb2.EndBurstRequest(), timeout)
 
 
 class GrpcDrafter(_GrpcClient):

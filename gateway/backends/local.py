@@ -42,6 +42,9 @@ class LocalVerifier(_Local):
     async def verify(self, items, prefills=(), timeout=None) -> VerifyOutput:
         return await self._run(self.worker.verify, items, list(prefills), timeout=timeout)
 
+    async def end_burst(self, timeout=None) -> None:
+        self.worker.end_burst.set()
+
 
 class LocalDrafter(_Local):
     async def propose(self, items, timeout=None) -> ProposeOutput:
@@ -55,7 +58,7 @@ def local_scheduler(target: Runtime, draft: Runtime | None, tokenizer, eos_ids: 
     """target, draft: model runtimes (draft may be None for target-only decoding)."""
     info = WorkerInfo("local", "", target.max_context, target.info.device, target.info.dtype, eos_ids, 0, 0,
                       target.info.runtime)
-    verifier = LocalVerifier(VerifierWorker(target), info, verify_delay_ms)
+    verifier = LocalVerifier(VerifierWorker(target, eos_token_ids=tuple(eos_ids)), info, verify_delay_ms)
     drafter = None
     if proposer in ("ngram", "suffix"):
         drafter = LocalDrafter(make_proposer(proposer), info, draft_delay_ms)

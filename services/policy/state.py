@@ -65,13 +65,15 @@ class PolicyState:
             return
         if component != "gateway":
             return
-        n, positions = int(record["batch_size"]), int(record["verified_positions"])
+        # A decode burst ran several plain forwards in one call: the cost model prices one.
+        forwards = max(int(record.get("forwards", 1)), 1)
+        n, positions = int(record["batch_size"]), round(int(record["verified_positions"]) / forwards)
         # A step whose drafter caught up on a whole history timed reading, not drafting.
         catchup = int(record.get("draft_catchup_tokens", 0)) > 0
         free = record.get("draft_free", False) is True
         self.cost.observe(n, 0 if catchup and not free else int(record["draft_steps"]),
                           0.0 if catchup and free else float(record["draft_ms"]), positions,
-                          int(record["context_tokens"]), float(record["verify_ms"]), free=free)
+                          int(record["context_tokens"]), float(record["verify_ms"]) / forwards, free=free)
         confidences, outcomes = [float(c) for c in record["confidences"]], [int(o) for o in record["outcomes"]]
         free_slots = [int(f) for f in record.get("free_slots", ())] or [0] * len(confidences)
         for estimator, kind in ((self.calibration, 0), (self.free_calibration, 1)):

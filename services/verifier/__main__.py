@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     servicer = VerifierServicer(config.model, ComputeThread(config.step_delay_ms))
     asyncio.run(serve_model(
         config, NAME, servicer, verifier_pb2_grpc.add_VerifierServicer_to_server,
-        lambda loaded: VerifierWorker(loaded.runtime, config.session_ttl_s), warm, profile=profile,
+        lambda loaded: VerifierWorker(loaded.runtime, config.session_ttl_s, tuple(loaded.eos_token_ids)), warm, profile=profile,
         profile_version=PROFILE_VERSION))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from services.modelservice.servicer import ModelServicer, unique_ids
 from specserve import codec
 from specserve.contracts import PrefillItem
-from specserve.v1 import verifier_pb2_grpc
+from specserve.v1 import verifier_pb2, verifier_pb2_grpc
 
 
 class VerifierServicer(ModelServicer, verifier_pb2_grpc.VerifierServicer):
@@ -32,5 +32,9 @@ class VerifierServicer(ModelServicer, verifier_pb2_grpc.VerifierServicer):
         out = await self.compute.run(worker.verify, items, prefills)
         self.record("verify", len(items), verified_positions=out.verified_positions, forward_ms=out.forward_ns / 1e6,
                     drafted=[len(it.drafts) for it in items], accepted=[r.accepted for r in out.results],
-                    prompt_tokens=sum(len(it.prompt) for it in prefills))
+                    prompt_tokens=sum(len(it.prompt) for it in prefills), forwards=out.forwards)
         return codec.verify_output_to_pb(out)
+
+    async def EndBurst(self, request, context):
+        self.ready().end_burst.set()  # read by the compute thread between a burst's forwards
+        return verifier_pb2.EndBurstResponse()

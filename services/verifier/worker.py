@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import torch
 from services.verifier.acceptance import dense, verify_greedy, verify_sampled
 from specserve.config import SESSION_TTL_S
 from specserve.contracts import (
+    MAX_PLAIN_STEPS,
     PrefillItem,
     PrefillOutput,
     PrefillResult,
@@ -40,8 +42,10 @@ class TargetSession:
 class VerifierWorker:
     """Holds the target model and its sessions. Not thread-safe: call from one worker thread."""
 
-    def __init__(self, runtime: Runtime, session_ttl_s: float = SESSION_TTL_S):
+    def __init__(self, runtime: Runtime, session_ttl_s: float = SESSION_TTL_S, eos_token_ids: tuple[int, ...] = ()):
         self.runtime = runtime
+        self.eos = frozenset(eos_token_ids)  # a decode burst ends at these (the caller stops there too)
+        self.end_burst = threading.Event()  # set from another thread: the burst under way ends
         self.max_context = runtime.max_context
         self.vocab = runtime.vocab_size
         self.device = runtime.device
@@ -71,6 +75,7 @@ class VerifierWorker:
         refused (INVALID), and when the KV has no room for the chunks (EXHAUSTED) the running
         sessions' step runs without them."""
         start = time.perf_counter_ns()
+        self.end_burst.clear()
         refused: dict[str, PrefillResult] = {}
         chunks: list[tuple[PrefillItem, TargetSession | None]] = []
         for item in prefills:
@@ -90,6 +95,9 @@ class VerifierWorker:
                     "draft_distributions", f"session {item.session_id}: sampling needs one per draft token")
             if any(not 0 <= t < self.vocab for t in item.drafts):
                 raise InvalidArgument("draft_token_ids", f"session {item.session_id}: token id outside [0, {self.vocab})")
+            if not 0 <= item.plain_steps <= MAX_PLAIN_STEPS or (item.plain_steps > 1 and item.drafts):
+                raise InvalidArgument("plain_steps", f"session {item.session_id}: must be in [0, {MAX_PLAIN_STEPS}] "
+                                      f"and at most 1 with drafts, got {item.plain_steps}")
             room = self.max_context - len(session.tokens)
             if room <= 0:
                 raise InvalidArgument("position", f"session {item.session_id}: context window of {self.max_context} is full")
@@ -123,8 +131,24 @@ class VerifierWorker:
             session.tokens.extend(emitted)
             results[item.session_id] = VerifyResult(item.session_id, SessionStatus.OK, emitted, accepted)
         positions = sum(len(r.tokens) - r.reused for r in prompt_rows + verify_rows)
+        forwards, burst = 1, [(it, s) for it, s in live if it.plain_steps > 1]
+        for step in range(1, max((it.plain_steps for it, _ in burst), default=0)):
+            burst = [(it, s) for it, s in burst if it.plain_steps > step and s.tokens[-1] not in self.eos
+                     and len(s.tokens) < self.max_context]
+            if not burst or self.end_burst.is_set():
+                break
+            rows = [Row(it.session_id, [s.tokens[-1]], [0], s.params.greedy) for it, s in burst]
+            try:
+                logits = self.runtime.forward(rows)
+            except ResourceExhausted:
+                break  # no KV room to go on: the burst ends with what it committed
+            for (item, session), row in zip(burst, logits):
+                _, emitted = self._accept(VerifyItem(item.session_id, item.position, []), session, row)
+                session.tokens.extend(emitted)
+                results[item.session_id].tokens.extend(emitted)
+            positions, forwards = positions + len(rows), forwards + 1
         return VerifyOutput([results[it.session_id] for it in items], positions, time.perf_counter_ns() - start,
-                            [refused.get(it.session_id) or done[it.session_id] for it in prefills])
+                            [refused.get(it.session_id) or done[it.session_id] for it in prefills], forwards)
 
     def _check_prefill(self, item: PrefillItem) -> TargetSession | None:
         """Validate a prompt chunk; the session an appended chunk continues (else None)."""

@@ -236,6 +236,18 @@ def test_acceptance_is_the_conditional_rate_per_position_not_accepted_over_draft
     assert state.decide().mean_confidence == pytest.approx(0.8, abs=0.02)
 
 
+def test_a_decode_burst_is_priced_per_forward():
+    """A record of a burst (4 plain forwards of 2 sessions in one call, 400 ms) teaches the cost of one
+    forward of 2 positions (100 ms), not of 8 positions in 400."""
+    state = PolicyState()
+    for ctx in range(100, 400, 10):
+        state.observe({"component": "gateway", "batch_size": 2, "verified_positions": 8, "forwards": 4,
+                       "draft_steps": 0, "draft_ms": 0.0, "context_tokens": ctx, "verify_ms": 400.0,
+                       "confidences": [], "outcomes": [], "drafted": [0, 0], "accepted": [0, 0]})
+    cost = state.decide().cost
+    assert cost.t_verify(2, 250) == pytest.approx(100.0, rel=0.05)
+
+
 def test_each_proposer_gets_its_own_calibration_and_c_bar_is_the_model_s_rate():
     """A hybrid drafter's steps mix suffix drafts (raw confidence 1.0, survive 90%) and model drafts
     (raw 0.9, survive 30%): each calibration sees only its own proposer's drafts, and c̄, which
