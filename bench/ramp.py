@@ -26,10 +26,13 @@ def step_series(records: list[tuple[float, dict]]) -> list[dict]:
     out = []
     for t, r in records:
         batch = int(r["batch_size"])
-        committed = sum(int(a) for a in r["accepted"]) + batch
-        verified = int(r["verified_positions"]) - batch
-        out.append({"t": t - t0, "batch": batch, "k": verified / batch if batch else 0.0,
-                    "tpot_ms": float(r["step_ms"]) * batch / committed if committed else float(r["step_ms"]),
+        drafted = sum(int(d) for d in r["drafted"])
+        # Each verified position that is neither a draft nor a prompt token commits a token: one
+        # per session in a step, one per session and forward in a decode burst.
+        plain = int(r["verified_positions"]) - drafted - int(r.get("prompt_tokens", 0))
+        committed = sum(int(a) for a in r["accepted"]) + plain
+        out.append({"t": t - t0, "batch": batch, "k": drafted / batch if batch else 0.0,
+                    "tpot_ms": float(r["step_ms"]) * batch / committed if committed > 0 else float(r["step_ms"]),
                     "mode": r.get("mode", "")})
     return out
 

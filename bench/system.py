@@ -184,7 +184,7 @@ def summarise(system: str, load: int, rep: int, results: list[Result], duration:
         rows = [r for _, r in recs]
         sessions = sum(int(r["batch_size"]) for r in rows)
         accepted = sum(sum(int(a) for a in r["accepted"]) for r in rows)
-        drafted = sum(int(r["verified_positions"]) - int(r["batch_size"]) for r in rows)
+        drafted = sum(sum(int(d) for d in r["drafted"]) for r in rows)
         pos_d = position_sums(r["position_drafted"] for r in rows)
         pos_a = position_sums(r["position_accepted"] for r in rows)
         out.update(mean_accepted_length=(accepted + sessions) / sessions if sessions else 0.0,

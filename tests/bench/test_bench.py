@@ -96,8 +96,9 @@ def test_ramp_schedule_and_the_stall_check():
 
     assert [c for _, c in triangle(3, 2.0)] == [1, 2, 3, 2, 1, 0] and triangle(3, 2.0)[-1][0] == 10.0
 
-    def rec(batch, drafts, accepted, step_ms):
-        return {"batch_size": batch, "verified_positions": batch + drafts, "accepted": accepted, "step_ms": step_ms}
+    def rec(batch, drafts, accepted, step_ms, forwards=1):
+        return {"batch_size": batch, "verified_positions": batch * forwards + drafts, "accepted": accepted,
+                "step_ms": step_ms, "drafted": [drafts // batch] * batch, "forwards": forwards}
 
     # Plain steps at 100 ms, then speculation: 2 drafts per session, 1 accepted -> 2 tokens per step.
     steps = [rec(2, 0, [0, 0], 100.0)] * 4 + [rec(2, 4, [1, 1], 180.0)] * 4
@@ -107,6 +108,9 @@ def test_ramp_schedule_and_the_stall_check():
     assert [(s["to"], s["stall"]) for s in switches] == [("on", False)]
     stalled = steps[:4] + [rec(2, 4, [0, 0], 400.0)] + steps[5:]
     assert switch_stalls(step_series([(float(i), r) for i, r in enumerate(stalled)]))[0]["stall"]
+    # A decode burst (4 plain forwards in one call, 400 ms) is plain decoding at 100 ms a token.
+    burst = step_series([(0.0, rec(2, 0, [0, 0], 400.0, forwards=4))])[0]
+    assert burst["k"] == 0.0 and burst["tpot_ms"] == pytest.approx(100.0)
 
 
 def test_llama_server_command_for_each_peer(tiny_dir, tmp_path):
