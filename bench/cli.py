@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=0, help="runtime, part serve: rounds per concurrency (default 3)")
     parser.add_argument("--conversations", type=int, default=8,
                         help="runtime, part serve: two-turn MT-Bench conversations (0 skips)")
+    parser.add_argument("--torch-requests", type=int, default=0,
+                        help="system: add our torch runtime and Hugging Face generate on this many requests")
     parser.add_argument("--parts", default="", help="runtime: comma-separated parts (costs,decode,policies,http,serve)")
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -96,8 +98,8 @@ def system_config(args: argparse.Namespace, target: str, draft: str, redis_url: 
         raise SystemExit(f"--traces: missing {', '.join(missing)}")
     scfg = system.BenchConfig(target, draft, traces, redis_url, Path(args.out))
     if args.quick:
-        scfg.loads, scfg.reps, scfg.ramp_policies, scfg.ramp_peak = (4,), 1, ("adaptive",), 4
-        scfg.unused_drafter_pairs, scfg.split, scfg.torch_requests = 4, False, 0
+        scfg.loads, scfg.reps, scfg.ramp_peak, scfg.unused_drafter_pairs, scfg.split = (4,), 1, 4, 4, False
+    scfg.torch_requests = args.torch_requests
     if args.loads:
         scfg.loads = tuple(int(x) for x in args.loads.split(","))
     if args.policies:
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     # The runtime benchmark's cost table, and the system benchmark's full run, also measure the torch
     # runtime; the other parts run on the GGUF files alone, so they need no converted weights.
     costs = not args.parts or "costs" in args.parts.split(",")
-    target, draft = model_pair(args, torch_weights=costs if args.which == "runtime" else not args.quick)
+    target, draft = model_pair(args, torch_weights=costs if args.which == "runtime" else args.torch_requests > 0)
     # A Redis of its own, so telemetry from earlier runs never feeds this run's policy.
     redis_url, redis_proc = (args.redis_url, None) if args.redis_url else launcher.start_redis()
     try:

@@ -49,6 +49,7 @@ class Result:
     slo_met: bool = False
     drafted: int = 0  # reported by llama-server's timings; SpecServe's come from its step telemetry
     accepted: int = 0
+    cached_tokens: int | None = None  # prompt tokens served from a prefix cache, where the server says
     error: str = ""
 
 
@@ -74,7 +75,10 @@ async def stream(http: httpx.AsyncClient, base_url: str, model: str, req: Reques
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     usage = chunk["usage"].get("completion_tokens", 0)
-                timings = chunk.get("timings") or {}
+                    details = chunk["usage"].get("prompt_tokens_details") or {}
+                    result.cached_tokens = details.get("cached_tokens", result.cached_tokens)
+                timings = chunk.get("timings") or {}  # llama-server's
+                result.cached_tokens = timings.get("cache_n", result.cached_tokens)
                 result.drafted = timings.get("draft_n", result.drafted)
                 result.accepted = timings.get("draft_n_accepted", result.accepted)
                 if any(c.get("text") for c in chunk.get("choices", ())):

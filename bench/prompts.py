@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+MIN_LEN = 4  # vLLM drops ShareGPT pairs shorter than this (tokens) on either side
+
 
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)

@@ -1,4 +1,4 @@
-"""Trace replay: read a request trace, cut a window, scale time and lengths (pure functions)."""
+"""Trace replay: read a request trace, cut a window, scale its arrival times (pure functions)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,6 @@ class TraceRow:
     t: float  # seconds since the trace's first request
     context: int
     generated: int
-
-
-@dataclass(frozen=True)
-class Planned:
-    """One request to send: when (seconds from the replay's start), and how long."""
-
-    at: float
-    prompt_tokens: int
-    max_new_tokens: int
-    index: int  # row within the window (selects the prompt)
 
 
 def read_trace(path: Path) -> list[TraceRow]:
@@ -47,20 +37,12 @@ def window(rows: list[TraceRow], start: int, count: int) -> list[TraceRow]:
     return [TraceRow(r.t - t0, r.context, r.generated) for r in cut]
 
 
-def plan(rows: list[TraceRow], rate: float, context_scale: float, output_scale: float,
-         max_context: int, max_output: int, min_output: int = 1) -> list[Planned]:
-    """Keep the window's arrival pattern, time-scaled so it averages `rate` requests per second;
-    scale and cap lengths to what the hardware serves."""
-    if not rows:
-        return []
-    span = rows[-1].t - rows[0].t
-    natural = (len(rows) - 1) / span if span > 0 else float("inf")
-    stretch = natural / rate if rate > 0 and natural != float("inf") else 0.0
-    return [
-        Planned(r.t * stretch, max(1, min(max_context, round(r.context * context_scale))),
-                max(min_output, min(max_output, round(r.generated * output_scale))), i)
-        for i, r in enumerate(rows)
-    ]
+def arrivals(rows: list[TraceRow], rate: float) -> list[float]:
+    """The rows' send times (seconds from the first): the window's arrival pattern, time-scaled so
+    it averages `rate` requests per second (as recorded where `rate` is infinite or zero)."""
+    span = rows[-1].t - rows[0].t if rows else 0.0
+    stretch = (len(rows) - 1) / span / rate if span > 0 and 0 < rate < float("inf") else 1.0
+    return [(r.t - rows[0].t) * stretch for r in rows]
 
 
 def fit_prompt(tokens: list[int], length: int) -> list[int]:

@@ -32,14 +32,13 @@ import numpy as np
 from tqdm import tqdm
 
 from bench import prompts
-from bench.replay import read_trace, window
+from bench.replay import arrivals, read_trace, window
 
 DATASETS = ("sharegpt", "mt-bench", "humaneval", "humaneval-edit", "random", "azure-code", "azure-conv")
 TRACE_FILES = {"azure-code": "azure_llm_2023_code.csv", "azure-conv": "azure_llm_2023_conv.csv"}
 METRICS = {"ttft": ("TTFT", "Time to First Token"), "tpot": ("TPOT", "Time per Output Token (excl. 1st token)"),
            "itl": ("ITL", "Inter-token Latency"), "e2el": ("E2EL", "End-to-end Latency")}
 CHARS_PER_TOKEN = 4  # the usual estimate for English text and code, where no tokenizer is given
-MIN_LEN = 4  # vLLM drops ShareGPT pairs shorter than this on either side
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,7 +212,7 @@ def text_requests(pairs: list[tuple[str, str | None]], rng: random.Random, lengt
     for prompt, answer in order:
         prompt_len = lengths.count(prompt)
         wanted = output_len or lengths.count(answer or "")
-        if prompt_len < MIN_LEN or prompt_len > max_input or wanted < (1 if output_len else MIN_LEN):
+        if prompt_len < prompts.MIN_LEN or prompt_len > max_input or wanted < (1 if output_len else prompts.MIN_LEN):
             continue
         kept.append(SampleRequest(prompt, prompt_len, min(wanted, max_output)))
         if len(kept) == n:
@@ -238,14 +237,12 @@ def trace_requests(path: Path, lengths: Lengths, n: int, rate: float, max_input:
     average `rate` requests a second, if finite) and lengths (capped), with prompts made of
     `texts` fitted to the length."""
     rows = window(read_trace(path), 0, n)
-    span = rows[-1].t if rows else 0.0
-    scale = (len(rows) - 1) / span / rate if span > 0 and rate != math.inf else 1.0
     out = []
-    for i, row in enumerate(rows):
+    for i, (row, at) in enumerate(zip(rows, arrivals(rows, rate))):
         length = max(1, min(row.context, max_input))
         prompt = lengths.fit(texts[i % len(texts)], length)
         out.append(SampleRequest(prompt, lengths.count(prompt) if lengths.tok else length,
-                                 max(1, min(row.generated, max_output)), at=row.t * scale))
+                                 max(1, min(row.generated, max_output)), at=at))
     return out
 
 

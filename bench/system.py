@@ -1,20 +1,25 @@
-"""`specserve bench`: every policy and the peers on the same replayed requests, under rising load.
+"""`specserve bench`: the policies and the peers on the same requests, under rising load.
 
-1. Start the whole system (as `specserve up` does, models on llama.cpp) and time a lone request with
-   plain decoding; the SLOs and the load levels derive from it: load c sends requests at c over the
-   lone request's latency per second (c = 1 is one request at a time on average).
-2. For each repetition and load, replay the same window of the code and conversation traces once per
-   system: each policy (from a fresh policy state: restarted policy service, a telemetry stream of
-   start-up profiles only, no strategy) and each llama-server variant (`-np` = c), in an order
-   rotated per load and repetition. Every system gets the same token-id prompts over the same
-   OpenAI-compatible HTTP API, timed by the same client.
-3. The load ramp: closed-loop concurrency 1 -> 8 -> 1, once per policy, from the step telemetry.
-4. `off` with a drafter configured against a stack without one, alternated request by request.
-5. The service split's per-step overhead against the engine in one process.
-6. Our torch runtime at 1 and 4 concurrent requests (`off`, `adaptive`) and Hugging Face
-   `generate` (plain and with `assistant_model`) at batch 1, on the same requests.
+1. Start the whole system (as `specserve up` does, models on llama.cpp) and time a lone request of
+   the workload's median lengths with plain decoding; the SLOs and the load levels derive from it:
+   load c sends c requests per lone-request latency (c = 1 is one request at a time on average).
+2. The requests: HumanEval code edits and completions (code) and ShareGPT first turns (conversation),
+   with prompt and output lengths as the data give them, capped; each class sent at the arrival
+   times of its Azure trace's window, time-scaled to the load.
+3. For each repetition and load, every system once, in an order rotated per load and repetition:
+   each policy (`off` and `adaptive` unless named; from a fresh policy state: restarted policy
+   service, a telemetry stream of start-up profiles only, no strategy) and each llama-server
+   variant (`-np` = our maximum batch). Every system gets the same token-id prompts over the same
+   OpenAI-compatible HTTP API, timed by the same client. A peer that fails to start is recorded and
+   left out of the rest of the run.
+4. The load ramp: closed-loop concurrency 1 -> 8 -> 1 with `adaptive`, from the step telemetry.
+5. `off` with a drafter configured against a stack without one, alternated request by request.
+6. The service split's per-step overhead against the engine in one process.
+7. Optionally (`torch_requests`), our torch runtime at 1 and 4 concurrent requests (`off`,
+   `adaptive`) and Hugging Face `generate` (plain and with `assistant_model`) at batch 1.
 
-Results: bench/results/system.json, system.md and PNG plots (bench/report.py).
+Results: system.json, system.md and PNG plots under the output folder (bench/report.py); the
+results so far are saved after every replay (system.partial.json).
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import json
 import logging
 import os
 import platform
+import random
 import statistics
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,7 +45,7 @@ from bench import peers
 from bench import prompts as prompt_sets
 from bench.client import Request, Result, closed_loop, replay
 from bench.ramp import step_series, switch_stalls, triangle
-from bench.replay import fit_prompt, plan, read_trace, window
+from bench.replay import arrivals, fit_prompt, read_trace, window
 from bench.report import position_sums
 from specserve.cpu import cpuinfo
 from specserve.launcher import Stack
@@ -47,7 +54,7 @@ from specserve.strategy import STRATEGY_KEY, Strategy
 from specserve.telemetry import STREAM, decode
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
 
-POLICIES = ("off", "static:2", "threshold", "smartspec", "specserve", "adaptive")
+SUITE_POLICIES = ("off", "adaptive")  # the default policy and plain decoding; --policies adds others
 PEERS = tuple(peers.VARIANTS)
 # Per request class, the SLO as multiples of a lone request's TTFT and TPOT (plain decoding): code
 # completion waits less for its first token, conversation wants a steadier stream.
@@ -61,24 +68,23 @@ class BenchConfig:
     traces: dict[str, Path]  # class name ("code", "chat") -> trace file
     redis_url: str
     out: Path
-    loads: tuple[int, ...] = (1, 2, 4, 8)  # offered concurrency
-    requests: int = 16  # per system, load and repetition, half from each trace
-    reps: int = 2
-    policies: tuple[str, ...] = POLICIES
+    loads: tuple[int, ...] = (1, 2, 4)  # offered concurrency: light, about capacity, past it
+    requests: int = 8  # per system, load and repetition, half from each trace
+    reps: int = 3
+    policies: tuple[str, ...] = SUITE_POLICIES
     peers: tuple[str, ...] = PEERS  # run where `make peers` built llama-server for this CPU
-    context_tokens: int = 48  # the window's median context is scaled to this
-    max_context_tokens: int = 128
-    output_tokens: int = 12  # the window's median output is scaled to this
-    max_output_tokens: int = 24
-    window_start: int = 200
+    max_context_tokens: int = 512  # prompt tokens, as the data give them up to this
+    max_output_tokens: int = 96  # output tokens, as the data give them (the answer's length) up to this
+    window_start: int = 200  # each trace's arrivals from this row
+    seed: int = 0  # the order in which dataset items are drawn
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_batch_size: int = 8
-    ramp_policies: tuple[str, ...] = POLICIES
+    ramp_policies: tuple[str, ...] = ("adaptive",)  # those that switch speculation on and off
     ramp_peak: int = 8
     ramp_hold_s: float = 5.0
-    unused_drafter_pairs: int = 12  # 0 skips the drafter-unused check
+    unused_drafter_pairs: int = 8  # 0 skips the drafter-unused check
     split: bool = True
-    torch_requests: int = 4  # 0 skips the torch runtime and Hugging Face part
+    torch_requests: int = 0  # > 0 adds the torch runtime and Hugging Face part on that many requests
     settle_s: float = 1.5  # after switching policy by ops key (the gateway reads them every second)
 
 
@@ -127,39 +133,69 @@ def served_model(base_url: str) -> str:
     return httpx.get(f"{base_url}/v1/models", timeout=10).json()["data"][0]["id"]
 
 
-def build_workloads(cfg: BenchConfig, tokenizer, lone_ms: float, slos: dict[str, dict]) -> dict[int, list[Request]]:
-    """Per load, the same requests for every system: each trace's window, its arrival pattern
-    time-scaled to the load's rate, lengths scaled to what the models serve, prompts drawn from
-    HumanEval (code) and MT-Bench through the chat template (conversation), as token ids."""
-    texts = {"code": prompt_sets.humaneval(), "chat": prompt_sets.mt_bench()}
-    traces = {k: read_trace(p) for k, p in cfg.traces.items()}
-    per_class = max(1, cfg.requests // len(traces))
+def dataset_items(cfg: BenchConfig, tokenizer) -> dict[str, list[tuple[list[int], int]]]:
+    """Per request class, `cfg.requests // 2` prompts as token ids, each with its output length as
+    the data give it (the answer's tokens, capped at `cfg.max_output_tokens`), in a seeded order:
+    code alternates HumanEval code edits (sent through the chat template) and HumanEval completions
+    (the bare prompt); conversation takes ShareGPT's first turns through the chat template. Prompts
+    within `cfg.max_context_tokens` come first; a longer one is cut to it only where too few fit."""
+    rng = random.Random(cfg.seed)
+    per_class = max(1, cfg.requests // 2)
+
+    def chat(text: str) -> list[int]:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+
+    def shuffled(pairs):
+        pairs = list(pairs)
+        rng.shuffle(pairs)
+        return pairs
+
+    edits, completions = shuffled(prompt_sets.humaneval_edits()), shuffled(prompt_sets.humaneval_completions())
+    code = [pair for two in zip(((p, chat) for p in edits), ((p, tokenizer.encode) for p in completions))
+            for pair in two]
+    sources = {"code": code, "chat": [(p, chat) for p in shuffled(prompt_sets.sharegpt())]}
+    out = {}
+    for klass, pairs in sources.items():
+        fitting, longer = [], []
+        for (prompt, answer), encode in pairs:
+            ids, answer_len = encode(prompt), len(tokenizer.encode(answer))
+            if len(ids) < prompt_sets.MIN_LEN or answer_len < prompt_sets.MIN_LEN:  # vLLM's filter
+                continue
+            item = (ids[: cfg.max_context_tokens], min(cfg.max_output_tokens, answer_len))
+            (fitting if len(ids) <= cfg.max_context_tokens else longer).append(item)
+            if len(fitting) == per_class:
+                break
+        out[klass] = (fitting + longer)[:per_class]
+    return out
+
+
+def build_workloads(cfg: BenchConfig, items: dict[str, list[tuple[list[int], int]]], lone_ms: float,
+                    slos: dict[str, dict]) -> dict[int, list[Request]]:
+    """Per load, the same requests for every system: each class's dataset items sent at the times of
+    its trace's window, time-scaled so load c averages c requests per lone-request latency."""
     out = {}
     for load in cfg.loads:
         rate = load * 1000 / lone_ms
         reqs = []
-        for klass, rows in traces.items():
-            cut = window(rows, cfg.window_start, per_class)
-            med_ctx = statistics.median(r.context for r in cut)
-            med_out = statistics.median(r.generated for r in cut)
-            for p in plan(cut, rate / len(traces), cfg.context_tokens / med_ctx, cfg.output_tokens / max(med_out, 1),
-                          cfg.max_context_tokens, cfg.max_output_tokens):
-                text = texts[klass][p.index % len(texts[klass])]
-                if klass == "chat":
-                    ids = tokenizer.apply_chat_template([{"role": "user", "content": text[: p.prompt_tokens * 4]}])
-                else:
-                    ids = fit_prompt(tokenizer.encode(text), p.prompt_tokens)
-                reqs.append(Request(klass, p.index, p.at, list(ids), p.max_new_tokens, **slos[klass]))
+        for klass, path in cfg.traces.items():
+            rows = window(read_trace(path), cfg.window_start, len(items[klass]))
+            for i, (at, (ids, tokens)) in enumerate(zip(arrivals(rows, rate / len(cfg.traces)), items[klass])):
+                reqs.append(Request(klass, i, at, ids, tokens, **slos[klass]))
         out[load] = sorted(reqs, key=lambda r: r.at)
     return out
 
 
-def lone_request(base_url: str, model: str, tokenizer, tokens: int, repeats: int = 3) -> dict:
-    """Median TTFT, TPOT and latency of a lone request (the caller has set plain decoding)."""
-    ids = fit_prompt(tokenizer.encode(prompt_sets.humaneval()[0]), 96)
-    req = Request("code", 0, 0.0, ids, tokens, float("inf"), float("inf"))
+def lone_request(base_url: str, model: str, items: dict[str, list[tuple[list[int], int]]],
+                 repeats: int = 3) -> dict:
+    """Median TTFT, TPOT and latency of a lone request of the workload's median prompt and output
+    length (the caller has set plain decoding)."""
+    every = [item for klass in items.values() for item in klass]
+    prompt_len = round(statistics.median(len(ids) for ids, _ in every))
+    tokens = round(statistics.median(t for _, t in every))
+    req = Request("code", 0, 0.0, fit_prompt(every[0][0], prompt_len), tokens, float("inf"), float("inf"))
     runs = [asyncio.run(replay(base_url, model, [req], "off", 0, 0, False))[0][0] for _ in range(repeats)]
-    return {key: statistics.median(getattr(r, key) for r in runs) for key in ("ttft_ms", "tpot_ms", "total_ms")}
+    return {"prompt_tokens": prompt_len, "output_tokens": tokens,
+            **{key: statistics.median(getattr(r, key) for r in runs) for key in ("ttft_ms", "tpot_ms", "total_ms")}}
 
 
 def summarise(system: str, load: int, rep: int, results: list[Result], duration: float,
@@ -218,6 +254,7 @@ class Bench:
         self.model = ""
         self.results: list[Result] = []
         self.runs: list[dict] = []
+        self.failed: dict[str, str] = {}  # peers that did not start, and why
         self.server = peers.find_llama_server()
 
     def start(self, runtime: str = "llama.cpp", draft: str | None = None, policy: bool = True) -> Stack:
@@ -241,11 +278,19 @@ class Bench:
         time.sleep(self.cfg.settle_s)
 
     def replay(self, system: str, load: int, rep: int, requests: list[Request]) -> None:
+        if system in self.failed:
+            return
         if system in PEERS:
             log = self.cfg.out / f"{system}.log"
             # The same concurrency limit as ours: its parallel slots are our maximum batch.
-            with peers.llama_server(self.server, system, self.cfg.target, self.cfg.draft, self.cfg.max_batch_size,
-                                    self.cfg.threads, log) as url:
+            with ExitStack() as up:
+                try:
+                    url = up.enter_context(peers.llama_server(self.server, system, self.cfg.target, self.cfg.draft,
+                                                              self.cfg.max_batch_size, self.cfg.threads, log))
+                except (RuntimeError, TimeoutError) as exc:  # it exited, or never answered /health
+                    self.failed[system] = str(exc)
+                    logging.getLogger(__name__).warning("%s left out: %s", system, exc)
+                    return
                 results, duration = asyncio.run(replay(url, "peer", requests, system, load, rep, False))
             recs = []
         else:
@@ -357,11 +402,12 @@ def run(cfg: BenchConfig) -> dict:
         report["versions"] = {name: f"{i.runtime} {Path(i.model_file).name}" for name, i in
                               bench.stack.model_infos().items()}
         bench.policy_run("off")
-        lone = lone_request(bench.stack.http_address, bench.model, bench.tokenizer, cfg.output_tokens)
+        items = dataset_items(cfg, bench.tokenizer)
+        lone = lone_request(bench.stack.http_address, bench.model, items)
         slos = {klass: {"ttft_slo_ms": round(ttft * lone["ttft_ms"]), "tpot_slo_ms": round(tpot * lone["tpot_ms"])}
                 for klass, (ttft, tpot) in SLO_SCALES.items()}
         report["baseline"] = {**lone, "slos": slos}
-        workloads = build_workloads(cfg, bench.tokenizer, lone["total_ms"], slos)
+        workloads = build_workloads(cfg, items, lone["total_ms"], slos)
         with tqdm(total=cfg.reps * len(cfg.loads) * len(systems), desc="replay") as bar:
             for rep in range(cfg.reps):
                 for i, load in enumerate(cfg.loads):
@@ -369,6 +415,7 @@ def run(cfg: BenchConfig) -> dict:
                     for system in systems[shift % len(systems):] + systems[: shift % len(systems)]:
                         bench.replay(system, load, rep, workloads[load])
                         bar.update(1)
+                        save(report, bench, started, cfg.out / "system.partial.json")
         middle = workloads[cfg.loads[len(cfg.loads) // 2]]
         if cfg.ramp_policies:
             report["ramp"] = bench.ramp(middle)
@@ -382,14 +429,19 @@ def run(cfg: BenchConfig) -> dict:
             bench.client.delete(key)
     if cfg.torch_requests:
         report["torch"] = bench.torch_part([r for r in workloads[cfg.loads[0]] if r.klass == "code"])
-    report["runs"] = bench.runs
-    report["minutes"] = (time.monotonic() - started) / 60
-    report["requests"] = [asdict(r) for r in bench.results]
-    (cfg.out / "system.json").write_text(json.dumps(report, indent=1, default=str))
+    save(report, bench, started, cfg.out / "system.json")
     from bench.report import write_report
 
     write_report(report, cfg.out)
     return report
+
+
+def save(report: dict, bench: Bench, started: float, path: Path) -> None:
+    """The report with the runs and requests so far, written to `path`."""
+    report.update(runs=bench.runs, requests=[asdict(r) for r in bench.results],
+                  minutes=(time.monotonic() - started) / 60)
+    report["peers"]["failed"] = bench.failed
+    path.write_text(json.dumps(report, indent=1, default=str))
 
 
 def split_overhead(cfg: BenchConfig, address: str, client: redis.Redis, tokenizer) -> dict:

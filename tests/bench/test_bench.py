@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.replay import fit_prompt, plan, read_trace, window
+from bench.replay import arrivals, fit_prompt, read_trace, window
 
 
 def _trace(path: Path, rows: list[tuple[str, int, int]]) -> Path:
@@ -27,13 +27,11 @@ def test_read_and_window_keep_the_arrival_pattern(tmp_path):
     assert [round(r.t, 3) for r in cut] == [0.0, 1.1, 2.2] and cut[0].context == 3000
 
 
-def test_plan_scales_time_to_the_rate_and_lengths_with_caps(tmp_path):
-    rows = window(read_trace(_trace(tmp_path / "t.csv", SYNTH)), 0, 6)
-    planned = plan(rows, rate=2.0, context_scale=0.1, output_scale=0.5, max_context=450, max_output=20)
-    # 5 gaps over 5.5 s is 0.909 req/s naturally; at 2 req/s the same pattern spans 2.5 s.
-    assert planned[-1].at == pytest.approx(2.5)
-    assert [p.prompt_tokens for p in planned] == [100, 200, 300, 400, 450, 450]
-    assert [p.max_new_tokens for p in planned] == [5, 10, 15, 20, 20, 20]
+def test_arrivals_keep_the_pattern_time_scaled_to_the_rate(tmp_path):
+    rows = window(read_trace(_trace(tmp_path / "t.csv", SYNTH)), 1, 5)
+    # 4 gaps over 4.4 s is 0.909 req/s naturally; at 2 req/s the same pattern spans 2 s.
+    assert arrivals(rows, 2.0) == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0])
+    assert arrivals(rows, float("inf")) == pytest.approx([0.0, 1.1, 2.2, 3.3, 4.4])
 
 
 def test_fit_prompt_cuts_or_repeats():
@@ -60,7 +58,9 @@ def test_report_pools_repetitions_and_calls_ties_and_wins():
     from bench.report import Pooled, summary
 
     report = _report({"off": ([True] * 10 + [False] * 10, 50.0), "static:2": ([True] * 12 + [False] * 8, 40.0),
-                      "adaptive": ([True] * 20, 30.0), "llama-server-draft": ([True] * 19 + [False], 45.0)})
+                      "adaptive": ([True] * 20, 30.0), "llama-server": ([True] * 8 + [False] * 12, 55.0),
+                      "llama-server-draft": ([True] * 19 + [False], 45.0),
+                      "llama-server-ngram-mod": ([True] * 15 + [False] * 5, 40.0)})
     pooled = Pooled(report)
     # 2 reps x 20 met requests x 10 tokens over 2 x 10 s.
     assert pooled.goodput("adaptive", 1) == pytest.approx(20.0)
@@ -69,11 +69,15 @@ def test_report_pools_repetitions_and_calls_ties_and_wins():
     assert pooled.goodput_ratio("adaptive", "off", 1)["verdict"] == "win"
     assert pooled.speedup("adaptive", "off", 1)["ratio"] == pytest.approx(51 / 31, rel=0.02)
     lines, checks = summary(pooled, ["off", "static:2", "adaptive"])
-    assert len(lines) == 1 and "best policy by goodput `adaptive`" in lines[0]
-    assert all(ok for _, _, ok in checks)
-    worse = _report({"off": ([True] * 20, 30.0), "adaptive": ([True] * 10 + [False] * 10, 50.0)})
+    assert len(lines) == 1 and "`off` / `llama-server` goodput 1.250" in lines[0]
+    assert "`adaptive` / `llama-server-draft` (the best speculating peer here)" in lines[0]
+    assert len(checks) == 5 and all(ok for _, _, ok in checks), checks
+    worse = _report({"off": ([True] * 10 + [False] * 10, 30.0), "adaptive": ([True] * 5 + [False] * 15, 50.0),
+                     "llama-server": ([True] * 20, 30.0), "llama-server-ngram-mod": ([True] * 20, 20.0)})
+    for run in worse["runs"]:
+        run["refused"] = 1
     _, checks = summary(Pooled(worse), ["off", "adaptive"])
-    assert not any(ok for _, _, ok in checks)
+    assert len(checks) == 5 and not any(ok for _, _, ok in checks), checks
 
 
 def test_report_markdown_and_plots(tmp_path):
@@ -84,7 +88,7 @@ def test_report_markdown_and_plots(tmp_path):
         "series": [{"t": 0.1 * i, "batch": 1, "k": i % 2, "tpot_ms": 10.0, "mode": "adaptive"} for i in range(6)],
         "switches": [{"t": 0.1, "to": "on", "batch": 1, "ratio": 1.0, "stall": False}], "requests": 3, "completed": 3}}}
     text = markdown(report)
-    assert "## Summary" in text and "| adaptive |" in text and "best policy by goodput `off`" in text
+    assert "## Summary" in text and "| adaptive |" in text and "`adaptive` / `off` goodput" in text
     assert "| ramp, adaptive: no step over 1.5x its neighbours where speculation switches | 1 switches, worst 1.00x | yes |" in text
     write_report(report, tmp_path)
     for name in ("system.md", "goodput_vs_load.png", "tpot_cdf.png", "ramp.png"):
@@ -173,13 +177,17 @@ def test_smoke_run_of_the_whole_bench_on_tiny_models(tiny_dir, redis_url, tmp_pa
     with_peers = ("llama-server-draft",) if peers.find_llama_server() else ()
     cfg = _cli_config("system", ["--traces", str(tmp_path), "--out", str(tmp_path / "out"), "--loads", "2",
                                  "--policies", "off,adaptive", "--peers", ",".join(with_peers)], tiny_dir, redis_url,
-                      requests=4, reps=1, context_tokens=24, max_context_tokens=48, output_tokens=6,
-                      max_output_tokens=8, window_start=0, threads=1, max_batch_size=4, ramp_policies=("adaptive",),
+                      requests=4, reps=1, max_context_tokens=48, max_output_tokens=8, window_start=0, threads=1,
+                      max_batch_size=4, ramp_policies=("adaptive",),
                       ramp_peak=2, ramp_hold_s=1.0, unused_drafter_pairs=2, torch_requests=1, settle_s=1.1)
     cli.run("system", cfg)
     report = json.loads((tmp_path / "out" / "system.json").read_text())
     assert [(r["system"], r["requests"]) for r in report["runs"]] == [(s, 4) for s in ("off", "adaptive", *with_peers)]
     assert all(r["completed"] + r["refused"] == 4 for r in report["runs"])
+    # Real tasks at their data's lengths, within the caps: prompts up to 48 tokens, answers 4 to 8.
+    assert all(q["prompt_tokens"] <= 48 and 4 <= q["max_tokens"] <= 8 for q in report["requests"])
+    assert {q["klass"] for q in report["requests"]} == {"code", "chat"}
+    assert len(json.loads((tmp_path / "out" / "system.partial.json").read_text())["runs"]) == len(report["runs"])
     assert report["ramp"]["policies"]["adaptive"]["series"] and report["unused_drafter"]["total_ms"]["n"] == 2
     assert set(report["torch"]["stack"]) == {"off@1", "off@4", "adaptive@1", "adaptive@4"}
     assert set(report["torch"]["hf"]) == {"plain", "assisted"}
