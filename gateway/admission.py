@@ -2,7 +2,8 @@
 
 At admission the gateway predicts the new request's TTFT from the queue ahead of it, the running
 batch and the cost model (prefill priced as the batched forwards it will be), corrected online by
-measured TTFTs; an idle system admits every request. A request whose TTFT SLO cannot be met is rejected at once with
+measured TTFTs; an idle system admits every request whose TTFT SLO is not below the fastest TTFT
+measured, whatever the cost model says. A request whose TTFT SLO cannot be met is rejected at once with
 RESOURCE_EXHAUSTED and a retry hint, or, when it (or the `admission` ops key) asks for best
 effort, queued and marked unattainable.
 """
@@ -56,6 +57,7 @@ class Admission:
         self.margin = margin  # predicted TTFT times this must fit the SLO
         self.on_reject = on_reject or (lambda seq: None)
         self.ttft_scale = 1.0  # measured / predicted TTFT, tracked online (see observe)
+        self.fastest_ttft_ms = 0.0  # the fastest TTFT measured here: no request can do better
 
     def predict_ttft_ms(self, seq: Sequence) -> float:
         """Simulate the batch's places: each running request frees its place after its remaining
@@ -102,6 +104,8 @@ class Admission:
 
     def observe(self, seq: Sequence) -> None:
         """A finished request: correct the TTFT prediction by its measured TTFT."""
+        if seq.first_token_at is not None:
+            self.fastest_ttft_ms = min(self.fastest_ttft_ms or seq.ttft_ms, seq.ttft_ms)
         if seq.predicted_ttft_ms > 0 and seq.first_token_at is not None:
             ratio = seq.ttft_ms / (seq.predicted_ttft_ms / self.ttft_scale)
             ratio = min(max(ratio, MIN_TTFT_SCALE), MAX_TTFT_SCALE)
@@ -114,9 +118,7 @@ class Admission:
 
     def shortfall_ms(self, seq: Sequence) -> float:
         """How far the predicted TTFT (with the margin) overshoots the SLO; <= 0 means it fits. On
-        an idle system only the measured cost of its own prefill counts (no margin, no correction),
-        so an idle system refuses only a TTFT that is impossible and a wrong correction can never
-        lock admission shut: the admitted request's TTFT corrects it."""
+        an idle system only the measured cost of its own prefill counts (no margin, no correction)."""
         seq.predicted_ttft_ms = self.predict_ttft_ms(seq)
         if self.mode == "off" or not seq.slo.ttft_ms:
             return 0.0
@@ -125,15 +127,22 @@ class Admission:
         return seq.predicted_ttft_ms * self.margin - seq.slo.ttft_ms
 
     def admit(self, seq: Sequence) -> None:
-        """Admit (possibly marked unattainable) or raise ResourceExhausted with a retry hint."""
+        """Admit (possibly marked unattainable) or raise ResourceExhausted with a retry hint. An idle
+        system admits every request unless its TTFT SLO is below the fastest TTFT measured here."""
         over = self.shortfall_ms(seq)
         if over <= 0:
             self.on_admit(seq)
             return
-        if seq.slo.best_effort or self.mode == "best_effort":
+        possible = seq.slo.ttft_ms >= self.fastest_ttft_ms
+        if seq.slo.best_effort or self.mode == "best_effort" or (self.idle and possible):
+            # An idle system serves it at once whatever the prediction, so a cost model far off
+            # the machine (a profile measured while it was busy) never locks admission shut: the
+            # admitted request's steps and TTFT correct it.
             seq.unattainable = True
             self.on_admit(seq)
             return
+        if self.idle:  # faster than any first token measured here, whatever the cost model says
+            over = self.fastest_ttft_ms - seq.slo.ttft_ms
         self.on_reject(seq)
         raise ResourceExhausted(
             f"predicted time to first token {over + seq.slo.ttft_ms:.0f} ms exceeds the SLO of "

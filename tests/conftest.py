@@ -15,6 +15,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("SPECSERVE_DTYPE", "float32")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def profile_cache(tmp_path_factory):
+    """Model services started by tests cache their start-up profiles in this session's folder,
+    never the user's: a profile of the real pair measured while tests load the machine would price
+    every later start of it."""
+    os.environ.setdefault("SPECSERVE_PROFILE_CACHE", str(tmp_path_factory.mktemp("profiles")))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> tuple[Path, Path]:
     """(target, draft) folders of the tiny pair (safetensors, tokenizer and GGUF), saved once."""

@@ -73,6 +73,45 @@ def test_best_effort_is_queued_and_marked(tiny_models):
     assert all(s.unattainable for s in seqs) and all(len(s.generated) == 20 for s in seqs)
 
 
+def test_an_idle_system_admits_whatever_its_cost_model_predicts(tiny_models):
+    """A cost model a thousand times slower than the machine (a profile measured while it was busy)
+    never locks admission shut: the idle system admits and serves the first request, marked
+    unattainable; a request behind it is still judged by the model, and once idle again only a TTFT
+    below the fastest measured one is refused."""
+    slow = CostModel(draft_fixed=2, draft_per_seq=0.5, verify_fixed=100_000, verify_per_pos=100, verify_per_ctx=0)
+
+    async def main():
+        sch = tiny_models.scheduler(SchedulerConfig(max_batch_size=2), Strategy(mode="off", cost=slow),
+                                    eos_ids=[10**6])
+        admission = Admission(sch, "reject")
+        first = Sequence("first", [5, 6, 7], SamplingParams(max_new_tokens=4), Slo(ttft_ms=500))
+        admission.admit(first)
+        sch.submit(first)
+        second = Sequence("second", [5, 6, 8], SamplingParams(max_new_tokens=4), Slo(ttft_ms=500))
+        try:
+            admission.admit(second)
+            refused = None
+        except ResourceExhausted as exc:
+            refused = exc
+        sch.start()
+        await collect(first)
+        admission.observe(first)
+        # Idle again: a TTFT SLO below the fastest TTFT measured is refused whatever the model says.
+        hasty = Sequence("hasty", [5, 6, 9], SamplingParams(max_new_tokens=4), Slo(ttft_ms=first.ttft_ms / 2))
+        try:
+            admission.admit(hasty)
+            impossible = None
+        except ResourceExhausted as exc:
+            impossible = exc
+        await sch.stop()
+        return first, refused, impossible
+
+    first, refused, impossible = asyncio.run(main())
+    assert len(first.generated) == 4 and first.unattainable
+    assert refused is not None and "exceeds the SLO of 500 ms" in str(refused)
+    assert impossible is not None and impossible.retry_after_ms >= 1
+
+
 def test_queue_orders_by_deadline_then_priority(tiny_models):
     async def main():
         sch = _scheduler(tiny_models, max_batch=1)
