@@ -269,6 +269,15 @@ class Bench:
         self.model = served_model(stack.http_address)
         return stack
 
+    def fresh_caches(self) -> None:
+        """Restart the model services, so that a replay finds no prompt of an earlier one in the
+        prefix cache (each peer starts afresh too); they restart from the profile measured at the
+        stack's start."""
+        for name in ("verifier", "drafter"):
+            if name in self.stack.services:
+                self.stack.services[name].env.pop("SPECSERVE_REPROFILE", None)
+                self.stack.restart(name)
+
     def policy_run(self, policy: str, timeout_s: float = 60.0) -> None:
         """Reset the policy state and switch to `policy`; returns once the fresh policy has
         published a strategy fitted to the start-up profiles and the gateway has had time to read
@@ -299,6 +308,7 @@ class Bench:
                 results, duration = asyncio.run(replay(url, "peer", requests, system, load, rep, False))
             recs = []
         else:
+            self.fresh_caches()
             self.policy_run(system)
             since = now_id()
             results, duration = asyncio.run(replay(self.stack.http_address, self.model, requests, system, load, rep,

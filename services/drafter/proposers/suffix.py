@@ -140,11 +140,13 @@ class SuffixProposer:
 
     def _draft(self, session: _Session, item: ProposeItem) -> tuple[list[int], list[float]]:
         """From the session's own tokens or from recent outputs, whichever expects more accepted
-        tokens (the sum of the cumulative probabilities)."""
+        tokens (the sum of the cumulative probabilities). A sampled session drafts from its own
+        tokens alone: other requests' outputs would change where its drafts fall, and with them the
+        random draws its seed fixes, so the same seed would not give the same text."""
         tail = session.index.tokens + (session.pending if item.extend else [])
         room = item.max_draft_tokens  # an extend round's budget is for its own drafts
         best, best_score = ([], []), 0.0
-        for index in (session.index, self.recent):
+        for index in (session.index, self.recent) if item.params.greedy else (session.index,):
             m, starts = index.continuations(tail)
             budget = min(room, math.ceil(self.alpha * m))
             if budget <= 0:

@@ -67,6 +67,9 @@ def test_a_finished_output_serves_later_sessions():
     proposer.release(["a"])
     out = proposer.propose([ProposeItem("b", 0, [7, 8, 40, 41], 4, SamplingParams())])
     assert out.drafts[0].tokens == [42, 43]  # from the global index: the match is two tokens long
+    # A sampled session drafts from its own tokens alone, so its seed alone fixes its text.
+    sampled = proposer.propose([ProposeItem("c", 0, [7, 8, 40, 41], 4, SamplingParams(temperature=0.8, seed=3))])
+    assert sampled.drafts[0].tokens == []
 
 
 def test_the_global_index_stays_bounded():
