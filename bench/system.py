@@ -69,12 +69,12 @@ class BenchConfig:
     redis_url: str
     out: Path
     loads: tuple[int, ...] = (1, 2, 4)  # offered concurrency: light, about capacity, past it
-    requests: int = 8  # per system, load and repetition, half from each trace
+    requests: int = 6  # per system, load and repetition, half from each trace
     reps: int = 3
     policies: tuple[str, ...] = SUITE_POLICIES
     peers: tuple[str, ...] = PEERS  # run where `make peers` built llama-server for this CPU
     max_context_tokens: int = 512  # prompt tokens, as the data give them up to this
-    max_output_tokens: int = 96  # output tokens, as the data give them (the answer's length) up to this
+    max_output_tokens: int = 64  # output tokens, as the data give them (the answer's length) up to this
     window_start: int = 200  # each trace's arrivals from this row
     seed: int = 0  # the order in which dataset items are drawn
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
