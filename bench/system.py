@@ -333,7 +333,9 @@ class Bench:
 
     def unused_drafter(self, requests: list[Request]) -> dict:
         """`off` on this stack (drafter configured, unused) against a stack without a drafter, the
-        same requests alternated one at a time; the ratios of their mean latency and TPOT."""
+        same requests alternated one at a time; the ratios of their mean latency and TPOT. Both
+        start with empty prefix caches."""
+        self.fresh_caches()
         self.policy_run("off")
         # Neither stack runs a policy service meanwhile (the gateway keeps `off`), so the two differ
         # by the drafter alone.
