@@ -131,11 +131,12 @@ class Pooled:
         prompt = sum(q["prompt_tokens"] for q in told)
         return sum(q["cached_tokens"] for q in told) / prompt if prompt else None
 
-    def best(self, load: int, policies: list[str]) -> str:
-        return max((p for p in policies if p in self.at(load)), key=lambda p: self.goodput(p, load))
+    def best(self, load: int, systems: list[str]) -> str:
+        """Of `systems`, the one with the highest goodput at `load`."""
+        return max((s for s in systems if s in self.at(load)), key=lambda s: self.goodput(s, load))
 
 
-def summary(pooled: Pooled, policies: list[str]) -> tuple[list[str], list[tuple[str, str, bool]]]:
+def summary(pooled: Pooled) -> tuple[list[str], list[tuple[str, str, bool]]]:
     """The report's verdict lines per load, and the targets as (what, measured, met): `off` against
     plain llama-server (the serving core), `adaptive` against `off` and against the best speculating
     llama-server (speculation). A ratio whose interval holds 1 is a tie, which meets an "at or
@@ -160,7 +161,7 @@ def summary(pooled: Pooled, policies: list[str]) -> tuple[list[str], list[tuple[
             checks.append((f"load {load}: adaptive goodput >= 0.97 x off", _ci(vs_off), vs_off["ratio"] >= 0.97))
         speculating = [s for s in here if s.startswith(PEER + "-")]
         if "adaptive" in here and speculating:
-            best = max(speculating, key=lambda s: pooled.goodput(s, load))
+            best = pooled.best(load, speculating)
             vs_best = pooled.goodput_ratio("adaptive", best, load)
             parts.append(f"`adaptive` / `{best}` (the best speculating peer here) goodput {_ci(vs_best)}, "
                          f"speed {_ci(pooled.speedup('adaptive', best, load))}")
@@ -185,7 +186,6 @@ def ramp_checks(ramp: dict | None) -> list[tuple[str, str, bool]]:
 def markdown(report: dict) -> str:
     cfg, base, machine = report.get("config", {}), report.get("baseline", {}), report.get("machine", {})
     pooled = Pooled(report)
-    policies = list(cfg.get("policies", []))
     lines = ["# SpecServe system benchmark", "",
              f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, CPU flags {', '.join(machine.get('cpu_flags', []))}; "
              f"Python {machine.get('python')}, torch {machine.get('torch')}, transformers {machine.get('transformers')}, "
@@ -208,7 +208,7 @@ def markdown(report: dict) -> str:
              f"latency {_fmt(base.get('total_ms'))} ms. SLOs: {base.get('slos')}. Goodput: output tokens per second of "
              "requests that met both objectives (a refused request meets none). Ratios: bootstrap 95% intervals over "
              "paired requests; a difference whose interval holds 1 is a tie.", ""]
-    summary_lines, checks = summary(pooled, policies)
+    summary_lines, checks = summary(pooled)
     lines += ["## Summary", ""] + summary_lines + [""]
     for load in pooled.loads:
         lines += [f"## Load {load}", "",

@@ -173,13 +173,13 @@ def build_workloads(cfg: BenchConfig, items: dict[str, list[tuple[list[int], int
                     slos: dict[str, dict]) -> dict[int, list[Request]]:
     """Per load, the same requests for every system: each class's dataset items sent at the times of
     its trace's window, time-scaled so load c averages c requests per lone-request latency."""
+    windows = {klass: window(read_trace(path), cfg.window_start, len(items[klass])) for klass, path in cfg.traces.items()}
     out = {}
     for load in cfg.loads:
         rate = load * 1000 / lone_ms
         reqs = []
-        for klass, path in cfg.traces.items():
-            rows = window(read_trace(path), cfg.window_start, len(items[klass]))
-            for i, (at, (ids, tokens)) in enumerate(zip(arrivals(rows, rate / len(cfg.traces)), items[klass])):
+        for klass, rows in windows.items():
+            for i, (at, (ids, tokens)) in enumerate(zip(arrivals(rows, rate / len(windows)), items[klass])):
                 reqs.append(Request(klass, i, at, ids, tokens, **slos[klass]))
         out[load] = sorted(reqs, key=lambda r: r.at)
     return out

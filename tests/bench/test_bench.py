@@ -68,7 +68,7 @@ def test_report_pools_repetitions_and_calls_ties_and_wins():
     assert pooled.best(1, ["off", "static:2", "adaptive"]) == "adaptive"
     assert pooled.goodput_ratio("adaptive", "off", 1)["verdict"] == "win"
     assert pooled.speedup("adaptive", "off", 1)["ratio"] == pytest.approx(51 / 31, rel=0.02)
-    lines, checks = summary(pooled, ["off", "static:2", "adaptive"])
+    lines, checks = summary(pooled)
     assert len(lines) == 1 and "`off` / `llama-server` goodput 1.250" in lines[0]
     assert "`adaptive` / `llama-server-draft` (the best speculating peer here)" in lines[0]
     assert len(checks) == 5 and all(ok for _, _, ok in checks), checks
@@ -76,7 +76,7 @@ def test_report_pools_repetitions_and_calls_ties_and_wins():
                      "llama-server": ([True] * 20, 30.0), "llama-server-ngram-mod": ([True] * 20, 20.0)})
     for run in worse["runs"]:
         run["refused"] = 1
-    _, checks = summary(Pooled(worse), ["off", "adaptive"])
+    _, checks = summary(Pooled(worse))
     assert len(checks) == 5 and not any(ok for _, _, ok in checks), checks
 
 
