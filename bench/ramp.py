@@ -33,14 +33,17 @@ def step_series(records: list[tuple[float, dict]]) -> list[dict]:
         committed = sum(int(a) for a in r["accepted"]) + plain
         out.append({"t": t - t0, "batch": batch, "k": drafted / batch if batch else 0.0,
                     "tpot_ms": float(r["step_ms"]) * batch / committed if committed > 0 else float(r["step_ms"]),
-                    "mode": r.get("mode", "")})
+                    "mode": r.get("mode", ""), "prompt": int(r.get("prompt_tokens", 0)) > 0})
     return out
 
 
 def switch_stalls(series: list[dict]) -> list[dict]:
-    """Every step where speculation switched off or on (k became 0 or left 0), with its per-token
-    time over the median of up to NEIGHBOURS steps on each side at the same batch size or, where
-    there are none, any batch size. `stall` marks a ratio above STALL_FACTOR."""
+    """Every decode step where speculation switched off or on (k became 0 or left 0), with its
+    per-token time over the median of up to NEIGHBOURS decode steps on each side at the same batch
+    size or, where there are none, any batch size. `stall` marks a ratio above STALL_FACTOR. Steps
+    that read a prompt are left out: they never draft (the prompt's first token comes from them)
+    and their time is the prompt's, so they would read as switches and as stalls."""
+    series = [s for s in series if not s.get("prompt")]
     out = []
     for i in range(1, len(series)):
         if (series[i]["k"] > 0) == (series[i - 1]["k"] > 0):

@@ -1,8 +1,9 @@
 """Admission control and SLO accounting.
 
 At admission the gateway predicts the new request's TTFT from the queue ahead of it, the running
-batch and the cost model (prefill priced as the batched forwards it will be), corrected online by
-measured TTFTs; an idle system admits every request whose TTFT SLO is not below the fastest TTFT
+batch and the cost model (prompts read one after another, each priced as the batched forwards it
+will be; a request expected to generate the share of its max_new_tokens that finished requests
+did), corrected online by measured TTFTs; an idle system admits every request whose TTFT SLO is not below the fastest TTFT
 measured, whatever the cost model says. A request whose TTFT SLO cannot be met is rejected at once with
 RESOURCE_EXHAUSTED and a retry hint, or, when it (or the `admission` ops key) asks for best
 effort, queued and marked unattainable.
@@ -46,6 +47,7 @@ def attainment(seq: Sequence) -> Attainment:
 # clamped so one outlier (a request queued behind a burst) cannot lock admission shut.
 TTFT_SCALE_WEIGHT = 0.2
 MIN_TTFT_SCALE, MAX_TTFT_SCALE = 0.5, 4.0
+OUTPUT_SHARE_WEIGHT = 0.1  # the exponential mean of generated / max_new_tokens over finished requests
 
 
 class Admission:
@@ -58,15 +60,18 @@ class Admission:
         self.on_reject = on_reject or (lambda seq: None)
         self.ttft_scale = 1.0  # measured / predicted TTFT, tracked online (see observe)
         self.fastest_ttft_ms = 0.0  # the fastest TTFT measured here: no request can do better
+        self.output_share = 1.0  # generated / max_new_tokens of finished requests, tracked online
 
     def predict_ttft_ms(self, seq: Sequence) -> float:
-        """Simulate the batch's places: each running request frees its place after its remaining
-        tokens, each request queued ahead (deadline order) takes the first free place for its
-        prefill and all its tokens, then this request takes the next one for its prefill. The batch
-        holds as many sessions as max_batch_size allows and a plain step of them fits the tightest
-        TPOT SLO; steps are priced as plain steps of that batch, and a prefill as the forwards that
-        carry its prompt beside the running sessions' decode rows (chunks of max_prefill_tokens).
-        Times the TTFT correction learned from measured TTFTs."""
+        """Simulate the batch's places: each running request frees its place after the tokens it
+        is expected to generate still, each request queued ahead (deadline order) takes the first
+        free place, then this request takes the next one. Prompts are read one after another (a
+        step's forward carries every chunk, so reading them costs their tokens whichever share a
+        forward): a prompt's first token comes once the prompts ahead of it are read and its own
+        is. The batch holds as many sessions as max_batch_size allows and a plain step of them fits
+        the tightest TPOT SLO; steps are priced as plain steps of that batch, and a prefill as the
+        forwards that carry its prompt beside the running sessions' decode rows (chunks of
+        max_prefill_tokens). Times the TTFT correction learned from measured TTFTs."""
         sch = self.scheduler
         key = seq.sort_key()
         running = list(sch.running.values())
@@ -85,13 +90,20 @@ class Admission:
             ms = whole * sch.planner.step_ms(batch, zeros, chunk)
             return ms + (sch.planner.step_ms(batch, zeros, rest) if rest else 0.0)
 
-        free = [max(1, s.params.max_new_tokens - len(s.generated)) * step_ms for s in running]
+        free = [self.expected_remaining(s) * step_ms for s in running]
         free += [0.0] * max(0, places - len(free))
         heapq.heapify(free)
+        read = 0.0  # when the prompts ahead are read
         for s in ahead:
-            at = heapq.heappop(free)
-            heapq.heappush(free, at + prefill_ms(s) + s.params.max_new_tokens * step_ms)
-        return (free[0] + prefill_ms(seq)) * self.ttft_scale
+            read = max(read, heapq.heappop(free)) + prefill_ms(s)
+            heapq.heappush(free, read + self.expected_remaining(s) * step_ms)
+        return (max(free[0], read) + prefill_ms(seq)) * self.ttft_scale
+
+    def expected_remaining(self, seq: Sequence) -> int:
+        """Tokens a request is expected to generate still: its max_new_tokens times the share of
+        max_new_tokens that finished requests generated (most stop early), at least one."""
+        expected = round(self.output_share * seq.params.max_new_tokens)
+        return max(1, min(expected, seq.params.max_new_tokens) - len(seq.generated))
 
     def _places(self, views: list[SessionView]) -> int:
         """Sessions the batch holds: up to max_batch_size, while a plain step of them fits the
@@ -103,7 +115,11 @@ class Admission:
         return n if n < len(views) else sch.config.max_batch_size
 
     def observe(self, seq: Sequence) -> None:
-        """A finished request: correct the TTFT prediction by its measured TTFT."""
+        """A finished request: correct the TTFT prediction by its measured TTFT, and the expected
+        output length by what it generated."""
+        if seq.finish in (Finish.EOS, Finish.STOP, Finish.LENGTH) and seq.params.max_new_tokens > 0:
+            share = len(seq.generated) / seq.params.max_new_tokens
+            self.output_share = (1 - OUTPUT_SHARE_WEIGHT) * self.output_share + OUTPUT_SHARE_WEIGHT * share
         if seq.first_token_at is not None:
             self.fastest_ttft_ms = min(self.fastest_ttft_ms or seq.ttft_ms, seq.ttft_ms)
         if seq.predicted_ttft_ms > 0 and seq.first_token_at is not None:

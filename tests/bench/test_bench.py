@@ -115,6 +115,12 @@ def test_ramp_schedule_and_the_stall_check():
     # A decode burst (4 plain forwards in one call, 400 ms) is plain decoding at 100 ms a token.
     burst = step_series([(0.0, rec(2, 0, [0, 0], 400.0, forwards=4))])[0]
     assert burst["k"] == 0.0 and burst["tpot_ms"] == pytest.approx(100.0)
+    # A step reading a prompt (no drafts, a slow forward) between speculating steps is neither a
+    # switch nor a stall.
+    prompt = {**rec(2, 0, [0, 0], 900.0), "prompt_tokens": 200}
+    prompt["verified_positions"] += 200
+    spec = [rec(2, 4, [1, 1], 180.0)] * 4
+    assert switch_stalls(step_series([(float(i), r) for i, r in enumerate(spec + [prompt] + spec)])) == []
 
 
 def test_llama_server_command_for_each_peer(tiny_dir, tmp_path):

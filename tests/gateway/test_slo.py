@@ -3,10 +3,12 @@
 import asyncio
 import time
 
+import pytest
+
 from gateway.admission import Admission, attainment
 from gateway.metrics import GatewayMetrics
-from gateway.scheduler import SchedulerConfig
-from gateway.sequence import Sequence, Slo
+from gateway.scheduler import SchedulerConfig, view_of
+from gateway.sequence import Finish, Sequence, Slo
 from specserve.contracts import SamplingParams
 from specserve.errors import ResourceExhausted
 from specserve.strategy import CostModel, Strategy
@@ -110,6 +112,42 @@ def test_an_idle_system_admits_whatever_its_cost_model_predicts(tiny_models):
     assert len(first.generated) == 4 and first.unattainable
     assert refused is not None and "exceeds the SLO of 500 ms" in str(refused)
     assert impossible is not None and impossible.retry_after_ms >= 1
+
+
+def test_admission_reads_queued_prompts_one_after_another_and_learns_output_lengths(tiny_models):
+    """Prompts queued ahead are read before this one's (whichever forwards they share); a place
+    frees after the share of max_new_tokens that finished requests generated, not all of it."""
+    slo = Slo(ttft_ms=10**6)
+
+    def seq(name, prompt_len, max_new=40):
+        return Sequence(name, list(range(5, 5 + prompt_len)), SamplingParams(max_new_tokens=max_new), slo)
+
+    def prefill(s):
+        return sch.planner.step_ms([], [], len(s.tokens))
+
+    sch = _scheduler(tiny_models, max_batch=4)
+    admission = Admission(sch, "reject")
+    a, b, c = seq("a", 40), seq("b", 20), seq("c", 3)
+    for s in (a, b):
+        admission.admit(s)
+        sch.submit(s)
+    assert admission.predict_ttft_ms(c) == pytest.approx(prefill(a) + prefill(b) + prefill(c))
+
+    sch = _scheduler(tiny_models, max_batch=1)  # one place: c waits for a to finish
+    admission = Admission(sch, "reject")
+    admission.admit(a)
+    sch.submit(a)
+    step = sch.planner.step_ms([view_of(a)], [0])
+    before = admission.predict_ttft_ms(c)
+    assert before == pytest.approx(prefill(a) + 40 * step + prefill(c))
+    for i in range(30):  # finished requests stopped after a quarter of their max_new_tokens
+        done = seq(f"d{i}", 3)
+        done.generated, done.finish = [7] * 10, Finish.EOS
+        admission.observe(done)
+    expected = admission.expected_remaining(a)
+    assert 10 <= expected < 13  # 40 x the learned share (0.25 plus what is left of the prior)
+    after = admission.predict_ttft_ms(c)
+    assert after == pytest.approx(prefill(a) + expected * step + prefill(c)) and after < before
 
 
 def test_queue_orders_by_deadline_then_priority(tiny_models):

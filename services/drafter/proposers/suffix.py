@@ -4,11 +4,13 @@ Each session keeps an index of its own tokens (prompt and output so far), and th
 over the outputs of recently finished sessions (bounded, oldest out first). To draft, the longest
 suffix of the session's tokens that occurred before (up to MAX_MATCH tokens) is looked up; the
 tokens that followed its occurrences form a frequency tree, and the draft follows the most frequent
-child at each depth. The conditional frequency of each step is the draft token's confidence, so
-their product is the probability the planner and the calibration see; the draft stops where that
-product falls below a floor, and is at most `alpha` times the match length long (a long match
-predicts a long copy; a one-token match, a short guess). The index is updated with each call's new
-tokens: no history is rescanned.
+child at each depth. Each step's confidence is that child's frequency among the occurrences, with
+one unseen continuation counted at weight 1 / (tokens matched so far): a continuation seen once
+after a one-token match is a coin toss (1/2), after a 24-token match near certain (24/25), and
+seen twenty times in twenty it is 20/21 whatever the match. Their product is the probability the
+planner and the calibration see; the draft stops where it falls below a floor, and is at most
+`alpha` times the match length long (a long match predicts a long copy; a one-token match, a short
+guess). The index is updated with each call's new tokens: no history is rescanned.
 """
 
 from __future__ import annotations
@@ -55,11 +57,12 @@ class SuffixIndex:
         return 0, []
 
 
-def draft_from(index: SuffixIndex, starts: list[int], budget: int, floor: float,
+def draft_from(index: SuffixIndex, starts: list[int], budget: int, floor: float, matched: int,
                stop: set[int] = frozenset()) -> tuple[list[int], list[float]]:
-    """Follow the most frequent continuation of the occurrences at `starts`, up to `budget` tokens,
-    while the product of the conditional frequencies stays at or above `floor`. Returns the tokens
-    and each one's conditional frequency."""
+    """Follow the most frequent continuation of the occurrences at `starts` (of a context of
+    `matched` tokens), up to `budget` tokens, while the product of the confidences stays at or
+    above `floor`. Returns the tokens and each one's confidence: its frequency among the live
+    occurrences, shrunk by an unseen continuation of weight 1 / (tokens matched so far)."""
     tokens, confidences, cumulative = [], [], 1.0
     live = starts
     for depth in range(budget):
@@ -71,7 +74,7 @@ def draft_from(index: SuffixIndex, starts: list[int], budget: int, floor: float,
             break
         # The most frequent next token; among equals, the one seen most recently.
         token, kept = max(votes.items(), key=lambda kv: (len(kv[1]), kv[1][-1]))
-        p = len(kept) / len(live)
+        p = len(kept) / (len(live) + 1 / (matched + depth))
         if cumulative * p < floor:
             break
         cumulative *= p
@@ -151,7 +154,7 @@ class SuffixProposer:
             budget = min(room, math.ceil(self.alpha * m))
             if budget <= 0:
                 continue
-            tokens, confidences = draft_from(index, starts, budget, max(self.floor, item.stop_confidence))
+            tokens, confidences = draft_from(index, starts, budget, max(self.floor, item.stop_confidence), m)
             score = expected_accepted(confidences)
             if score > best_score:
                 best, best_score = (tokens, confidences), score

@@ -21,8 +21,10 @@ def test_the_longest_earlier_suffix_continues_a_copy():
     index = _index([*CODE, 99, *CODE[:4]])
     m, starts = index.continuations(index.tokens)
     assert m == 4 and starts == [4]  # "10 11 12 13" occurred once before, continued at position 4
-    tokens, confidences = draft_from(index, starts, budget=3, floor=0.1)
-    assert tokens == [14, 15, 16] and confidences == [1.0, 1.0, 1.0]
+    tokens, confidences = draft_from(index, starts, budget=3, floor=0.1, matched=m)
+    # Seen once: an unseen continuation weighs 1 / (tokens matched so far), so confidence grows
+    # along a copy.
+    assert tokens == [14, 15, 16] and confidences == pytest.approx([4 / 5, 5 / 6, 6 / 7])
     assert _index([1, 2, 3]).continuations([1, 2, 3]) == (0, [])  # nothing occurred before
 
 
@@ -31,10 +33,23 @@ def test_the_frequency_tree_follows_the_majority_and_stops_below_the_floor():
     index = _index([5, 6, 8, 5, 6, 9, 5, 7, 5])
     m, starts = index.continuations(index.tokens)
     assert m == 1 and len(starts) == 3
-    tokens, confidences = draft_from(index, starts, budget=4, floor=0.1)
-    assert tokens[:2] == [6, 9] and confidences[:2] == pytest.approx([2 / 3, 1 / 2])  # ties: the most recent
-    tokens, _ = draft_from(index, starts, budget=4, floor=0.5)
-    assert tokens == [6]  # 2/3 * 1/2 = 1/3 < 0.5: the second token is dropped
+    tokens, confidences = draft_from(index, starts, budget=4, floor=0.1, matched=m)
+    # 2 of 3 (plus the unseen at weight 1), then 1 of 2 (plus 1/2); ties: the most recent.
+    assert tokens[:2] == [6, 9] and confidences[:2] == pytest.approx([2 / 4, 1 / 2.5])
+    tokens, _ = draft_from(index, starts, budget=4, floor=0.5, matched=m)
+    assert tokens == [6]  # 1/2 * 2/5 = 1/5 < 0.5: the second token is dropped
+
+
+def test_a_short_match_seen_once_is_a_guess_and_a_long_one_or_a_frequent_one_is_not():
+    once_short = _index([7, 8, 30, 7])  # "7" once, followed by 8
+    m, starts = once_short.continuations(once_short.tokens)
+    assert m == 1 and draft_from(once_short, starts, 1, 0.1, m)[1] == pytest.approx([1 / 2])
+    long = _index([*CODE, 99, *CODE[:8]])
+    m, starts = long.continuations(long.tokens)
+    assert m == 8 and draft_from(long, starts, 1, 0.1, m)[1] == pytest.approx([8 / 9])
+    frequent = _index([7, 8] * 20 + [7])
+    m, starts = frequent.continuations([7])
+    assert draft_from(frequent, starts[-20:], 1, 0.1, 1)[1] == pytest.approx([20 / 21])
 
 
 def test_draft_length_follows_the_match_length():
@@ -107,7 +122,7 @@ def test_the_hybrid_drafts_from_the_suffix_where_it_expects_enough_and_from_the_
     copy = [*CODE, 99, *CODE[:5]]
     out = proposer.propose([ProposeItem("copy", 0, copy, 4, SamplingParams()),
                             ProposeItem("fresh", 0, [5, 9, 11], 4, SamplingParams())])
-    assert out.drafts[0].tokens == [15, 16, 17, 18] and out.drafts[0].confidences == [1.0] * 4
+    assert out.drafts[0].tokens == [15, 16, 17, 18] and out.drafts[0].confidences == pytest.approx([5 / 6, 6 / 7, 7 / 8, 8 / 9])
     assert len(out.drafts[1].tokens) == 4 and out.draft_steps == 4  # the model drafted the fresh one only
     assert [d.free for d in out.drafts] == [True, False]  # each calibrated as its proposer's
     assert proposer.model.sessions.get("copy") is None  # the model never read the copied session
