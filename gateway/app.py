@@ -199,7 +199,7 @@ class Gateway:
             target_model=vinfo.model_id, draft_model=dinfo.model_id if dinfo else "",
             tokenizer_fingerprint=self.fingerprint, max_context=vinfo.max_context, max_new_tokens=c.max_new_tokens,
             default_max_new_tokens=c.default_max_new_tokens, max_batch_size=c.max_batch_size, max_queued=c.max_queued)
-        metrics.follow(scheduler, telemetry)
+        metrics.follow(scheduler, telemetry, admission)
         self.servicer.on_reject = lambda reason: metrics.rejected.labels(reason).inc()
         self.servicer.attach(scheduler, self.tokenizer, len(self.tokenizer), limits, info, admission)
         scheduler.start()

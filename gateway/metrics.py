@@ -53,11 +53,21 @@ class GatewayMetrics:
         self.strategy_age = Gauge("specserve_strategy_age_seconds", "Age of the strategy in force", registry=r)
         self.telemetry_dropped = Gauge("specserve_telemetry_dropped", "Telemetry records dropped (Redis away or "
                                        "the buffer full), since start", registry=r)
+        self.step_scale = Gauge("specserve_step_time_scale", "Measured over predicted step time (the cost "
+                                "model's online correction)", registry=r)
+        self.ttft_scale = Gauge("specserve_ttft_scale", "Measured over predicted time to first token "
+                                "(admission's online correction)", registry=r)
+        self.output_share = Gauge("specserve_output_share", "Generated over max_new_tokens of finished "
+                                  "requests (admission's expected output length)", registry=r)
         self._invalid_seen = {"ops": 0, "strategies": 0}
 
-    def follow(self, scheduler, telemetry=None) -> None:
-        """Gauges read at scrape time from the running scheduler (and telemetry emitter)."""
+    def follow(self, scheduler, telemetry=None, admission=None) -> None:
+        """Gauges read at scrape time from the running scheduler (telemetry emitter, admission)."""
         self.drafter_available.set_function(lambda: float(scheduler.drafter_available))
+        self.step_scale.set_function(lambda: scheduler.planner.time_scale)
+        if admission is not None:
+            self.ttft_scale.set_function(lambda: admission.ttft_scale)
+            self.output_share.set_function(lambda: admission.output_share)
         self.strategy_version.set_function(lambda: scheduler.planner.strategy.version)
         issued: Callable[[], float] = lambda: scheduler.planner.strategy.issued_at
         self.strategy_age.set_function(lambda: time.time() - issued() if issued() else 0.0)

@@ -204,6 +204,10 @@ def test_metrics_follow_prometheus_conventions(client, stack):
     assert samples["specserve_ttft_seconds_count"] >= 1 and 'specserve_tpot_seconds_bucket{le="0.005"}' in samples
     assert samples["specserve_drafter_available"] == 1.0 and "specserve_strategy_version" in samples
     assert "specserve_telemetry_dropped" in samples and "specserve_ops_invalid_total" in samples
+    # The online corrections: positive ratios, the output share at most 1 (what finished requests
+    # generated of their max_new_tokens).
+    assert samples["specserve_step_time_scale"] > 0 and samples["specserve_ttft_scale"] > 0
+    assert 0 < samples["specserve_output_share"] <= 1
     assert not any(name.endswith("_ms") or "_ms_" in name for name in samples)
 
 
