@@ -461,7 +461,10 @@ class Scheduler(Background):
     def _prune(self, step: "_Step") -> None:
         tick = time.perf_counter()
         step.keep = self.planner.prune(step.views, step.drafted)
-        step.predicted_ms = self.planner.step_ms(step.views, [step.keep[s.id] for s in step.seqs])
+        # Drafts that cost no model (a suffix lookup) are priced as such, or the step-time
+        # correction would learn the gap between a model's drafting and a lookup.
+        free = all(step.drafted[s.id].free for s in step.seqs if step.keep[s.id])
+        step.predicted_ms = self.planner.step_ms(step.views, [step.keep[s.id] for s in step.seqs], free=free)
         step.items = [VerifyItem(s.id, s.position, step.drafted[s.id].tokens[: step.keep[s.id]],
                                  step.dists[s.id][: step.keep[s.id]] if not s.params.greedy else [])
                       for s in step.seqs]

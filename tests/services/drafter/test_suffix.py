@@ -158,3 +158,17 @@ def test_hybrid_drafts_are_lossless(tiny_pair):
             assert all(f <= n for f, n in zip(r.free_position_reached, r.position_reached))
         if strategy.mode == "static":
             assert 0 in [f for r in records for f in r.free_slots]  # the model drafted the fresh prompt
+
+
+def test_a_step_verifying_free_drafts_only_is_priced_without_the_model_s_drafting(tiny_pair):
+    """A hybrid whose model drafts at a prohibitive price drafts from the suffix alone; those steps'
+    predicted time leaves the model's drafting out (else the step-time correction learns the gap)."""
+    tokenizer = tiny_pair.tokenizer
+    code = tokenizer.encode("for i in range(10):\n    print(i)\nfor i in range(10):\n    print(i)\nfor i in range(10):\n")
+    costly = CostModel(draft_fixed=10_000.0, draft_per_seq=0.0, verify_fixed=3.0, verify_per_pos=0.1, verify_per_ctx=0)
+    records = []
+    run_local(tiny_pair, [(code, SamplingParams(max_new_tokens=30))], Strategy(mode="adaptive", cost=costly),
+              proposer="hybrid", on_step=records.append)
+    free = [r for r in records if r.free_slots and all(r.free_slots)]
+    assert free and all(not r.draft_steps for r in free)
+    assert free[0].predicted_step_ms < 1_000, [r.predicted_step_ms for r in free[:3]]
