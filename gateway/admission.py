@@ -3,10 +3,10 @@
 At admission the gateway predicts the new request's TTFT from the queue ahead of it, the running
 batch and the cost model (prompts read one after another, each priced as the batched forwards it
 will be; a request expected to generate the share of its max_new_tokens that finished requests
-did), corrected online by measured TTFTs; an idle system admits every request whose TTFT SLO is not below the fastest TTFT
-measured, whatever the cost model says. A request whose TTFT SLO cannot be met is rejected at once with
-RESOURCE_EXHAUSTED and a retry hint, or, when it (or the `admission` ops key) asks for best
-effort, queued and marked unattainable.
+did), corrected online by measured TTFTs; an idle system admits every request whose TTFT SLO is
+not below the fastest TTFT measured, whatever the cost model says. A request whose TTFT SLO cannot
+be met is rejected at once with RESOURCE_EXHAUSTED and a retry hint, or, when it (or the
+`admission` ops key) asks for best effort, queued and marked unattainable.
 """
 
 from __future__ import annotations
