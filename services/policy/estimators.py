@@ -2,7 +2,7 @@
 
 - CostEstimator: T_draft = steps * (draft_fixed + draft_per_seq * n), least squares; T_verify as a
   measured table by verified positions N (median time of each N seen, brought to context 0 by the
-  fitted per-context slope), with the shape buckets where its cost steps up; coefficients kept
+  per-context slope fitted within each N), with the shape buckets where its cost steps up; coefficients kept
   non-negative, over a window of recent steps.
 - CalibrationEstimator: observed survival of draft positions against their raw cumulative
   confidence, in bins, made monotone; the map Ĉ = f(C).
@@ -29,6 +29,19 @@ def _nonneg_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
             return coef
         active &= coef > 0
     return np.clip(coef, 0, None)
+
+
+def _within_shape_slope(v: np.ndarray) -> float:
+    """Forward time per context token, from rows of the same number of positions only (pooled over
+    shapes, never negative; 0 where no shape was seen at two contexts). Bigger batches hold more
+    context, so a slope fitted across shapes would charge context for the batch's own cost."""
+    cov = var = 0.0
+    for n in np.unique(v[:, 1]):
+        rows = v[v[:, 1] == n]
+        dc = rows[:, 2] - rows[:, 2].mean()
+        cov += float(dc @ (rows[:, 3] - rows[:, 3].mean()))
+        var += float(dc @ dc)
+    return max(cov / var, 0.0) if var > 0 else 0.0
 
 
 WINDOW = 500  # recent observations kept per part: a few minutes of steps, enough for every shape
@@ -75,10 +88,10 @@ class CostEstimator:
         v = np.array([*self.profile, *self.verify], dtype=float).reshape(-1, 4)
         v = v[v[:, 1] <= LINE_MAX_POSITIONS]
         if len(v) >= 8:
-            cols = [0] + [i for i in (1, 2) if len(np.unique(v[:, i])) >= 2]
-            coef = dict(zip(cols, _nonneg_lstsq(v[:, cols], v[:, 3])))
-            c = replace(c, verify_fixed=float(coef[0]), verify_per_pos=float(coef.get(1, 0.0)),
-                        verify_per_ctx=float(coef.get(2, 0.0)))
+            per_ctx = _within_shape_slope(v)
+            cols = [0] + ([1] if len(np.unique(v[:, 1])) >= 2 else [])
+            coef = dict(zip(cols, _nonneg_lstsq(v[:, cols], v[:, 3] - per_ctx * v[:, 2])))
+            c = replace(c, verify_fixed=float(coef[0]), verify_per_pos=float(coef.get(1, 0.0)), verify_per_ctx=per_ctx)
         table = self._table(np.array(self.verify, dtype=float).reshape(-1, 4),
                             np.array(self.profile, dtype=float).reshape(-1, 4), c.verify_per_ctx)
         if len(table) >= 2:

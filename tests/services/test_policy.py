@@ -31,6 +31,22 @@ def test_cost_estimator_recovers_known_coefficients():
     assert c.verify_per_ctx == pytest.approx(0.02, rel=0.25)
 
 
+def test_the_per_context_slope_is_not_the_batch_s_own_cost():
+    """Bigger batches hold more context: with forward times convex in positions (as measured on a
+    CPU) and context growing with the batch, the per-context slope comes from steps of one shape at
+    different contexts, so a batch of 3 at 300 context tokens is priced near what it measured."""
+    rng = random.Random(1)
+    measured = {1: 45.0, 2: 78.0, 3: 104.0, 4: 150.0, 8: 480.0}
+    est = CostEstimator()
+    for _ in range(300):
+        n = rng.choice(list(measured))
+        ctx = 100 * n + rng.randrange(-40, 40)
+        est.observe(n, 0, 0.0, n, ctx, measured[n] + 0.01 * ctx)
+    c = est.fit()
+    assert c.verify_per_ctx == pytest.approx(0.01, abs=1e-6)
+    assert c.t_verify(3, 300) == pytest.approx(104 + 3, rel=0.01)
+
+
 def test_calibration_converges_to_observed_survival():
     """Drafts survive with probability c**2 (over-confident drafter): the fitted map learns it."""
     rng = random.Random(1)
