@@ -5,7 +5,8 @@
   per-context slope fitted within each N), with the shape buckets where its cost steps up; coefficients kept
   non-negative, over a window of recent steps.
 - CalibrationEstimator: observed survival of draft positions against their raw cumulative
-  confidence, in bins, made monotone; the map Ĉ = f(C).
+  confidence, in bins shrunk toward the proposer's overall survived / expected ratio, made
+  monotone; the map Ĉ = f(C).
 - AcceptanceEstimator: the global accepted / drafted ratio α and the mean per-token acceptance.
 """
 
@@ -118,28 +119,37 @@ class CostEstimator:
 
 @dataclass
 class CalibrationEstimator:
-    """Bins raw cumulative confidence; survival per bin = (survived + 1) / (seen + 2), made
-    non-decreasing by pooling adjacent violators."""
+    """Bins raw cumulative confidence; each bin's survival shrinks toward the raw confidence times
+    the proposer's overall ratio of survived to expected (so a few outcomes already correct a
+    drafter that is over- or under-confident everywhere), then is made non-decreasing by pooling
+    adjacent violators. Identity before any outcome."""
 
     bins: int = 10
-    min_samples: int = 50
+    scale_weight: float = 2.0  # the identity's weight in the overall ratio, in outcomes
+    bin_weight: float = 5.0  # the scaled raw confidence's weight in each bin, in outcomes
     seen: np.ndarray = field(init=False)
     survived: np.ndarray = field(init=False)
+    raw: np.ndarray = field(init=False)  # per bin: the sum of the raw confidences seen there
 
     def __post_init__(self) -> None:
-        self.seen, self.survived = np.zeros(self.bins), np.zeros(self.bins)
+        self.seen, self.survived, self.raw = np.zeros(self.bins), np.zeros(self.bins), np.zeros(self.bins)
 
     def observe(self, confidences: list[float], outcomes: list[int]) -> None:
         for c, o in zip(confidences, outcomes):
             b = min(int(c * self.bins), self.bins - 1)
             self.seen[b] += 1
             self.survived[b] += o
+            self.raw[b] += c
 
     def fit(self) -> Calibration:
-        if self.seen.sum() < self.min_samples:
+        if not self.seen.sum():
             return Calibration()
-        rate = (self.survived + 1) / (self.seen + 2)
-        weight = self.seen + 2
+        scale = (self.survived.sum() + self.scale_weight) / (self.raw.sum() + self.scale_weight)
+        centers = (np.arange(self.bins) + 0.5) / self.bins
+        mean_raw = np.where(self.seen > 0, self.raw / np.maximum(self.seen, 1), centers)
+        prior = np.minimum(mean_raw * scale, 1.0)
+        rate = (self.survived + self.bin_weight * prior) / (self.seen + self.bin_weight)
+        weight = self.seen + self.bin_weight
         blocks = [[r, w, 1] for r, w in zip(rate, weight)]  # pool-adjacent-violators
         i = 0
         while i < len(blocks) - 1:
@@ -150,11 +160,10 @@ class CalibrationEstimator:
                 i = max(i - 1, 0)
             else:
                 i += 1
-        survival = [r for r, _, n in blocks for _ in range(n)]
-        centers = [(b + 0.5) / self.bins for b in range(self.bins)]
+        survival = [float(r) for r, _, n in blocks for _ in range(n)]
         # Past the last bin's centre the survival stays that bin's: a raw 1.0 (a suffix draft's
         # usual confidence) is worth what such drafts measured, not certainty.
-        return Calibration((0.0, *centers, 1.0), (0.0, *survival, survival[-1]))
+        return Calibration((0.0, *(float(c) for c in centers), 1.0), (0.0, *survival, survival[-1]))
 
 
 @dataclass

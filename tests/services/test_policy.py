@@ -60,9 +60,22 @@ def test_calibration_converges_to_observed_survival():
     assert list(cal.survival) == sorted(cal.survival)
 
 
+def test_a_few_outcomes_correct_a_drafter_that_is_wrong_everywhere():
+    """Six misses at raw 0.95 pull every confidence down, bins never seen included; six hits at raw
+    0.4 pull it up; nothing seen is the identity."""
+    assert CalibrationEstimator().fit()(0.7) == pytest.approx(0.7)
+    over = CalibrationEstimator()
+    over.observe([0.95] * 6, [0] * 6)
+    cal = over.fit()
+    assert cal(0.95) < 0.3 and cal(0.55) < 0.3
+    under = CalibrationEstimator()
+    under.observe([0.4] * 6, [1] * 6)
+    assert under.fit()(0.4) > 0.6
+
+
 @pytest.mark.parametrize("bins", [4, 20])
 def test_calibration_has_the_bins_it_is_given(bins):
-    est = CalibrationEstimator(bins=bins, min_samples=1)
+    est = CalibrationEstimator(bins=bins)
     est.observe([i / 100 for i in range(100)], [i % 2 for i in range(100)])
     assert len(est.seen) == bins and est.seen.sum() == 100
     assert len(est.fit().raw) == bins + 2  # the bin centres between 0 and 1
