@@ -65,10 +65,9 @@ class Admission:
     def predict_ttft_ms(self, seq: Sequence) -> float:
         """Simulate the batch's places: each running request frees its place after the tokens it
         is expected to generate still, each request queued ahead (deadline order) takes the first
-        free place, then this request takes the next one. Prompts are read one after another (a
-        step's forward carries every chunk, so reading them costs their tokens whichever share a
-        forward): a prompt's first token comes once the prompts ahead of it are read and its own
-        is. The batch holds as many sessions as max_batch_size allows and a plain step of them fits
+        free place, then this request takes the next one. Prompts are read one after another, as
+        the scheduler reads them: a prompt's first token comes once the prompts ahead of it are
+        read and its own is. The batch holds as many sessions as max_batch_size allows and a plain step of them fits
         the tightest TPOT SLO; steps are priced as plain steps of that batch, and a prefill as the
         forwards that carry its prompt beside the running sessions' decode rows (chunks of
         max_prefill_tokens). Times the TTFT correction learned from measured TTFTs."""
@@ -82,22 +81,34 @@ class Admission:
         batch = views[: min(places, len(running))]
         full = views[:places]
         step_ms = sch.planner.step_ms(full, [0] * len(full), 0)
-        zeros = [0] * len(batch)
-        chunk = max(1, sch.config.max_prefill_tokens)
-
-        def prefill_ms(s: Sequence) -> float:
-            whole, rest = divmod(len(s.tokens) - s.prefilled, chunk)
-            ms = whole * sch.planner.step_ms(batch, zeros, chunk)
-            return ms + (sch.planner.step_ms(batch, zeros, rest) if rest else 0.0)
-
         free = [self.expected_remaining(s) * step_ms for s in running]
         free += [0.0] * max(0, places - len(free))
         heapq.heapify(free)
         read = 0.0  # when the prompts ahead are read
         for s in ahead:
-            read = max(read, heapq.heappop(free)) + prefill_ms(s)
+            read = max(read, heapq.heappop(free)) + self._prefill_ms(s, batch)
             heapq.heappush(free, read + self.expected_remaining(s) * step_ms)
-        return (max(free[0], read) + prefill_ms(seq)) * self.ttft_scale
+        return (max(free[0], read) + self._prefill_ms(seq, batch)) * self.ttft_scale
+
+    def _prefill_ms(self, seq: Sequence, batch: list[SessionView]) -> float:
+        """Reading the rest of a prompt: chunks of max_prefill_tokens, each in a forward beside
+        the batch's decode rows."""
+        sch = self.scheduler
+        zeros, chunk = [0] * len(batch), max(1, sch.config.max_prefill_tokens)
+        whole, rest = divmod(len(seq.tokens) - seq.prefilled, chunk)
+        ms = whole * sch.planner.step_ms(batch, zeros, chunk)
+        return ms + (sch.planner.step_ms(batch, zeros, rest) if rest else 0.0)
+
+    def _queued_ahead(self, seq: Sequence) -> None:
+        """An admitted request that sorts before requests already queued reads its prompt before
+        theirs: their predicted TTFTs grow by its reading, so the TTFT correction learns the cost
+        model's error and not the queue's reordering."""
+        behind = [s for s in self.scheduler.waiting if s is not seq and s.sort_key() > seq.sort_key()]
+        if behind:
+            ms = self._prefill_ms(seq, [view_of(s) for s in self.scheduler.running.values()]) * self.ttft_scale
+            for s in behind:
+                if s.predicted_ttft_ms > 0:
+                    s.predicted_ttft_ms += ms
 
     def expected_remaining(self, seq: Sequence) -> int:
         """Tokens a request is expected to generate still: its max_new_tokens times the share of
@@ -147,6 +158,7 @@ class Admission:
         system admits every request unless its TTFT SLO is below the fastest TTFT measured here."""
         over = self.shortfall_ms(seq)
         if over <= 0:
+            self._queued_ahead(seq)
             self.on_admit(seq)
             return
         possible = seq.slo.ttft_ms >= self.fastest_ttft_ms
@@ -155,6 +167,7 @@ class Admission:
             # the machine (a profile measured while it was busy) never locks admission shut: the
             # admitted request's steps and TTFT correct it.
             seq.unattainable = True
+            self._queued_ahead(seq)
             self.on_admit(seq)
             return
         if self.idle:  # faster than any first token measured here, whatever the cost model says

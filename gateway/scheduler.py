@@ -298,8 +298,11 @@ class Scheduler(Background):
         prefill first, then those the verifier lost, then the queue in deadline order. A new
         session joins only while the predicted plain step of the grown batch fits the tightest
         TPOT SLO (and max_batch_size); the chunks share a token budget sized so the predicted step
-        keeps every running session on its TPOT schedule. A request whose TTFT slack is spent goes
-        in whatever the budget."""
+        keeps every running session on its TPOT schedule. Prompts are read one after another
+        unless sharing a forward lowers their first tokens' times: on a compute-bound device a
+        second prompt in the same forward holds the first one's first token back by its own
+        reading time and brings its own no sooner. A request whose TTFT slack is spent goes in
+        whatever the budget."""
         views = [view_of(s) for s in self.running.values()]
         budget = self._prompt_budget(views)
         members = len(self.running) + len(self.prefilling)
@@ -311,6 +314,8 @@ class Scheduler(Background):
                 break
             remaining = len(seq.tokens) - seq.prefilled
             take = min(remaining, budget)
+            if take > 0 and batch and not self._rides_free(views, sum(n for _, n in batch), take):
+                take = 0
             if take <= 0 and self._ttft_due(seq, views):
                 take = min(remaining, self.config.max_prefill_tokens)
             if take <= 0:
@@ -321,6 +326,13 @@ class Scheduler(Background):
             if joining:
                 views.append(view_of(seq))
         return batch
+
+    def _rides_free(self, views: list[SessionView], taken: int, more: int) -> bool:
+        """Whether `more` prompt tokens join a step already carrying `taken` for less than they
+        save: together, both first tokens come at T(taken + more); one after another, at
+        T(taken) and T(taken) + T(more) (each step with the running sessions' decode rows)."""
+        zeros, step_ms = [0] * len(views), self.planner.step_ms
+        return 2 * step_ms(views, zeros, taken + more) <= 2 * step_ms(views, zeros, taken) + step_ms(views, zeros, more)
 
     def _fits(self, views: list[SessionView]) -> bool:
         """Whether a plain step over these sessions fits the tightest TPOT SLO among them."""

@@ -235,6 +235,20 @@ def test_the_batch_grows_only_while_its_plain_step_fits_the_tightest_tpot(tiny_m
     assert sch._select_prefill() == []
 
 
+@pytest.mark.parametrize("table, together", [
+    (LINEAR.verify_table, False),  # compute-bound: each prompt token costs 10 ms
+    (((1, 50.0), (512, 52.0)), True),  # an under-used accelerator: prompt tokens ride nearly free
+])
+def test_queued_prompts_share_a_forward_only_where_that_brings_first_tokens_sooner(tiny_models, table, together):
+    cost = CostModel(draft_fixed=0.0, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=table)
+    sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=512), Strategy(mode="off", cost=cost))
+    later = Sequence("later", list(range(3, 63)), SamplingParams(max_new_tokens=2), Slo(ttft_ms=20_000))
+    sooner = Sequence("sooner", list(range(3, 43)), SamplingParams(max_new_tokens=2), Slo(ttft_ms=10_000))
+    sch.waiting += [later, sooner]
+    chosen = sch._select_prefill()
+    assert chosen == ([(sooner, 40), (later, 60)] if together else [(sooner, 40)])
+
+
 def test_a_session_exactly_on_schedule_is_not_late():
     import time
 

@@ -150,6 +150,25 @@ def test_admission_reads_queued_prompts_one_after_another_and_learns_output_leng
     assert after == pytest.approx(prefill(a) + expected * step + prefill(c)) and after < before
 
 
+def test_a_request_admitted_ahead_of_queued_ones_adds_its_reading_to_their_predicted_ttft(tiny_models):
+    """Deadline order lets a later arrival read its prompt first: those it passes expect to wait
+    for that, so their measured TTFT does not teach the TTFT correction an error it never made."""
+    sch = _scheduler(tiny_models, max_batch=4)
+    admission = Admission(sch, "reject")
+    chat = Sequence("chat", list(range(5, 65)), SamplingParams(max_new_tokens=8), Slo(ttft_ms=10**6))
+    code = Sequence("code", list(range(5, 45)), SamplingParams(max_new_tokens=8), Slo(ttft_ms=10**5))
+    admission.admit(chat)
+    sch.submit(chat)
+    alone = chat.predicted_ttft_ms
+    admission.admit(code)
+    sch.submit(code)
+    assert code.predicted_ttft_ms == pytest.approx(sch.planner.step_ms([], [], 40))  # it goes first
+    assert chat.predicted_ttft_ms == pytest.approx(alone + code.predicted_ttft_ms)
+    late = Sequence("late", [5, 6, 7], SamplingParams(max_new_tokens=8), Slo(ttft_ms=10**7))
+    admission.admit(late)  # sorts after both: it moves nobody
+    assert chat.predicted_ttft_ms == pytest.approx(alone + code.predicted_ttft_ms)
+
+
 def test_queue_orders_by_deadline_then_priority(tiny_models):
     async def main():
         sch = _scheduler(tiny_models, max_batch=1)
