@@ -75,7 +75,6 @@ class VerifierWorker:
         refused (INVALID), and when the KV has no room for the chunks (EXHAUSTED) the running
         sessions' step runs without them."""
         start = time.perf_counter_ns()
-        self.end_burst.clear()
         refused: dict[str, PrefillResult] = {}
         chunks: list[tuple[PrefillItem, TargetSession | None]] = []
         for item in prefills:
@@ -147,6 +146,9 @@ class VerifierWorker:
                 session.tokens.extend(emitted)
                 results[item.session_id].tokens.extend(emitted)
             positions, forwards = positions + len(rows), forwards + 1
+        # Cleared once the call is done, not when it starts: an end asked for while the call was
+        # still on its way (the request and the call cross) ends this call's burst too.
+        self.end_burst.clear()
         return VerifyOutput([results[it.session_id] for it in items], positions, time.perf_counter_ns() - start,
                             [refused.get(it.session_id) or done[it.session_id] for it in prefills], forwards)
 

@@ -98,6 +98,19 @@ async def _until(condition) -> None:
         await asyncio.sleep(0)
 
 
+def test_an_end_asked_for_before_the_burst_call_starts_still_ends_it(tiny_pair):
+    """The gateway asks to end a burst as soon as a request arrives, which may be before the
+    verifier has started the call: the burst still ends after its first forward, and the next
+    call bursts in full."""
+    worker = VerifierWorker(tiny_pair.runtimes()[0])
+    worker.prefill([PrefillItem("s0", PROMPTS[0], SamplingParams())])
+    worker.end_burst.set()
+    out = worker.verify([VerifyItem("s0", len(PROMPTS[0]) + 1, [], plain_steps=6)])
+    assert out.forwards == 1
+    out = worker.verify([VerifyItem("s0", len(PROMPTS[0]) + 2, [], plain_steps=4)])
+    assert out.forwards == 4
+
+
 def test_a_request_arriving_during_a_burst_ends_it_after_the_current_forward(tiny_pair):
     """A long burst (20 steps allowed) is under way when a second request arrives: the burst ends
     early and the prompt goes in with the next call, long before the burst's 20 steps; both outputs
