@@ -67,10 +67,10 @@ class Admission:
         is expected to generate still, each request queued ahead (deadline order) takes the first
         free place, then this request takes the next one. Prompts are read one after another, as
         the scheduler reads them: a prompt's first token comes once the prompts ahead of it are
-        read and its own is. The batch holds as many sessions as max_batch_size allows and a plain step of them fits
-        the tightest TPOT SLO; steps are priced as plain steps of that batch, and a prefill as the
-        forwards that carry its prompt beside the running sessions' decode rows (chunks of
-        max_prefill_tokens). Times the TTFT correction learned from measured TTFTs."""
+        read and its own is. The batch holds as many sessions as max_batch_size allows and a plain
+        step of them fits the tightest TPOT SLO; steps are priced as plain steps of that batch,
+        and a prefill as the forwards that carry its prompt beside the running sessions' decode
+        rows (chunks of max_prefill_tokens). Times the TTFT correction learned from measured TTFTs."""
         sch = self.scheduler
         key = seq.sort_key()
         running = list(sch.running.values())
