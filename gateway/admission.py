@@ -91,11 +91,11 @@ class Admission:
         return (max(free[0], read) + self._prefill_ms(seq, batch)) * self.ttft_scale
 
     def _prefill_ms(self, seq: Sequence, batch: list[SessionView]) -> float:
-        """Reading the rest of a prompt: chunks of max_prefill_tokens, each in a forward beside
-        the batch's decode rows."""
+        """Reading the rest of a prompt (less what the prefix cache holds): chunks of
+        max_prefill_tokens, each in a forward beside the batch's decode rows."""
         sch = self.scheduler
         zeros, chunk = [0] * len(batch), max(1, sch.config.max_prefill_tokens)
-        whole, rest = divmod(len(seq.tokens) - seq.prefilled, chunk)
+        whole, rest = divmod(sch.unread(seq), chunk)
         ms = whole * sch.planner.step_ms(batch, zeros, chunk)
         return ms + (sch.planner.step_ms(batch, zeros, rest) if rest else 0.0)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from gateway.backends import DrafterBackend, VerifierBackend
 from gateway.planner import Drafted, DraftPlan, Planner, SessionView
+from gateway.prefixes import CachedPrefixes
 from gateway.sequence import Delta, Finish, Sequence, Status
 from gateway.textstream import TextStream
 from specserve.background import Background, Tasks
@@ -127,7 +128,8 @@ class _Step:
     free_position_reached: list[int] = field(default_factory=list)
     free_position_accepted: list[int] = field(default_factory=list)
     explored: bool = False
-    prompt_tokens: int = 0  # prompt tokens prefilled in the same forward
+    prompt_tokens: int = 0  # prompt tokens prefilled in the same forward (read, not taken from the cache)
+    free: bool = False  # every verified draft came from a free proposer
 
     def __post_init__(self) -> None:
         self.views = [view_of(s) for s in self.seqs]
@@ -155,6 +157,7 @@ class Scheduler(Background):
         self.prefilling: list[Sequence] = []  # in the middle of a chunked prefill
         self.chunked: list[Sequence] = []  # queued requests whose prompt chunks the current step carries
         self.streams: dict[str, TextStream] = {}
+        self.prefixes = CachedPrefixes()  # what the verifier's prefix cache likely holds, for pricing
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()  # set while there is no request to serve
         self.idle.set()
@@ -308,24 +311,36 @@ class Scheduler(Background):
         members = len(self.running) + len(self.prefilling)
         self.waiting.sort(key=Sequence.sort_key)
         batch: list[tuple[Sequence, int]] = []
+        reading = 0
         for seq in [*self.prefilling, *self.resync, *self.waiting]:
             joining = seq not in self.prefilling
             if joining and (members >= self.config.max_batch_size or not self._fits(views + [view_of(seq)])):
                 break
-            remaining = len(seq.tokens) - seq.prefilled
+            # A prompt's cached prefix goes with its first chunk and costs no reading.
+            seq.expect_cached = 0 if seq.prefilled else self._cached(seq)
+            remaining = len(seq.tokens) - seq.prefilled - seq.expect_cached
             take = min(remaining, budget)
-            if take > 0 and batch and not self._rides_free(views, sum(n for _, n in batch), take):
+            if take > 0 and batch and not self._rides_free(views, reading, take):
                 take = 0
             if take <= 0 and self._ttft_due(seq, views):
                 take = min(remaining, self.config.max_prefill_tokens)
             if take <= 0:
                 break
-            batch.append((seq, take))
+            batch.append((seq, seq.expect_cached + take))
+            reading += take
             budget -= take
             members += joining
             if joining:
                 views.append(view_of(seq))
         return batch
+
+    def _cached(self, seq: Sequence) -> int:
+        """Prompt tokens of a queued request the verifier will likely take from its prefix cache."""
+        return self.prefixes.cached(seq.tokens, (s.tokens for s in self.running.values()))
+
+    def unread(self, seq: Sequence) -> int:
+        """Prompt tokens the verifier has still to compute for a queued request."""
+        return len(seq.tokens) - (seq.prefilled or self._cached(seq))
 
     def _rides_free(self, views: list[SessionView], taken: int, more: int) -> bool:
         """Whether `more` prompt tokens join a step already carrying `taken` for less than they
@@ -365,7 +380,7 @@ class Scheduler(Background):
             return True
         if seq.ttft_deadline is None:
             return False
-        remaining = len(seq.tokens) - seq.prefilled
+        remaining = self.unread(seq)
         need_s = self.planner.step_ms(views, [0] * len(views), remaining) / 1000
         return time.monotonic() + need_s >= seq.ttft_deadline
 
@@ -405,7 +420,7 @@ class Scheduler(Background):
         step = _Step(list(self.running.values()))
         items = [PrefillItem(s.id, s.tokens[s.prefilled : s.prefilled + n], s.params,
                              partial=s.prefilled + n < len(s.tokens), append=s.prefilled > 0) for s, n in chunks]
-        step.prompt_tokens = sum(len(i.prompt) for i in items)
+        step.prompt_tokens = sum(n - (0 if s.prefilled else s.expect_cached) for s, n in chunks)
         self.planner.prompt_tokens = step.prompt_tokens
         if step.seqs:
             plans = self._plan(step)
@@ -417,6 +432,11 @@ class Scheduler(Background):
             step.predicted_ms = self.planner.step_ms([], [])
         out = await self._verify(step, items, [s for s, _ in chunks])
         if out is not None:
+            read = sum(len(i.prompt) - r.cached_tokens for i, r in zip(items, out.prefills))
+            if read != step.prompt_tokens:  # the cache held more or less than expected: price what was read
+                step.prompt_tokens = read
+                step.predicted_ms = self.planner.step_ms(step.views, [len(i.drafts) for i in step.items], read,
+                                                         free=step.free)
             self._commit_step(step, out)
             self._commit_prefill(chunks, items, out)
             self._record(step, out)
@@ -475,8 +495,8 @@ class Scheduler(Background):
         step.keep = self.planner.prune(step.views, step.drafted)
         # Drafts that cost no model (a suffix lookup) are priced as such, or the step-time
         # correction would learn the gap between a model's drafting and a lookup.
-        free = all(step.drafted[s.id].free for s in step.seqs if step.keep[s.id])
-        step.predicted_ms = self.planner.step_ms(step.views, [step.keep[s.id] for s in step.seqs], free=free)
+        step.free = all(step.drafted[s.id].free for s in step.seqs if step.keep[s.id])
+        step.predicted_ms = self.planner.step_ms(step.views, [step.keep[s.id] for s in step.seqs], free=step.free)
         step.items = [VerifyItem(s.id, s.position, step.drafted[s.id].tokens[: step.keep[s.id]],
                                  step.dists[s.id][: step.keep[s.id]] if not s.params.greedy else [])
                       for s in step.seqs]
@@ -588,6 +608,7 @@ class Scheduler(Background):
             return
         if seq.status is Status.RUNNING or seq.prefilled:
             self._to_release.append(seq.id)
+            self.prefixes.finish(seq.id, seq.tokens)  # the verifier keeps its KV as cache
         seq.status, seq.finish = Status.FINISHED, finish
         self.running.pop(seq.id, None)
         for queue in (self.waiting, self.resync, self.prefilling):

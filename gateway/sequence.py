@@ -66,6 +66,7 @@ class Sequence:
     # Tokens of the current prefill already sent to the verifier (chunked prefill).
     prefilled: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from the verifier's prefix cache
+    expect_cached: int = 0  # of its prompt, tokens the gateway expects the verifier's cache to hold
     predicted_ttft_ms: float = 0.0  # admission's prediction, compared with the measured TTFT
     # Timings (monotonic seconds) and counters.
     first_token_at: float | None = None

@@ -249,6 +249,36 @@ def test_queued_prompts_share_a_forward_only_where_that_brings_first_tokens_soon
     assert chosen == ([(sooner, 40), (later, 60)] if together else [(sooner, 40)])
 
 
+def test_cached_prompts_cost_what_the_verifier_reads(tiny_models):
+    """A prompt whose prefix a finished session left in the verifier's cache is priced as its
+    uncached tail: two such prompts share a forward where, uncached, the compute-bound table
+    reads them one after another (above); the chunk still carries the whole prompt."""
+    sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=512), Strategy(mode="off", cost=LINEAR))
+    sch.prefixes.finish("earlier", list(range(3, 63)) + [7, 7])
+    later = Sequence("later", list(range(3, 63)), SamplingParams(max_new_tokens=2), Slo(ttft_ms=20_000))
+    sooner = Sequence("sooner", list(range(3, 43)), SamplingParams(max_new_tokens=2), Slo(ttft_ms=10_000))
+    sch.waiting += [later, sooner]
+    assert sch._select_prefill() == [(sooner, 40), (later, 60)]
+    assert (sooner.expect_cached, later.expect_cached) == (39, 59)
+    assert sch.unread(later) == 1
+    fresh = Sequence("fresh", list(range(100, 160)), SamplingParams(max_new_tokens=2))
+    assert sch.unread(fresh) == 60
+
+
+def test_a_step_is_priced_by_the_prompt_tokens_the_verifier_read(tiny_models):
+    """The step record and the step-time correction use the prompt tokens the verifier computed:
+    a repeated prompt, found in the running session's KV, reads one token, as the gateway expected."""
+    records = []
+    sch = tiny_models.scheduler(strategy=Strategy(mode="off", cost=LINEAR), on_step=records.append)
+    prompt = list(range(3, 43))
+    first = Sequence("first", prompt, SamplingParams(max_new_tokens=3))
+    again = Sequence("again", prompt, SamplingParams(max_new_tokens=3))
+    _run(sch, [first, again])  # read one after another: the second from the first's running KV
+    reads = [r.prompt_tokens for r in records if r.prompt_tokens]
+    assert reads == [40, 1]
+    assert again.cached_tokens == 39 and again.expect_cached == 39
+
+
 def test_a_session_exactly_on_schedule_is_not_late():
     import time
 

@@ -169,6 +169,19 @@ def test_a_request_admitted_ahead_of_queued_ones_adds_its_reading_to_their_predi
     assert chat.predicted_ttft_ms == pytest.approx(alone + code.predicted_ttft_ms)
 
 
+def test_a_prompt_the_prefix_cache_holds_is_predicted_as_its_uncached_tail(tiny_models):
+    sch = _scheduler(tiny_models)
+    admission = Admission(sch, "reject")
+    prompt = list(range(5, 65))
+    cold = Sequence("cold", prompt, SamplingParams(max_new_tokens=8), Slo(ttft_ms=10**6))
+    admission.admit(cold)
+    assert cold.predicted_ttft_ms == pytest.approx(sch.planner.step_ms([], [], 60))
+    sch.prefixes.finish("earlier", prompt + [3, 4])
+    warm = Sequence("warm", prompt, SamplingParams(max_new_tokens=8), Slo(ttft_ms=10**6))
+    admission.admit(warm)
+    assert warm.predicted_ttft_ms == pytest.approx(sch.planner.step_ms([], [], 1))
+
+
 def test_queue_orders_by_deadline_then_priority(tiny_models):
     async def main():
         sch = _scheduler(tiny_models, max_batch=1)
