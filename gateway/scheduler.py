@@ -510,10 +510,12 @@ class Scheduler(Background):
         if config.max_plain_steps < 2 or self.waiting or self.prefilling or self.resync \
                 or any(item.drafts for item in step.items):
             return
-        n = min(config.max_plain_steps, int(config.max_burst_ms // max(step.predicted_ms, 1e-3)))
+        # Up to the first session's last token: the burst's tokens go back when its call ends.
+        n = min(config.max_plain_steps, int(config.max_burst_ms // max(step.predicted_ms, 1e-3)),
+                *(seq.params.max_new_tokens - len(seq.generated) for seq in step.seqs))
         if n >= 2:
-            for seq, item in zip(step.seqs, step.items):
-                item.plain_steps = min(n, seq.params.max_new_tokens - len(seq.generated))
+            for item in step.items:
+                item.plain_steps = n
 
     async def _verify(self, step: "_Step", prefills: list[PrefillItem], prefilling: list[Sequence]
                       ) -> VerifyOutput | None:

@@ -132,9 +132,11 @@ class VerifierWorker:
         positions = sum(len(r.tokens) - r.reused for r in prompt_rows + verify_rows)
         forwards, burst = 1, [(it, s) for it, s in live if it.plain_steps > 1]
         for step in range(1, max((it.plain_steps for it, _ in burst), default=0)):
-            burst = [(it, s) for it, s in burst if it.plain_steps > step and s.tokens[-1] not in self.eos
+            going = [(it, s) for it, s in burst if it.plain_steps > step and s.tokens[-1] not in self.eos
                      and len(s.tokens) < self.max_context]
-            if not burst or self.end_burst.is_set():
+            # The first session done ends the burst: its last token goes back now, not after the
+            # others' forwards (a client waiting for it would wait for those too).
+            if len(going) < len(burst) or self.end_burst.is_set():
                 break
             rows = [Row(it.session_id, [s.tokens[-1]], [0], s.params.greedy) for it, s in burst]
             try:

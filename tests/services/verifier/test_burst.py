@@ -34,11 +34,12 @@ def test_a_burst_commits_what_one_step_per_call_would(tiny_pair, params):
     tokens = [[r.token_id] for r in out.results]
     burst = worker.verify([VerifyItem("s0", len(PROMPTS[0]) + 1, [], plain_steps=6),
                            VerifyItem("s1", len(PROMPTS[1]) + 1, [], plain_steps=2)])
-    assert burst.forwards == 6 and burst.verified_positions == 6 + 2
-    assert [t + r.tokens for t, r in zip(tokens, burst.results)] == [expected[0], expected[1][:3]]
+    # The first session done ends the burst: s1's last token goes back at once.
+    assert burst.forwards == 2 and burst.verified_positions == 2 + 2
+    assert [t + r.tokens for t, r in zip(tokens, burst.results)] == [expected[0][:3], expected[1][:3]]
     # The sessions go on from where the burst left them.
-    more = worker.verify([VerifyItem("s1", len(PROMPTS[1]) + 3, [], plain_steps=4)])
-    assert expected[1][:3] + more.results[0].tokens == expected[1][:7] and more.forwards == 4
+    more = worker.verify([VerifyItem("s0", len(PROMPTS[0]) + 3, [], plain_steps=4)])
+    assert expected[0][:3] + more.results[0].tokens == expected[0][:7] and more.forwards == 4
 
 
 def test_a_burst_ends_at_an_end_of_sequence_token(tiny_pair):
@@ -151,3 +152,34 @@ def test_a_request_arriving_during_a_burst_ends_it_after_the_current_forward(tin
     joined = next(i for i, c in enumerate(calls) if any(p.session_id == second.id for p in c["prefills"]))
     assert joined == first_burst + 1  # the prompt went in with the call right after the burst ended
     assert forwards_seen.index(2) < 20  # ... after far fewer forwards than the burst allowed
+
+
+def test_a_burst_stops_at_the_first_sessions_last_token(tiny_pair):
+    """Two sessions decode plainly, one with 3 tokens to go: no burst runs past its last token, so
+    its client has it without waiting for the other's forwards; outputs stay target-only."""
+    sch = tiny_pair.scheduler(SchedulerConfig(max_plain_steps=8, max_burst_ms=1e9), Strategy(mode="off"), eos_ids=[])
+    calls, verify = [], sch.verifier.verify
+
+    async def recording(items, prefills=(), timeout=None):
+        calls.append({s.id: (len(s.generated), it.plain_steps) for it in items
+                      for s in (short, long_) if s.id == it.session_id})
+        return await verify(items, prefills, timeout)
+
+    sch.verifier.verify = recording
+    short, long_ = Sequence("short", PROMPTS[0], SamplingParams(max_new_tokens=4)), \
+        Sequence("long", PROMPTS[1], SamplingParams(max_new_tokens=20))
+
+    async def main():
+        sch.start()
+        for seq in (short, long_):
+            sch.submit(seq)
+        outs = [await collect(short), await collect(long_)]
+        await sch.stop()
+        return outs
+
+    outs = asyncio.run(main())
+    for seq, (tokens, _, _) in zip((short, long_), outs):
+        assert tokens == tiny_pair.reference(seq.prompt, seq.params.max_new_tokens)[0]
+    with_short = [c for c in calls if "short" in c]
+    assert with_short and all(generated + steps <= 4 for generated, steps in (c["short"] for c in with_short))
+    assert all(c["long"][1] == c["short"][1] for c in with_short if "long" in c)  # the whole burst stops there
