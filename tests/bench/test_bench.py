@@ -279,6 +279,22 @@ def test_serve_summary_ratios_tpot_and_greedy_matches():
     assert "Peer skipped: no llama-server." in text and "Ours / peer (95% CI)" not in text
 
 
+def test_serve_ttfts_are_paired_only_where_both_found_their_prompt_alike():
+    from bench.serve import compare
+
+    # Round 0: the peer reads prompt 0 afresh while ours (our second policy) finds it cached: that
+    # pair would flatter ours 10x, so only round 1's pair, both cached, times the first token.
+    ours = [_reply("specserve-adaptive", 0, 0, 0, 10.0, 1010.0, 11), _reply("specserve-adaptive", 1, 0, 0, 20.0, 1020.0, 11)]
+    peer = [_reply("llama-server", 0, 0, 0, 100.0, 1100.0, 11), _reply("llama-server", 1, 0, 0, 20.0, 1020.0, 11)]
+    peer[0].first_read = True
+    rounds = [{"round": r, "wall_s": 1.0, "output_tokens": 11} for r in (0, 1)]
+    ratio = compare(ours, peer, rounds, rounds)
+    assert ratio["ttft_p50"]["n"] == 1 and ratio["ttft_p50"]["ratio"] == pytest.approx(1.0)
+    assert ratio["tpot_p50"]["n"] == 2  # decoding speed does not depend on the cache
+    peer[0].first_read, ours[0].first_read = False, False
+    assert compare(ours, peer, rounds, rounds)["ttft_p50"]["n"] == 2
+
+
 def test_serve_client_times_content_and_counts_from_usage():
     import asyncio
 
