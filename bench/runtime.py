@@ -316,7 +316,7 @@ def _decode_summary(samples: list[Sample], cfg: RuntimeBenchConfig) -> list[dict
 def _http_summary(samples: list[Sample], cfg: RuntimeBenchConfig) -> list[dict]:
     # HTTP's cost over gRPC = HTTP time per token / gRPC's (1.02 is 2% more).
     return [{"concurrency": n, "grpc_tpot_ms": statistics.mean(grpc_), "http_tpot_ms": statistics.mean(http_),
-             **ratio_ci(http_, grpc_)}
+             **ratio_ci(http_, grpc_, lower_is_better=True)}
             for n, grpc_, http_ in _pairs(samples, cfg, "front-grpc", "front-http")]
 
 

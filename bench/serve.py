@@ -185,9 +185,10 @@ def compare(ours: list[Reply], peer: list[Reply], ours_rounds: list[dict], peer_
     alike = [(a, b) for a, b in pairs if a.first_read == b.first_read]
     return {"tokens_per_s": ratio_ci([rd["output_tokens"] / rd["wall_s"] for rd in rounds],
                                      [tps[rd["round"]] for rd in rounds]),
-            "ttft_p50": ratio_ci([a.ttft_ms for a, _ in alike], [b.ttft_ms for _, b in alike], stat=p50),
-            "ttft_p99": ratio_ci([a.ttft_ms for a, _ in alike], [b.ttft_ms for _, b in alike], stat=p99),
-            "tpot_p50": ratio_ci([a.tpot_ms for a, _ in timed], [b.tpot_ms for _, b in timed], stat=p50)}
+            **{name: ratio_ci([a.ttft_ms for a, _ in alike], [b.ttft_ms for _, b in alike], stat=stat,
+                              lower_is_better=True) for name, stat in (("ttft_p50", p50), ("ttft_p99", p99))},
+            "tpot_p50": ratio_ci([a.tpot_ms for a, _ in timed], [b.tpot_ms for _, b in timed], stat=p50,
+                                 lower_is_better=True)}
 
 
 def greedy_matches(ours: list[Reply], peer: list[Reply]) -> dict:
@@ -246,8 +247,8 @@ def multi_turn_stats(pairs: list[tuple[Reply, Reply]]) -> dict:
             "second_prompt_tokens": statistics.mean(b.prompt_tokens for _, b in ok) if ok else math.nan,
             "second_hit_rate": sum(cached) / sum(b.prompt_tokens for _, b in ok) if cached and ok else None,
             "first_ttft_p50_ms": p50(a.ttft_ms for a, _ in ok), "second_ttft_p50_ms": p50(b.ttft_ms for _, b in ok),
-            "second_over_first_ttft": ratio_ci([b.ttft_ms for _, b in ok], [a.ttft_ms for a, _ in ok], stat=p50)
-            if len(ok) >= 2 else None}
+            "second_over_first_ttft": ratio_ci([b.ttft_ms for _, b in ok], [a.ttft_ms for a, _ in ok], stat=p50,
+                                               lower_is_better=True) if len(ok) >= 2 else None}
 
 
 def run_part(cfg) -> dict:

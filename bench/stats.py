@@ -10,10 +10,11 @@ BOOTSTRAP_SAMPLES = 2000
 
 
 def ratio_ci(numerator: list[float], denominator: list[float], seed: int = 0,
-             stat: Callable[[Sequence[float]], float] = statistics.mean) -> dict:
+             stat: Callable[[Sequence[float]], float] = statistics.mean, lower_is_better: bool = False) -> dict:
     """stat(numerator) / stat(denominator) over paired samples (the mean unless told, e.g. a
     percentile), with a 95% percentile bootstrap interval that resamples the pairs. `verdict` is
-    "win" (interval above 1), "loss" (below 1) or "tie"."""
+    "win" (interval above 1; below 1 for a time, `lower_is_better`), "loss" (the other side) or
+    "tie"."""
     pairs = list(zip(numerator, denominator))
     if not pairs:
         return {"ratio": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "verdict": "tie"}
@@ -24,7 +25,8 @@ def ratio_ci(numerator: list[float], denominator: list[float], seed: int = 0,
         draws.append(_ratio([rng.choice(pairs) for _ in pairs], stat))
     draws.sort()
     low, high = draws[int(0.025 * len(draws))], draws[int(0.975 * len(draws)) - 1]
-    verdict = "win" if low > 1 else "loss" if high < 1 else "tie"
+    above, below = ("loss", "win") if lower_is_better else ("win", "loss")
+    verdict = above if low > 1 else below if high < 1 else "tie"
     return {"ratio": point, "low": low, "high": high, "n": len(pairs), "verdict": verdict}
 
 

@@ -354,8 +354,8 @@ class Bench:
             self.stack.restart("policy")
         from bench.stats import ratio_ci
 
-        return {key: ratio_ci([getattr(r, key) for r in measured["with"]], [getattr(r, key) for r in measured["without"]])
-                for key in ("total_ms", "tpot_ms")}
+        return {key: ratio_ci([getattr(r, key) for r in measured["with"]], [getattr(r, key) for r in measured["without"]],
+                              lower_is_better=True) for key in ("total_ms", "tpot_ms")}
 
     def torch_part(self, requests: list[Request]) -> dict:
         """Our torch runtime at 1 and 4 concurrent requests, then Hugging Face generate at batch 1,

@@ -206,10 +206,14 @@ def test_smoke_run_of_the_whole_bench_on_tiny_models(tiny_dir, redis_url, tmp_pa
 def test_ratio_interval_calls_a_tie_a_tie():
     from bench.stats import ratio_ci
 
-    clear = ratio_ci([2.0, 2.1, 1.9, 2.05] * 5, [1.0, 1.02, 0.98, 1.01] * 5)
+    twice, once = [2.0, 2.1, 1.9, 2.05] * 5, [1.0, 1.02, 0.98, 1.01] * 5
+    clear = ratio_ci(twice, once)
     assert clear["verdict"] == "win" and clear["low"] > 1.8
     noisy = ratio_ci([1.0, 1.5, 0.6, 1.2, 0.8], [1.0, 1.0, 1.0, 1.0, 1.0])
     assert noisy["verdict"] == "tie" and noisy["low"] < 1 < noisy["high"]
+    # Times: ours twice the peer's is a loss, half of it a win.
+    assert ratio_ci(twice, once, lower_is_better=True)["verdict"] == "loss"
+    assert ratio_ci(once, twice, lower_is_better=True)["verdict"] == "win"
 
 
 @pytest.mark.processes
