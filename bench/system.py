@@ -347,13 +347,13 @@ class Bench:
         try:
             for i in range(pairs):
                 if i in (0, pairs // 2):
-                    for name in (("without", "with") if i == 0 else ("with", "without")):
-                        if name in stacks:
-                            stacks.pop(name).stop()
-                    for name in (("without", "with") if i == 0 else ("with", "without")):
+                    for stack in stacks.values():
+                        stack.stop()
+                    env = {"SPECSERVE_MAX_BATCH_SIZE": str(self.cfg.max_batch_size), "SPECSERVE_RUNTIME": "llama.cpp"}
+                    stacks = {}
+                    for name in ("without", "with") if i == 0 else ("with", "without"):  # in this order
                         stacks[name] = Stack(self.cfg.target, drafts[name], self.cfg.redis_url, policy=False,
-                                             extra_env={"SPECSERVE_MAX_BATCH_SIZE": str(self.cfg.max_batch_size),
-                                                        "SPECSERVE_RUNTIME": "llama.cpp"}).start()
+                                             extra_env=env).start()
                     for stack in stacks.values():  # each reads the chat template's prefix once
                         asyncio.run(replay(stack.http_address, self.model, requests[-1:], "warm-up", 1, 0, False))
                 req = requests[i % len(requests)]
