@@ -432,7 +432,9 @@ class Scheduler(Background):
             step.predicted_ms = self.planner.step_ms([], [])
         out = await self._verify(step, items, [s for s, _ in chunks])
         if out is not None:
-            read = sum(len(i.prompt) - r.cached_tokens for i, r in zip(items, out.prefills))
+            # Only a session's first chunk takes KV from the cache; each result reports the
+            # session's cached tokens so far.
+            read = sum(len(i.prompt) - (0 if i.append else r.cached_tokens) for i, r in zip(items, out.prefills))
             if read != step.prompt_tokens:  # the cache held more or less than expected: price what was read
                 step.prompt_tokens = read
                 step.predicted_ms = self.planner.step_ms(step.views, [len(i.drafts) for i in step.items], read,

@@ -21,7 +21,8 @@ class VerifierServicer(ModelServicer, verifier_pb2_grpc.VerifierServicer):
         self._check_prefills(items, "items")
         out = await self.compute.run(worker.prefill, items)
         self.record("prefill", len(items), prompt_tokens=sum(len(it.prompt) for it in items),
-                    cached_tokens=sum(r.cached_tokens for r in out.results), forward_ms=out.forward_ns / 1e6)
+                    cached_tokens=sum(r.cached_tokens for it, r in zip(items, out.results) if not it.append),
+                    forward_ms=out.forward_ns / 1e6)
         return codec.prefill_output_to_pb(out)
 
     async def Verify(self, request, context):

@@ -279,6 +279,21 @@ def test_a_step_is_priced_by_the_prompt_tokens_the_verifier_read(tiny_models):
     assert again.cached_tokens == 39 and again.expect_cached == 39
 
 
+def test_chunks_after_a_cached_prefix_are_priced_by_their_own_tokens(tiny_models):
+    """A prompt whose prefix is cached, read in chunks: the verifier reports the session's cached
+    tokens with every chunk, and each step is priced by the tokens its chunk computed."""
+    records = []
+    sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=8), Strategy(mode="off", cost=LINEAR),
+                                on_step=records.append)
+    prompt = list(range(3, 43))
+    first = Sequence("first", prompt, SamplingParams(max_new_tokens=3))
+    longer = Sequence("longer", prompt + list(range(50, 70)), SamplingParams(max_new_tokens=3))
+    _run(sch, [first, longer])
+    reads = [r.prompt_tokens for r in records if r.prompt_tokens]
+    assert longer.cached_tokens >= 39 and min(reads) > 0
+    assert sum(reads) == len(prompt) + 60 - longer.cached_tokens
+
+
 def test_a_session_exactly_on_schedule_is_not_late():
     import time
 
