@@ -343,13 +343,13 @@ class Bench:
         self.stack.services["policy"].stop()
         measured: dict[str, list[Result]] = {"with": [], "without": []}
         pairs, drafts = self.cfg.unused_drafter_pairs, {"with": self.cfg.draft, "without": ""}
+        env = {"SPECSERVE_MAX_BATCH_SIZE": str(self.cfg.max_batch_size), "SPECSERVE_RUNTIME": "llama.cpp"}
         stacks: dict[str, Stack] = {}
         try:
             for i in range(pairs):
                 if i in (0, pairs // 2):
                     for stack in stacks.values():
                         stack.stop()
-                    env = {"SPECSERVE_MAX_BATCH_SIZE": str(self.cfg.max_batch_size), "SPECSERVE_RUNTIME": "llama.cpp"}
                     stacks = {}
                     for name in ("without", "with") if i == 0 else ("with", "without"):  # in this order
                         stacks[name] = Stack(self.cfg.target, drafts[name], self.cfg.redis_url, policy=False,
