@@ -203,7 +203,7 @@ class Gateway:
         self.servicer.on_reject = lambda reason: metrics.rejected.labels(reason).inc()
         self.servicer.attach(scheduler, self.tokenizer, len(self.tokenizer), limits, info, admission)
         scheduler.start()
-        self.tasks.spawn(self._watch_verifier(), "watch-verifier")
+        self.tasks.spawn(self._watch_verifier(vinfo.instance_id), "watch-verifier")
         self.scheduler = scheduler
 
     async def release_earlier_sessions(self, owner: str) -> None:
@@ -257,16 +257,21 @@ class Gateway:
             self.tasks.spawn(self.http_server.serve(sockets=[self.http_sock]), "http-server")
         await run_until_signalled(self.server, self.warm_up, self.config.grace_s, on_stop=self.stop, drain=self.drain)
 
-    async def _watch_verifier(self) -> None:
+    async def _watch_verifier(self, instance: str) -> None:
         """Readiness follows the verifier: health (gRPC and /health) turns NOT_SERVING within a
         few seconds of the verifier going away, so a load balancer stops sending doomed traffic,
-        and SERVING again when it answers."""
+        and SERVING again when it answers. A verifier that answers as a new instance restarted
+        with an empty prefix cache: the scheduler stops pricing prompts as cached there."""
         misses = 0
         while True:
             await asyncio.sleep(VERIFIER_CHECK_S)
             try:
-                await self.verifier.info(timeout=VERIFIER_CHECK_S)
+                info = await self.verifier.info(timeout=VERIFIER_CHECK_S)
                 misses = 0
+                if info.instance_id != instance:
+                    log.warning("verifier restarted (instance %s): its prefix cache is empty", info.instance_id)
+                    instance = info.instance_id
+                    self.scheduler.prefixes.forget()
             except SpecServeError as exc:
                 misses += 1
                 log.debug("verifier check failed (%d in a row): %s", misses, exc)

@@ -4,8 +4,9 @@ The verifier finds the longest cached prefix of a new session's tokens itself (s
 prefix.py); the gateway only needs to know how much of a prompt it will read, to price a step and a
 first token: a prompt whose first 240 of 246 tokens are cached costs a decode row, not a prefill.
 It looks where the verifier looks, in the running sessions' tokens and in those of recently
-finished ones (their KV stays as cache), with the same minimum match. An estimate: if the verifier
-evicted a prefix, the step takes longer than priced, once.
+finished ones (their KV stays as cache), with the same minimum match. An estimate: where the
+verifier holds less than it predicted (it restarted, or evicted), the step takes longer than priced,
+and the finished sessions are forgotten, so the next prompts are priced as read in full.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class CachedPrefixes:
         while self.tokens > self.capacity:
             _, dropped = self.finished.popitem(last=False)
             self.tokens -= len(dropped)
+
+    def forget(self) -> None:
+        """The verifier no longer holds what was remembered: nothing finished is assumed cached."""
+        self.finished.clear()
+        self.tokens = 0
 
     def cached(self, prompt: list[int], running: Iterable[list[int]]) -> int:
         """Prompt tokens the verifier will take from its cache: the longest prefix any running or

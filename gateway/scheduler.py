@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 MAX_STEP_FAILURES = 3  # a step that fails this often in a row fails its requests
 STEP_RETRY_S = 0.1  # pause before retrying a failed step (a transient fault may clear)
 PROBE_SESSION, PROBE_TOKEN = "drafter-probe", 1  # the recovery probe's session and its one token
+# A step carrying prompt chunks is sized to this share of the running sessions' slack: such steps
+# ran up to 10% past their prediction, and a short answer has few tokens to make up a late one.
+SCHEDULE_HEADROOM = 0.9
 NO_ROOM_RETRY_MS = 1000  # a prompt the verifier had no KV room for: running sessions free room soon
 
 
@@ -304,8 +307,8 @@ class Scheduler(Background):
         keeps every running session on its TPOT schedule. Prompts are read one after another
         unless sharing a forward lowers their first tokens' times: on a compute-bound device a
         second prompt in the same forward holds the first one's first token back by its own
-        reading time and brings its own no sooner. A request whose TTFT slack is spent goes in
-        whatever the budget."""
+        reading time and brings its own no sooner. A request whose TTFT the budget cannot make
+        takes, whatever the budget, the smallest chunk per step that still reads it in time."""
         views = [view_of(s) for s in self.running.values()]
         budget = self._prompt_budget(views)
         members = len(self.running) + len(self.prefilling)
@@ -322,8 +325,7 @@ class Scheduler(Background):
             take = min(remaining, budget)
             if take > 0 and batch and not self._rides_free(views, reading, take):
                 take = 0
-            if take <= 0 and self._ttft_due(seq, views):
-                take = min(remaining, self.config.max_prefill_tokens)
+            take = max(take, min(remaining, self._ttft_need(seq, views), self.config.max_prefill_tokens))
             if take <= 0:
                 break
             batch.append((seq, seq.expect_cached + take))
@@ -362,7 +364,7 @@ class Scheduler(Background):
         slack = [-v.behind_ms for v in views if v.tpot_slo_ms > 0]
         if not slack:
             return limit
-        cap, zeros = min(slack), [0] * len(views)
+        cap, zeros = min(slack) * SCHEDULE_HEADROOM, [0] * len(views)
         lo, hi = 0, limit  # the largest budget whose predicted step fits `cap` (step time grows with it)
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -372,17 +374,32 @@ class Scheduler(Background):
                 hi = mid - 1
         return lo
 
-    def _ttft_due(self, seq: Sequence, views: list[SessionView]) -> bool:
-        """Whether the request must go in now: a session the verifier lost (its stream is stalled),
-        or a request whose prefill, priced in a step with the running sessions, would otherwise end
-        past its TTFT deadline."""
-        if seq.status is Status.RUNNING:
-            return True
-        if seq.ttft_deadline is None:
-            return False
+    def _ttft_need(self, seq: Sequence, views: list[SessionView]) -> int:
+        """The fewest prompt tokens this step must carry for the request to make its TTFT, reading
+        the same chunk in every step from now on beside the running sessions' decode rows: 0 while
+        it can wait, the whole rest for a session the verifier lost (its stream is stalled) or one
+        too late for anything less. Spreading a late prompt over the steps left, rather than reading
+        it whole at the last moment, holds the running sessions back by the least per token."""
         remaining = self.unread(seq)
-        need_s = self.planner.step_ms(views, [0] * len(views), remaining) / 1000
-        return time.monotonic() + need_s >= seq.ttft_deadline
+        if seq.status is Status.RUNNING:
+            return remaining
+        if seq.ttft_deadline is None or remaining <= 0:
+            return 0
+        left_ms, zeros = (seq.ttft_deadline - time.monotonic()) * 1000, [0] * len(views)
+
+        def reading_ms(steps: int) -> float:
+            return steps * self.planner.step_ms(views, zeros, -(-remaining // steps))
+
+        if reading_ms(remaining) <= left_ms:  # a token per step still makes it: no need yet
+            return 0
+        lo, hi = 1, remaining  # the most steps that still read it in time (fewer steps take longer chunks)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if reading_ms(mid) <= left_ms:
+                lo = mid
+            else:
+                hi = mid - 1
+        return -(-remaining // lo)
 
     def _commit_prefill(self, chunks: list[tuple[Sequence, int]], items: list[PrefillItem], out: VerifyOutput) -> None:
         now = time.monotonic()
@@ -397,6 +414,8 @@ class Scheduler(Background):
             if result.status is SessionStatus.EXHAUSTED:  # no KV room for it now; the others ran
                 self._finish(seq, Finish.ERROR, ResourceExhausted(result.error, retry_after_ms=NO_ROOM_RETRY_MS))
                 continue
+            if not item.append and result.cached_tokens < seq.expect_cached:
+                self.prefixes.forget()  # the verifier restarted or evicted: its cache is not what was priced
             for queue in (self.prefilling, self.resync, self.waiting):
                 if seq in queue:
                     queue.remove(seq)

@@ -45,13 +45,13 @@ def info_to_pb(info: c.WorkerInfo, version: str) -> common_pb2.ModelInfo:
         model_id=info.model_id, tokenizer_fingerprint=info.tokenizer_fingerprint, max_context=info.max_context,
         device=info.device, dtype=info.dtype, eos_token_ids=info.eos_token_ids, sessions=info.sessions,
         kv_tokens=info.kv_tokens, version=version, runtime=info.runtime, model_file=info.model_file,
-        free_drafts=info.free_drafts, hybrid=info.hybrid)
+        free_drafts=info.free_drafts, hybrid=info.hybrid, instance_id=info.instance_id)
 
 
 def info_from_pb(pb: common_pb2.ModelInfo) -> c.WorkerInfo:
     return c.WorkerInfo(pb.model_id, pb.tokenizer_fingerprint, pb.max_context, pb.device, pb.dtype,
                         list(pb.eos_token_ids), pb.sessions, pb.kv_tokens, pb.runtime, pb.model_file, pb.free_drafts,
-                        pb.hybrid)
+                        pb.hybrid, pb.instance_id)
 
 
 # Drafter

@@ -170,3 +170,4 @@ class WorkerInfo:
     model_file: str = ""
     free_drafts: bool = False  # the drafter's proposer runs no model (suffix, n-gram)
     hybrid: bool = False  # the drafter offers free drafts beside its model's
+    instance_id: str = ""  # a new id at every start of the service: its caches start empty

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,11 +23,13 @@ class LoadedModel:
     runtime: Runtime
     fingerprint: str
     eos_token_ids: list[int]
+    instance_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # this load, in this process
 
     def info(self, model_id: str, sessions: int, kv_tokens: int) -> WorkerInfo:
         ri = self.runtime.info
         return WorkerInfo(model_id, self.fingerprint, self.runtime.max_context, ri.device, ri.dtype,
-                          self.eos_token_ids, sessions, kv_tokens, ri.runtime, ri.model_file)
+                          self.eos_token_ids, sessions, kv_tokens, ri.runtime, ri.model_file,
+                          instance_id=self.instance_id)
 
 
 def load(config: ModelServiceConfig) -> LoadedModel:

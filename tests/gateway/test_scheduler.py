@@ -200,21 +200,40 @@ def _on_schedule(seq: Sequence, tokens: int = 1) -> None:
 
 def test_the_token_budget_keeps_a_running_session_on_its_tpot_schedule(tiny_models):
     sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=512), Strategy(mode="off", cost=LINEAR))
-    running = Sequence("running", PROMPT, SamplingParams(max_new_tokens=40), Slo(tpot_ms=100))
+    running = Sequence("running", PROMPT, SamplingParams(max_new_tokens=40), Slo(tpot_ms=110))
     _on_schedule(running)
     sch.running[running.id] = running
     long = Sequence("long", list(range(3, 123)), SamplingParams(max_new_tokens=2))
     sch.waiting.append(long)
     (seq, n), = sch._select_prefill()
     assert seq is long
-    # 50 ms + 10 ms per token within 100 ms: 4 prompt tokens beside the decode row (5 positions: 90 ms).
+    # 50 ms + 10 ms per token within 90% of 110 ms: 4 prompt tokens beside the decode row (5
+    # positions: 90 ms; 5 tokens would take 100 ms).
     assert n == 4
     # Behind schedule, the step carries no prompt at all (the request has no TTFT to protect).
     running.first_token_at -= 0.5
     assert sch._select_prefill() == []
-    # With its TTFT slack spent, the request goes in whatever the budget.
-    long.slo = Slo(ttft_ms=1)
-    assert sch._select_prefill() == [(long, 120)]
+
+
+@pytest.mark.parametrize("ttft_ms, chunk", [
+    (20_000, 0),  # a token per step beside the decode row (60 ms) still reads it in time: it waits
+    (3_000, 4),  # 33 steps of 4 tokens (90 ms each) make it; 40 steps of 3 (80 ms each) would not
+    (1_300, 120),  # only one step with the whole prompt (1,250 ms) makes it
+    (1, 120),  # too late for anything: the whole prompt now
+])
+def test_a_prompt_the_budget_would_make_late_takes_the_smallest_chunk_that_makes_its_ttft(tiny_models, ttft_ms,
+                                                                                          chunk):
+    import time
+
+    sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=512), Strategy(mode="off", cost=LINEAR))
+    running = Sequence("running", PROMPT, SamplingParams(max_new_tokens=40), Slo(tpot_ms=100))
+    _on_schedule(running)
+    running.first_token_at -= 0.5  # behind schedule: the budget is 0
+    sch.running[running.id] = running
+    long = Sequence("long", list(range(3, 123)), SamplingParams(max_new_tokens=2), Slo(ttft_ms=ttft_ms))
+    long.arrival = time.monotonic()
+    sch.waiting.append(long)
+    assert sch._select_prefill() == ([(long, chunk)] if chunk else [])
 
 
 def test_the_batch_grows_only_while_its_plain_step_fits_the_tightest_tpot(tiny_models):
@@ -263,6 +282,22 @@ def test_cached_prompts_cost_what_the_verifier_reads(tiny_models):
     assert sch.unread(later) == 1
     fresh = Sequence("fresh", list(range(100, 160)), SamplingParams(max_new_tokens=2))
     assert sch.unread(fresh) == 60
+
+
+def test_a_prefix_the_verifier_no_longer_holds_is_forgotten(tiny_models):
+    """The gateway remembers a finished session the verifier does not hold (it restarted): the first
+    prompt priced on it finds no cached prefix, and nothing finished is assumed cached after that."""
+    records = []
+    sch = tiny_models.scheduler(strategy=Strategy(mode="off", cost=LINEAR), on_step=records.append)
+    prompt = list(range(3, 43))
+    sch.prefixes.finish("before-restart", prompt + [7, 7])
+    sch.prefixes.finish("older", list(range(100, 140)))
+    seq = Sequence("again", prompt, SamplingParams(max_new_tokens=3))
+    _run(sch, [seq])
+    assert (seq.expect_cached, seq.cached_tokens) == (39, 0)
+    assert [r.prompt_tokens for r in records if r.prompt_tokens] == [40]  # priced as read
+    assert list(sch.prefixes.finished) == ["again"]
+    assert sch.unread(Sequence("other", list(range(100, 140)), SamplingParams())) == 40
 
 
 def test_a_step_is_priced_by_the_prompt_tokens_the_verifier_read(tiny_models):

@@ -121,8 +121,11 @@ def test_readiness_follows_the_verifier(fault_stack):
 
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert "verifier restarted" not in stack.logs("gateway")
     stack.restart("verifier", timeout_s=120)
     _until(lambda: _health(stack) == 200)
+    # A new verifier instance holds no prefix cache: the gateway stops pricing prompts as cached there.
+    _until(lambda: "verifier restarted" in stack.logs("gateway"))
 
 
 def test_sigterm_drains_http_streams_and_refuses_new_requests(tiny_dir):
