@@ -377,9 +377,10 @@ class Scheduler(Background):
     def _ttft_need(self, seq: Sequence, views: list[SessionView]) -> int:
         """The fewest prompt tokens this step must carry for the request to make its TTFT, reading
         the same chunk in every step from now on beside the running sessions' decode rows: 0 while
-        it can wait, the whole rest for a session the verifier lost (its stream is stalled) or one
-        too late for anything less. Spreading a late prompt over the steps left, rather than reading
-        it whole at the last moment, holds the running sessions back by the least per token."""
+        it can wait (also where it can be read whole once the running sessions have their last
+        tokens), the whole rest for a session the verifier lost (its stream is stalled) or one too
+        late for anything less. Spreading a late prompt over the steps left, rather than reading it
+        whole at the last moment, holds the running sessions back by the least per token."""
         remaining = self.unread(seq)
         if seq.status is Status.RUNNING:
             return remaining
@@ -390,7 +391,7 @@ class Scheduler(Background):
         def reading_ms(steps: int) -> float:
             return steps * self.planner.step_ms(views, zeros, -(-remaining // steps))
 
-        if reading_ms(remaining) <= left_ms:  # a token per step still makes it: no need yet
+        if reading_ms(remaining) <= left_ms or self._drain_ms() + self.planner.step_ms([], [], remaining) <= left_ms:
             return 0
         lo, hi = 1, remaining  # the most steps that still read it in time (fewer steps take longer chunks)
         while lo < hi:
@@ -400,6 +401,18 @@ class Scheduler(Background):
             else:
                 hi = mid - 1
         return -(-remaining // lo)
+
+    def _drain_ms(self) -> float:
+        """Predicted time until every running session has its last token, decoding plainly (each
+        leaves the batch at its max_new_tokens; an end of sequence only comes sooner)."""
+        ends = sorted(self.running.values(), key=lambda s: s.params.max_new_tokens - len(s.generated))
+        ms, done = 0.0, 0
+        for i, seq in enumerate(ends):
+            alive = [view_of(s) for s in ends[i:]]
+            left = seq.params.max_new_tokens - len(seq.generated)
+            ms += max(left - done, 0) * self.planner.step_ms(alive, [0] * len(alive))
+            done = max(done, left)
+        return ms
 
     def _commit_prefill(self, chunks: list[tuple[Sequence, int]], items: list[PrefillItem], out: VerifyOutput) -> None:
         now = time.monotonic()

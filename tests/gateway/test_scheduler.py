@@ -236,6 +236,25 @@ def test_a_prompt_the_budget_would_make_late_takes_the_smallest_chunk_that_makes
     assert sch._select_prefill() == ([(long, chunk)] if chunk else [])
 
 
+def test_a_prompt_that_can_be_read_whole_after_the_running_sessions_end_waits_for_them(tiny_models):
+    """A running session with 3 tokens to go (50 ms each) ends before a 120-token prompt (1,240 ms
+    alone) must start for its 1,500 ms TTFT: the prompt adds nothing to the session's steps, where,
+    read beside it from now on, it would need 24 tokens a step."""
+    import time
+
+    sch = tiny_models.scheduler(SchedulerConfig(max_prefill_tokens=512), Strategy(mode="off", cost=LINEAR))
+    running = Sequence("running", PROMPT, SamplingParams(max_new_tokens=4), Slo(tpot_ms=100))
+    _on_schedule(running)
+    running.first_token_at -= 0.5  # behind schedule: the budget is 0
+    sch.running[running.id] = running
+    long = Sequence("long", list(range(3, 123)), SamplingParams(max_new_tokens=2), Slo(ttft_ms=1_500))
+    long.arrival = time.monotonic()
+    sch.waiting.append(long)
+    assert sch._select_prefill() == []
+    running.params = SamplingParams(max_new_tokens=40)  # a long answer: the prompt goes beside it
+    assert sch._select_prefill() == [(long, 24)]
+
+
 def test_the_batch_grows_only_while_its_plain_step_fits_the_tightest_tpot(tiny_models):
     # A plain step costs 50 ms per session here (the table is linear in positions).
     per_session = CostModel(draft_fixed=0.0, draft_per_seq=0.0, verify_per_ctx=0.0,
