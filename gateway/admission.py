@@ -127,7 +127,9 @@ class Admission:
 
     def observe(self, seq: Sequence) -> None:
         """A finished request: correct the TTFT prediction by its measured TTFT, and the expected
-        output length by what it generated."""
+        output length by what it generated. The prediction is of the soonest first token; a prompt
+        the scheduler held back for the running sessions' TPOT came later on purpose, so its TTFT
+        can only show the prediction too slow, never too fast."""
         if seq.finish in (Finish.EOS, Finish.STOP, Finish.LENGTH) and seq.params.max_new_tokens > 0:
             share = len(seq.generated) / seq.params.max_new_tokens
             self.output_share = (1 - OUTPUT_SHARE_WEIGHT) * self.output_share + OUTPUT_SHARE_WEIGHT * share
@@ -135,6 +137,8 @@ class Admission:
             self.fastest_ttft_ms = min(self.fastest_ttft_ms or seq.ttft_ms, seq.ttft_ms)
         if seq.predicted_ttft_ms > 0 and seq.first_token_at is not None:
             ratio = seq.ttft_ms / (seq.predicted_ttft_ms / self.ttft_scale)
+            if seq.held_back:  # it waited on purpose, within its slack: only a sooner TTFT teaches
+                ratio = min(ratio, 1.0)
             ratio = min(max(ratio, MIN_TTFT_SCALE), MAX_TTFT_SCALE)
             self.ttft_scale = (1 - TTFT_SCALE_WEIGHT) * self.ttft_scale + TTFT_SCALE_WEIGHT * ratio
 

@@ -311,6 +311,7 @@ class Scheduler(Background):
         takes, whatever the budget, the smallest chunk per step that still reads it in time."""
         views = [view_of(s) for s in self.running.values()]
         budget = self._prompt_budget(views)
+        slack_bound = budget < self.config.max_prefill_tokens  # the running sessions' TPOT limits it
         members = len(self.running) + len(self.prefilling)
         self.waiting.sort(key=Sequence.sort_key)
         batch: list[tuple[Sequence, int]] = []
@@ -324,7 +325,9 @@ class Scheduler(Background):
             remaining = len(seq.tokens) - seq.prefilled - seq.expect_cached
             take = min(remaining, budget)
             if take > 0 and batch and not self._rides_free(views, reading, take):
-                take = 0
+                take = 0  # read after the prompts ahead, as admission predicts
+            elif slack_bound and take < remaining:
+                seq.held_back = True
             take = max(take, min(remaining, self._ttft_need(seq, views), self.config.max_prefill_tokens))
             if take <= 0:
                 break

@@ -68,6 +68,7 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens whose KV came from the verifier's prefix cache
     expect_cached: int = 0  # of its prompt, tokens the gateway expects the verifier's cache to hold
     predicted_ttft_ms: float = 0.0  # admission's prediction, compared with the measured TTFT
+    held_back: bool = False  # its prompt waited for the running sessions' TPOT, within its TTFT slack
     # Timings (monotonic seconds) and counters.
     first_token_at: float | None = None
     last_token_at: float | None = None

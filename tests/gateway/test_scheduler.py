@@ -209,7 +209,7 @@ def test_the_token_budget_keeps_a_running_session_on_its_tpot_schedule(tiny_mode
     assert seq is long
     # 50 ms + 10 ms per token within 90% of 110 ms: 4 prompt tokens beside the decode row (5
     # positions: 90 ms; 5 tokens would take 100 ms).
-    assert n == 4
+    assert n == 4 and long.held_back  # its TTFT must not teach admission the wait as cost
     # Behind schedule, the step carries no prompt at all (the request has no TTFT to protect).
     running.first_token_at -= 0.5
     assert sch._select_prefill() == []
@@ -285,6 +285,7 @@ def test_queued_prompts_share_a_forward_only_where_that_brings_first_tokens_soon
     sch.waiting += [later, sooner]
     chosen = sch._select_prefill()
     assert chosen == ([(sooner, 40), (later, 60)] if together else [(sooner, 40)])
+    assert not later.held_back  # it waits its turn, as admission predicts
 
 
 def test_cached_prompts_cost_what_the_verifier_reads(tiny_models):

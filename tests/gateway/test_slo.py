@@ -150,6 +150,22 @@ def test_admission_reads_queued_prompts_one_after_another_and_learns_output_leng
     assert after == pytest.approx(prefill(a) + expected * step + prefill(c)) and after < before
 
 
+@pytest.mark.parametrize("held_back, ttft_ms, moves", [
+    (False, 3000, "up"),  # read as soon as it could be, and late: the cost model was too fast
+    (True, 3000, "none"),  # it waited for the running sessions' TPOT on purpose: nothing to learn
+    (True, 500, "down"),  # even so it came sooner than predicted: the cost model was too slow
+])
+def test_the_ttft_correction_learns_from_a_held_back_prompt_only_that_it_was_too_slow(tiny_models, held_back,
+                                                                                     ttft_ms, moves):
+    admission = Admission(_scheduler(tiny_models), "reject")
+    seq = Sequence("s", [5, 6, 7], SamplingParams(max_new_tokens=8), Slo(ttft_ms=10**5))
+    seq.predicted_ttft_ms, seq.held_back, seq.finish = 1000.0, held_back, Finish.LENGTH
+    seq.first_token_at = seq.arrival + ttft_ms / 1000
+    admission.observe(seq)
+    assert {"up": admission.ttft_scale > 1, "none": admission.ttft_scale == 1,
+            "down": admission.ttft_scale < 1}[moves]
+
+
 def test_a_request_admitted_ahead_of_queued_ones_adds_its_reading_to_their_predicted_ttft(tiny_models):
     """Deadline order lets a later arrival read its prompt first: those it passes expect to wait
     for that, so their measured TTFT does not teach the TTFT correction an error it never made."""
