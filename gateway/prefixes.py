@@ -5,7 +5,7 @@ prefix.py); the gateway only needs to know how much of a prompt it will read, to
 first token: a prompt whose first 240 of 246 tokens are cached costs a decode row, not a prefill.
 It looks where the verifier looks, in the running sessions' tokens and in those of recently
 finished ones (their KV stays as cache), with the same minimum match. An estimate: where the
-verifier holds less than it predicted (it restarted, or evicted), the step takes longer than priced,
+verifier holds less than predicted here (it restarted, or evicted), the step takes longer than priced,
 and the finished sessions are forgotten, so the next prompts are priced as read in full.
 """
 

@@ -412,9 +412,9 @@ class Scheduler(Background):
         ms, done = 0.0, 0
         for i, seq in enumerate(ends):
             alive = [view_of(s) for s in ends[i:]]
-            left = seq.params.max_new_tokens - len(seq.generated)
-            ms += max(left - done, 0) * self.planner.step_ms(alive, [0] * len(alive))
-            done = max(done, left)
+            left = seq.params.max_new_tokens - len(seq.generated)  # ascending: never below `done`
+            ms += (left - done) * self.planner.step_ms(alive, [0] * len(alive))
+            done = left
         return ms
 
     def _commit_prefill(self, chunks: list[tuple[Sequence, int]], items: list[PrefillItem], out: VerifyOutput) -> None:
