@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=0, help="runtime, part serve: rounds per concurrency (default 3)")
     parser.add_argument("--conversations", type=int, default=8,
                         help="runtime, part serve: two-turn MT-Bench conversations (0 skips)")
+    parser.add_argument("--unused-drafter-pairs", type=int, default=None,
+                        help="system: requests per stack in the unused-drafter check (default 8; 0 skips it)")
     parser.add_argument("--torch-requests", type=int, default=0,
                         help="system: add our torch runtime and Hugging Face generate on this many requests")
     parser.add_argument("--parts", default="", help="runtime: comma-separated parts (costs,decode,policies,http,serve)")
@@ -100,6 +102,10 @@ def system_config(args: argparse.Namespace, target: str, draft: str, redis_url: 
     if args.quick:
         scfg.loads, scfg.reps, scfg.ramp_peak, scfg.unused_drafter_pairs, scfg.split = (4,), 1, 4, 4, False
     scfg.torch_requests = args.torch_requests
+    if args.unused_drafter_pairs is not None:
+        if args.unused_drafter_pairs < 0:
+            raise SystemExit(f"--unused-drafter-pairs: must be >= 0, got {args.unused_drafter_pairs}")
+        scfg.unused_drafter_pairs = args.unused_drafter_pairs
     if args.loads:
         scfg.loads = tuple(int(x) for x in args.loads.split(","))
     if args.policies:

@@ -153,8 +153,11 @@ def test_every_bench_variant_parses_and_builds_its_config(tmp_path, tiny_dir):
     quick = _cli_config("system", ["--traces", str(tmp_path), "--quick"], tiny_dir, "redis://x")
     assert isinstance(quick, system.BenchConfig) and quick.loads == (4,) and quick.reps == 1
     chosen = _cli_config("system", ["--traces", str(tmp_path), "--loads", "1,2", "--policies", "off,static:2",
-                                    "--peers", ""], tiny_dir, "redis://x")
+                                    "--peers", "", "--unused-drafter-pairs", "24"], tiny_dir, "redis://x")
     assert chosen.loads == (1, 2) and chosen.policies == ("off", "static:2") and chosen.peers == ()
+    assert chosen.unused_drafter_pairs == 24 and quick.unused_drafter_pairs == 4
+    with pytest.raises(SystemExit, match="--unused-drafter-pairs: must be >= 0"):
+        _cli_config("system", ["--traces", str(tmp_path), "--unused-drafter-pairs", "-1"], tiny_dir, "redis://x")
     parts = _cli_config("runtime", ["--quick", "--parts", "costs"], tiny_dir, "redis://x")
     assert isinstance(parts, runtime.RuntimeBenchConfig) and parts.parts == ("costs",)
     served = _cli_config("runtime", ["--parts", "serve"], tiny_dir, "redis://x")
