@@ -328,7 +328,7 @@ class Scheduler(Background):
                 take = 0  # read after the prompts ahead, as admission predicts
             elif slack_bound and take < remaining:
                 seq.held_back = True
-            take = max(take, min(remaining, self._ttft_need(seq, views), self.config.max_prefill_tokens))
+            take = max(take, min(remaining, self._ttft_need(seq, views, remaining), self.config.max_prefill_tokens))
             if take <= 0:
                 break
             batch.append((seq, seq.expect_cached + take))
@@ -377,14 +377,13 @@ class Scheduler(Background):
                 hi = mid - 1
         return lo
 
-    def _ttft_need(self, seq: Sequence, views: list[SessionView]) -> int:
+    def _ttft_need(self, seq: Sequence, views: list[SessionView], remaining: int) -> int:
         """The fewest prompt tokens this step must carry for the request to make its TTFT, reading
         the same chunk in every step from now on beside the running sessions' decode rows: 0 while
         it can wait (also where it can be read whole once the running sessions have their last
         tokens), the whole rest for a session the verifier lost (its stream is stalled) or one too
         late for anything less. Spreading a late prompt over the steps left, rather than reading it
         whole at the last moment, holds the running sessions back by the least per token."""
-        remaining = self.unread(seq)
         if seq.status is Status.RUNNING:
             return remaining
         if seq.ttft_deadline is None or remaining <= 0:
