@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import statistics
 
-STALL_FACTOR = 1.5  # a step slower than this many times its neighbours is a stall
-NEIGHBOURS = 3  # steps on each side a switching step is compared with
+STALL_FACTOR = 1.5  # a switching step slower than this many times its state's steps is a stall
+NEIGHBOURS = 3  # a switching step is compared with the 2 x NEIGHBOURS nearest steps in its state
 
 
 def triangle(peak: int, hold_s: float) -> list[tuple[float, int]]:
@@ -18,8 +18,8 @@ def triangle(peak: int, hold_s: float) -> list[tuple[float, int]]:
 
 def step_series(records: list[tuple[float, dict]]) -> list[dict]:
     """Per step (in order): seconds since the first step, batch size, mean drafts verified per
-    session (k), and time per output token of the step (its time over the tokens each session
-    committed, on average)."""
+    session (k), time per forward (a decode burst runs several) and time per output token of the
+    step (its time over the tokens each session committed, on average)."""
     if not records:
         return []
     t0 = records[0][0]
@@ -32,26 +32,35 @@ def step_series(records: list[tuple[float, dict]]) -> list[dict]:
         plain = int(r["verified_positions"]) - drafted - int(r.get("prompt_tokens", 0))
         committed = sum(int(a) for a in r["accepted"]) + plain
         out.append({"t": t - t0, "batch": batch, "k": drafted / batch if batch else 0.0,
+                    "step_ms": float(r["step_ms"]) / max(int(r.get("forwards", 1)), 1),
                     "tpot_ms": float(r["step_ms"]) * batch / committed if committed > 0 else float(r["step_ms"]),
                     "mode": r.get("mode", ""), "prompt": int(r.get("prompt_tokens", 0)) > 0})
     return out
 
 
 def switch_stalls(series: list[dict]) -> list[dict]:
-    """Every decode step where speculation switched off or on (k became 0 or left 0), with its
-    per-token time over the median of up to NEIGHBOURS decode steps on each side at the same batch
-    size or, where there are none, any batch size. `stall` marks a ratio above STALL_FACTOR. Steps
-    that read a prompt are left out: they never draft (the prompt's first token comes from them)
-    and their time is the prompt's, so they would read as switches and as stalls."""
+    """Every decode step where speculation switched off or on (k became 0 or left 0), with its time
+    per forward over the median of the 2 x NEIGHBOURS nearest decode steps in the same state (drafting
+    or plain), at the same batch size where there are any. A switch stalls when
+    its step costs more than the state it switched to costs in steady state: the drafter catching up
+    on a history it had not read, a first draft round's set-up. (A plain step among speculating ones
+    commits fewer tokens per step, and a rejected draft commits one: that is speculation's gain or
+    miss, not a stall, and the acceptance figures report it.) `stall` marks a ratio above
+    STALL_FACTOR. Steps that read a prompt are left out: they never draft (the prompt's first token
+    comes from them) and their time is the prompt's."""
     series = [s for s in series if not s.get("prompt")]
     out = []
     for i in range(1, len(series)):
-        if (series[i]["k"] > 0) == (series[i - 1]["k"] > 0):
+        drafting = series[i]["k"] > 0
+        if drafting == (series[i - 1]["k"] > 0):
             continue
-        around = series[max(0, i - NEIGHBOURS) : i] + series[i + 1 : i + 1 + NEIGHBOURS]
-        same = [s for s in around if s["batch"] == series[i]["batch"]] or around
-        reference = statistics.median(s["tpot_ms"] for s in same)
-        ratio = series[i]["tpot_ms"] / reference if reference > 0 else float("nan")
-        out.append({"t": series[i]["t"], "to": "on" if series[i]["k"] > 0 else "off", "batch": series[i]["batch"],
+        alike = [j for j in range(len(series)) if j != i and (series[j]["k"] > 0) == drafting]
+        same = [j for j in alike if series[j]["batch"] == series[i]["batch"]] or alike
+        nearest = sorted(same, key=lambda j: abs(j - i))[: 2 * NEIGHBOURS]
+        if not nearest:
+            continue
+        reference = statistics.median(series[j]["step_ms"] for j in nearest)
+        ratio = series[i]["step_ms"] / reference if reference > 0 else float("nan")
+        out.append({"t": series[i]["t"], "to": "on" if drafting else "off", "batch": series[i]["batch"],
                     "ratio": ratio, "stall": ratio > STALL_FACTOR})
     return out

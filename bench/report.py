@@ -178,7 +178,7 @@ def ramp_checks(ramp: dict | None) -> list[tuple[str, str, bool]]:
     for policy, run in (ramp or {}).get("policies", {}).items():
         switches = run["switches"]
         worst = max((s["ratio"] for s in switches), default=float("nan"))
-        out.append((f"ramp, {policy}: no step over 1.5x its neighbours where speculation switches",
+        out.append((f"ramp, {policy}: no switching step over 1.5x the steps of the state it switched to",
                     f"{len(switches)} switches, worst {_fmt(worst, 2)}x", not any(s["stall"] for s in switches)))
     return out
 
@@ -271,7 +271,7 @@ def _extras(report: dict) -> list[str]:
     ramp = report.get("ramp")
     if ramp:
         lines += ["## Load ramp", "", f"Closed-loop concurrency schedule (start s, concurrency): {ramp['schedule']}.", "",
-                  "| policy | steps | switches of speculation | worst switching step / neighbours | completed |",
+                  "| policy | steps | switches of speculation | worst switching step / steps of its state | completed |",
                   "| --- | --- | --- | --- | --- |"]
         for policy, run in ramp["policies"].items():
             worst = max((s["ratio"] for s in run["switches"]), default=float("nan"))

@@ -110,11 +110,19 @@ def test_ramp_schedule_and_the_stall_check():
     assert series[0]["t"] == 0.0 and series[4]["k"] == 2.0 and series[4]["tpot_ms"] == pytest.approx(90.0)
     switches = switch_stalls(series)
     assert [(s["to"], s["stall"]) for s in switches] == [("on", False)]
-    stalled = steps[:4] + [rec(2, 4, [0, 0], 400.0)] + steps[5:]
+    # The drafter catching up on the plain stretch makes the first drafting step 400 ms: a stall.
+    stalled = steps[:4] + [rec(2, 4, [1, 1], 400.0)] + steps[5:]
     assert switch_stalls(step_series([(float(i), r) for i, r in enumerate(stalled)]))[0]["stall"]
+    # A switch to plain decoding, and a first draft all rejected (one token for a drafting step's
+    # time), cost what their states cost: no stall, although each token took longer than its
+    # speculating neighbours'.
+    back = steps[4:] + [rec(2, 0, [0, 0], 100.0)] + steps[:3] + [rec(2, 4, [0, 0], 185.0)] + steps[4:]
+    switches = switch_stalls(step_series([(float(i), r) for i, r in enumerate(back)]))
+    assert [(s["to"], s["stall"]) for s in switches] == [("off", False), ("on", False)]
+    assert switches[0]["ratio"] == pytest.approx(1.0) and switches[1]["ratio"] == pytest.approx(185 / 180)
     # A decode burst (4 plain forwards in one call, 400 ms) is plain decoding at 100 ms a token.
     burst = step_series([(0.0, rec(2, 0, [0, 0], 400.0, forwards=4))])[0]
-    assert burst["k"] == 0.0 and burst["tpot_ms"] == pytest.approx(100.0)
+    assert burst["k"] == 0.0 and burst["tpot_ms"] == pytest.approx(100.0) and burst["step_ms"] == pytest.approx(100.0)
     # A step reading a prompt (no drafts, a slow forward) between speculating steps is neither a
     # switch nor a stall.
     prompt = {**rec(2, 0, [0, 0], 900.0), "prompt_tokens": 200}
