@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +55,16 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = True,
-                            **_: Any) -> list[int] | str:
+    @cached_property
+    def _template(self):
+        """The chat template, compiled once (compiling it took longer than tokenizing a prompt)."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
-        text = _environment().from_string(self.chat_template).render(
+        return _environment().from_string(self.chat_template)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = True,
+                            **_: Any) -> list[int] | str:
+        text = self._template.render(
             messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
             bos_token=self._token("bos_token") or "", eos_token=self.eos_token or "")
         return self.encode(text, add_special_tokens=False) if tokenize else text
