@@ -89,7 +89,7 @@ def test_report_markdown_and_plots(tmp_path):
         "switches": [{"t": 0.1, "to": "on", "batch": 1, "ratio": 1.0, "stall": False}], "requests": 3, "completed": 3}}}
     text = markdown(report)
     assert "## Summary" in text and "| adaptive |" in text and "`adaptive` / `off` goodput" in text
-    assert "| ramp, adaptive: no step over 1.5x its neighbours where speculation switches | 1 switches, worst 1.00x | yes |" in text
+    assert "| ramp, adaptive: no switching step over 1.5x the steps of the state it switched to | 1 switches, worst 1.00x | yes |" in text
     write_report(report, tmp_path)
     for name in ("system.md", "goodput_vs_load.png", "tpot_cdf.png", "ramp.png"):
         assert (tmp_path / name).stat().st_size > 0
