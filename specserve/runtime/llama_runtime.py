@@ -29,10 +29,9 @@ log = logging.getLogger(__name__)
 
 
 def _quiet_llama() -> None:
-    # llama.cpp's OpenMP worker threads keep their default wait policy (spin briefly at each
-    # barrier, then sleep): passive waiting made every single-token decode of the built-in target
-    # 45% slower on 2 cores (60 vs 41 ms, a barrier per operation), while the brief spin after a
-    # forward costs the other model service next to nothing.
+    # llama.cpp's OpenMP worker threads spin at each barrier, then sleep: passive waiting made every
+    # single-token decode of the built-in target 45% slower on 2 cores (60 vs 41 ms, a barrier per
+    # operation). How long they spin after a forward is set per process (services/__init__.py).
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 
