@@ -41,7 +41,8 @@ def step_series(records: list[tuple[float, dict]]) -> list[dict]:
 def switch_stalls(series: list[dict]) -> list[dict]:
     """Every decode step where speculation switched off or on (k became 0 or left 0), with its time
     per forward over the median of the 2 x NEIGHBOURS nearest decode steps in the same state (drafting
-    or plain), at the same batch size where there are any. A switch stalls when
+    or plain) at the same batch size; a switch with no such step has no ratio (None: a forward's time
+    grows with the batch, so steps of another batch size are no reference). A switch stalls when
     its step costs more than the state it switched to costs in steady state: the drafter catching up
     on a history it had not read, a first draft round's set-up. (A plain step among speculating ones
     commits fewer tokens per step, and a rejected draft commits one: that is speculation's gain or
@@ -54,13 +55,17 @@ def switch_stalls(series: list[dict]) -> list[dict]:
         drafting = series[i]["k"] > 0
         if drafting == (series[i - 1]["k"] > 0):
             continue
-        alike = [j for j in range(len(series)) if j != i and (series[j]["k"] > 0) == drafting]
-        same = [j for j in alike if series[j]["batch"] == series[i]["batch"]] or alike
+        same = [j for j in range(len(series)) if j != i and (series[j]["k"] > 0) == drafting
+                and series[j]["batch"] == series[i]["batch"]]
         nearest = sorted(same, key=lambda j: abs(j - i))[: 2 * NEIGHBOURS]
-        if not nearest:
-            continue
-        reference = statistics.median(series[j]["step_ms"] for j in nearest)
-        ratio = series[i]["step_ms"] / reference if reference > 0 else float("nan")
+        reference = statistics.median(series[j]["step_ms"] for j in nearest) if nearest else 0.0
+        ratio = series[i]["step_ms"] / reference if reference > 0 else None
         out.append({"t": series[i]["t"], "to": "on" if drafting else "off", "batch": series[i]["batch"],
-                    "ratio": ratio, "stall": ratio > STALL_FACTOR})
+                    "ratio": ratio, "stall": ratio is not None and ratio > STALL_FACTOR})
     return out
+
+
+def worst_switch(switches: list[dict]) -> tuple[int, float]:
+    """How many switches had a reference at their batch size, and the worst ratio among them."""
+    ratios = [s["ratio"] for s in switches if s["ratio"] is not None]
+    return len(ratios), max(ratios, default=float("nan"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import matplotlib
 
+from bench.ramp import worst_switch
 from bench.stats import ratio_ci
 
 matplotlib.use("Agg")
@@ -177,9 +178,10 @@ def ramp_checks(ramp: dict | None) -> list[tuple[str, str, bool]]:
     out = []
     for policy, run in (ramp or {}).get("policies", {}).items():
         switches = run["switches"]
-        worst = max((s["ratio"] for s in switches), default=float("nan"))
+        compared, worst = worst_switch(switches)
         out.append((f"ramp, {policy}: no switching step over 1.5x the steps of the state it switched to",
-                    f"{len(switches)} switches, worst {_fmt(worst, 2)}x", not any(s["stall"] for s in switches)))
+                    f"{len(switches)} switches ({compared} with steps of their state at their batch size), "
+                    f"worst {_fmt(worst, 2)}x", not any(s["stall"] for s in switches)))
     return out
 
 
@@ -271,11 +273,12 @@ def _extras(report: dict) -> list[str]:
     ramp = report.get("ramp")
     if ramp:
         lines += ["## Load ramp", "", f"Closed-loop concurrency schedule (start s, concurrency): {ramp['schedule']}.", "",
-                  "| policy | steps | switches of speculation | worst switching step / steps of its state | completed |",
-                  "| --- | --- | --- | --- | --- |"]
+                  "| policy | steps | switches of speculation | with steps of their state at their batch size "
+                  "| worst switching step / steps of its state | completed |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for policy, run in ramp["policies"].items():
-            worst = max((s["ratio"] for s in run["switches"]), default=float("nan"))
-            lines.append(f"| {policy} | {len(run['series'])} | {len(run['switches'])} | {_fmt(worst, 2)} | "
+            compared, worst = worst_switch(run["switches"])
+            lines.append(f"| {policy} | {len(run['series'])} | {len(run['switches'])} | {compared} | {_fmt(worst, 2)} | "
                          f"{run['completed']}/{run['requests']} |")
         lines.append("")
     unused = report.get("unused_drafter")

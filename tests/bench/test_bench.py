@@ -89,14 +89,14 @@ def test_report_markdown_and_plots(tmp_path):
         "switches": [{"t": 0.1, "to": "on", "batch": 1, "ratio": 1.0, "stall": False}], "requests": 3, "completed": 3}}}
     text = markdown(report)
     assert "## Summary" in text and "| adaptive |" in text and "`adaptive` / `off` goodput" in text
-    assert "| ramp, adaptive: no switching step over 1.5x the steps of the state it switched to | 1 switches, worst 1.00x | yes |" in text
+    assert "| ramp, adaptive: no switching step over 1.5x the steps of the state it switched to | 1 switches (1 with steps of their state at their batch size), worst 1.00x | yes |" in text
     write_report(report, tmp_path)
     for name in ("system.md", "goodput_vs_load.png", "tpot_cdf.png", "ramp.png"):
         assert (tmp_path / name).stat().st_size > 0
 
 
 def test_ramp_schedule_and_the_stall_check():
-    from bench.ramp import step_series, switch_stalls, triangle
+    from bench.ramp import step_series, switch_stalls, triangle, worst_switch
 
     assert [c for _, c in triangle(3, 2.0)] == [1, 2, 3, 2, 1, 0] and triangle(3, 2.0)[-1][0] == 10.0
 
@@ -129,6 +129,13 @@ def test_ramp_schedule_and_the_stall_check():
     prompt["verified_positions"] += 200
     spec = [rec(2, 4, [1, 1], 180.0)] * 4
     assert switch_stalls(step_series([(float(i), r) for i, r in enumerate(spec + [prompt] + spec)])) == []
+    # The only plain step at batch 4 (twice a batch-1 plain step's time, as a batch of 4 costs) has no
+    # reference: steps of another batch size are none, so it is neither a ratio nor a stall.
+    mixed = [rec(1, 0, [0], 60.0)] * 4 + [rec(4, 8, [1] * 4, 300.0)] * 4 + [rec(4, 0, [0] * 4, 120.0)] \
+        + [rec(4, 8, [1] * 4, 300.0)] * 4
+    switches = switch_stalls(step_series([(float(i), r) for i, r in enumerate(mixed)]))
+    assert [(s["to"], s["ratio"], s["stall"]) for s in switches][1] == ("off", None, False)
+    assert worst_switch(switches) == (2, pytest.approx(1.0))
 
 
 def test_llama_server_command_for_each_peer(tiny_dir, tmp_path):
