@@ -1,10 +1,13 @@
 """The benchmark's peer: llama.cpp's own `llama-server`, built by `make peers` from the llama.cpp
 source that the pinned llama-cpp-python vendors, run on the same GGUF files and thread count as our
 services: plain decoding, its speculative decoding with the draft model (`draft-simple`, default
-draft length) and its n-gram speculation (`ngram-simple`)."""
+draft length) and its n-gram speculation (`ngram-simple`); and plain llama-server with the
+transparent huge pages our model services ask for (`llama-server-hugepages`), to tell that gain
+from the rest."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from contextlib import contextmanager
@@ -13,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from specserve.cpu import cpuinfo
-from specserve.launcher import free_port
+from specserve.launcher import HUGE_PAGES, free_port
 from specserve.runtime import find_gguf
 
 PEERS_DIR = Path.home() / ".cache" / "specserve" / "peers"
@@ -25,7 +28,9 @@ VARIANTS = {
     "llama-server-draft-p75": ["--spec-type", "draft-simple", "--spec-draft-p-min", "0.75"],
     "llama-server-ngram": ["--spec-type", "ngram-simple"],
     "llama-server-ngram-mod": ["--spec-type", "ngram-mod"],
+    "llama-server-hugepages": [],
 }
+VARIANT_ENV = {"llama-server-hugepages": HUGE_PAGES}  # beyond the benchmark's own environment
 CONTEXT_PER_SLOT = 1024
 
 
@@ -56,7 +61,7 @@ def llama_server(binary: Path, variant: str, target: str, draft: str, slots: int
     port = free_port()
     with log.open("ab") as out:
         proc = subprocess.Popen(command(binary, variant, target, draft, slots, threads, port), stdout=out,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, env={**os.environ, **VARIANT_ENV.get(variant, {})})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s

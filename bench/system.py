@@ -72,7 +72,8 @@ class BenchConfig:
     requests: int = 6  # per system, load and repetition, half from each trace
     reps: int = 3
     policies: tuple[str, ...] = SUITE_POLICIES
-    peers: tuple[str, ...] = PEERS  # run where `make peers` built llama-server for this CPU
+    # run where `make peers` built llama-server for this CPU (the huge-pages control on request)
+    peers: tuple[str, ...] = tuple(p for p in PEERS if p not in peers.VARIANT_ENV)
     max_context_tokens: int = 512  # prompt tokens, as the data give them up to this
     max_output_tokens: int = 64  # output tokens, as the data give them (the answer's length) up to this
     window_start: int = 200  # each trace's arrivals from this row

@@ -23,6 +23,7 @@ from services.policy.__main__ import PolicyConfig
 from specserve import config as cfg
 from specserve import pair
 from specserve.cli import build_parser
+from specserve.launcher import HUGE_PAGES
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -347,6 +348,12 @@ def test_dockerfile_variables_are_read_by_the_code():
     for dockerfile in DOCKERFILES:
         for name in re.findall(r"\b(SPECSERVE_\w+)=", dockerfile.read_text()):
             assert name in every, f"{dockerfile.name}: {name}"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_put_the_model_services_on_huge_pages(dockerfile):
+    for name, value in HUGE_PAGES.items():
+        assert f"{name}={value}" in dockerfile.read_text()
 
 
 def test_readme_names_what_is_published():

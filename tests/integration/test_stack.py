@@ -1,5 +1,6 @@
 """All services as real processes with the tiny pair: concurrency, cancellation, drafter failure."""
 
+import os
 import random
 import threading
 import time
@@ -8,7 +9,7 @@ from dataclasses import replace
 import grpc
 import pytest
 
-from specserve.launcher import Stack
+from specserve.launcher import HUGE_PAGES, Stack
 from specserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, verifier_pb2_grpc
 from tests.helpers import assert_lossless
 
@@ -67,6 +68,19 @@ def _requests(n: int, seed: int):
             sampling |= {"temperature": 0.8, "top_p": 0.9, "seed": i}
         reqs.append(gateway_pb2.GenerateRequest(prompt_token_ids={"ids": ids}, sampling=sampling))
     return reqs
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(item.decode().partition("=")[::2] for item in f.read().split(b"\0") if item)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads a process's environment from /proc")
+def test_model_services_ask_for_huge_pages(stack):
+    # The launcher's own environment decides: a GLIBC_TUNABLES set there is passed on unchanged.
+    expected = os.environ.get("GLIBC_TUNABLES", HUGE_PAGES["GLIBC_TUNABLES"])
+    for name in ("verifier", "drafter"):
+        assert _environ(stack.services[name].proc.pid).get("GLIBC_TUNABLES") == expected, name
 
 
 def test_concurrent_streams_match_target_only(stack, reference):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from specserve.launcher import MAX_RESTARTS, Service, Stack, free_port
+from specserve.launcher import HUGE_PAGES, MAX_RESTARTS, Service, Stack, free_port, huge_pages
 
 PY = sys.executable
 
@@ -144,3 +144,10 @@ def test_no_service_is_left_running_when_the_stack_stops_during_restarts(tmp_pat
     stack.supervisor.join(10)
     assert not stack.supervisor.is_alive()
     assert all(spec.proc.poll() is not None for spec in stack.services.values())
+
+
+def test_a_tunable_the_user_sets_wins(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert huge_pages() == HUGE_PAGES
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert huge_pages() == {}
