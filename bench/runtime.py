@@ -14,6 +14,8 @@
    time per output token measured by the client.
 5. `serve`: the whole stack against llama.cpp's `llama-server` on eight chat requests of our own,
    closed loop at 1 and 4 clients, rounds alternated (bench/serve.py).
+6. `pages`: our llama.cpp decode with the model services' transparent huge pages against 4 KB
+   pages, a fresh process per sample, alternated (bench/pages.py).
 
 Writes bench/results/runtime.json and runtime.md, with the CPU flags of the machine.
 """
@@ -32,8 +34,8 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
+from bench import pages, serve
 from bench import prompts as prompt_sets
-from bench import serve
 from bench.replay import fit_prompt
 from bench.stats import ratio_ci
 from bench.system import machine_facts, set_policy
@@ -41,7 +43,7 @@ from specserve.launcher import Stack
 from specserve.runtime import Row, open_runtime
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
 
-PARTS = ("costs", "decode", "policies", "http", "serve")
+PARTS = ("costs", "decode", "policies", "http", "serve", "pages")
 
 
 @dataclass
@@ -72,6 +74,8 @@ class RuntimeBenchConfig:
     serve_workload: str = "all"  # all, fresh or edits
     serve_proposer: str = ""  # our drafter's proposer (SPECSERVE_PROPOSER); empty: the default
     serve_conversations: int = 8  # MT-Bench conversations of two turns (prefix reuse); 0 skips
+    pages_rounds: int = 4  # pages: fresh-process samples per page size, alternated
+    pages_tokens: int = 64
 
 
 def _tokens(n: int, salt: int = 0) -> list[int]:
@@ -349,6 +353,8 @@ def run(cfg: RuntimeBenchConfig) -> dict:
         stack_parts(cfg, load_tokenizer(cfg.target), results)
     if "serve" in cfg.parts:
         results["serve"] = serve.run_part(cfg)
+    if "pages" in cfg.parts and "llama.cpp" in cfg.runtimes:
+        results["pages"] = pages.run_part(cfg.target, cfg.threads, cfg.pages_tokens, cfg.pages_rounds)
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "runtime.json").write_text(json.dumps(results, indent=1))
     (cfg.out / "runtime.md").write_text(markdown(results))
@@ -388,6 +394,8 @@ def markdown(r: dict) -> str:
                          f"{p['ratio']:.3f} ({p['low']:.3f}-{p['high']:.3f}) | {p['verdict']} |")
     if r.get("serve"):
         lines += serve.markdown(r["serve"], m, r["threads"])
+    if r.get("pages"):
+        lines += pages.markdown(r["pages"])
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.replay import arrivals, fit_prompt, read_trace, window
+from specserve.launcher import HUGE_PAGES
 
 
 def _trace(path: Path, rows: list[tuple[str, int, int]]) -> Path:
@@ -238,11 +239,11 @@ def test_ratio_interval_calls_a_tie_a_tie():
 def test_smoke_run_of_the_runtime_bench_on_tiny_models(tiny_dir, redis_url, tmp_path):
     from bench import cli
 
-    cfg = _cli_config("runtime", ["--out", str(tmp_path / "out"), "--parts", "costs,decode,policies,http"],
+    cfg = _cli_config("runtime", ["--out", str(tmp_path / "out"), "--parts", "costs,decode,policies,http,pages"],
                       tiny_dir, redis_url, threads=1,
                       positions=(1, 2), sessions=(1, 2), contexts=(20,), repeats=1, decode_tokens=4,
                       decode_rounds=1, prompts_per_set=2, new_tokens=4, concurrency=(1, 2),
-                      policies=("off", "adaptive"), settle_s=1.1, http_rounds=1)
+                      policies=("off", "adaptive"), settle_s=1.1, http_rounds=1, pages_rounds=2, pages_tokens=4)
     assert "## Cost of one forward" in cli.run("runtime", cfg)
     report = json.loads((tmp_path / "out" / "runtime.json").read_text())
     costs = [c for c in report["costs"] if "positions" in c]
@@ -252,7 +253,12 @@ def test_smoke_run_of_the_runtime_bench_on_tiny_models(tiny_dir, redis_url, tmp_
     assert {(p["prompt_set"], p["concurrency"], p["policy"]) for p in report["policies"]} == {
         (s, n, p) for s in ("humaneval", "mt-bench") for n in (1, 2) for p in ("off", "adaptive")}
     assert [h["concurrency"] for h in report["http"]] == [1, 2] and all(h["ratio"] > 0 for h in report["http"])
-    assert "## Cost of one forward" in (tmp_path / "out" / "runtime.md").read_text()
+    # each page size ran in processes of its own, under its own tunable
+    pages = report["pages"]
+    assert pages["tunables"] == {"huge pages": HUGE_PAGES["GLIBC_TUNABLES"], "4 KB pages": ""}
+    assert [len(v) for v in pages["ms_per_token"].values()] == [2, 2] and pages["ratio"] > 0
+    md = (tmp_path / "out" / "runtime.md").read_text()
+    assert "## Cost of one forward" in md and "## Huge pages" in md
 
 
 def _reply(system, round_, client, prompt, ttft, e2e, tokens, text="x", cached=None, concurrency=1):
