@@ -5,7 +5,8 @@ One context per model, one sequence id per session (`n_seq_max` = the session li
 `llama_memory_seq_rm` for rollback. Prefix caching: a new session takes the longest matching prefix
 of a running session through `llama_memory_seq_cp` (cells shared within the unified buffer, not
 copied), or of a released one from its KV saved to host memory (`llama_state_seq_get_data` at
-release, restored with `llama_state_seq_set_data`), least recently used out past `cache_bytes`. With a unified KV buffer (`kv_unified`), one
+release into a ring of `cache_bytes`, oldest out first; restored with `llama_state_seq_set_data`).
+With a unified KV buffer (`kv_unified`), one
 call over several sequences costs about what the same number of positions in one sequence costs;
 without it, 1 + 4 positions over two sequences cost half as much again.
 """
@@ -24,6 +25,7 @@ from specserve.errors import InvalidArgument, ResourceExhausted
 from specserve.runtime.base import Row, RuntimeInfo
 from specserve.runtime.prefix import MIN_REUSE, PrefixIndex
 from specserve.runtime.prefix import skip as _skip
+from specserve.runtime.ring import Ring
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +77,7 @@ class LlamaCppRuntime:
         # Prefix reuse shares KV cells between sequences, which needs them in one buffer.
         self.reuse = kv_unified
         self.seq_ids: dict[str, int] = {}  # live sessions
-        self.cache_bytes = cache_bytes
-        self.saved: dict[str, ctypes.Array] = {}  # released sessions' KV, by cache key
-        self.saved_bytes = 0
+        self.saved = Ring(cache_bytes if self.reuse else 0)  # released sessions' KV, by cache key
         self.free_ids = list(range(max_sessions - 1, -1, -1))
         desc = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(self.model, desc, len(desc))
@@ -105,23 +105,22 @@ class LlamaCppRuntime:
         self.prefix.truncate(session_id, length)
 
     def release(self, session_id: str) -> None:
-        """The session's KV is saved to host memory as prefix cache (within `cache_bytes`, least
-        recently used out) and its cells freed: cells kept in the KV buffer would lengthen every
-        later step's attention (2,000 kept cells made each decode step 17% slower)."""
+        """The session's KV is saved to host memory as prefix cache (the ring of `cache_bytes`,
+        oldest out) and its cells freed: cells kept in the KV buffer would lengthen every later
+        step's attention (2,000 kept cells made each decode step 17% slower)."""
         if session_id not in self.seq_ids:
             return
         seq = self.seq_ids[session_id]
-        if self.reuse and self.length(session_id) >= MIN_REUSE and self.cache_bytes:
-            size = self._ll.llama_state_seq_get_size(self.ctx, seq)
-            state = (ctypes.c_ubyte * size)()
-            if self._ll.llama_state_seq_get_data(self.ctx, state, size, seq) == size:
-                name = self.prefix.retire(session_id)
-                self.saved[name] = state
-                self.saved_bytes += size
-                while self.saved_bytes > self.cache_bytes:
-                    oldest = self.prefix.oldest_retired()
-                    self.saved_bytes -= len(self.saved.pop(oldest))
-                    self.prefix.drop(oldest)
+        size = self._ll.llama_state_seq_get_size(self.ctx, seq) \
+            if self.saved.capacity and self.length(session_id) >= MIN_REUSE else 0
+        if 0 < size <= self.saved.capacity:
+            name = self.prefix.retire(session_id)
+            address, evicted = self.saved.put(name, size)
+            for old in evicted:
+                self.prefix.drop(old)
+            if self._ll.llama_state_seq_get_data(self.ctx, _bytes(address), size, seq) != size:
+                self.saved.drop(name)
+                self.prefix.drop(name)
         self._drop(session_id)
 
     def _drop(self, session_id: str) -> None:
@@ -156,8 +155,8 @@ class LlamaCppRuntime:
         else:
             # A restore replaces the whole sequence; the session's own `held` tokens are the saved
             # prefix's first ones, so nothing is lost (a failed restore leaves it to compute all).
-            state = self.saved[source]
-            if self._ll.llama_state_seq_set_data(self.ctx, state, len(state), seq) != len(state):
+            address, size = self.saved.address(source)
+            if self._ll.llama_state_seq_set_data(self.ctx, _bytes(address), size, seq) != size:
                 previous = list(self.prefix.live[row.session_id])
                 self._ll.llama_memory_seq_rm(self.memory, seq, -1, -1)
                 self.prefix.truncate(row.session_id, 0)
@@ -224,6 +223,11 @@ class LlamaCppRuntime:
                 logits[slots[r] + j] = row
 
     def close(self) -> None:
+        self.saved.close()
         self._ll.llama_batch_free(self.batch)
         self._ll.llama_free(self.ctx)
         self._ll.llama_model_free(self.model)
+
+
+def _bytes(address: int) -> ctypes._Pointer:
+    return ctypes.cast(address, ctypes.POINTER(ctypes.c_uint8))
