@@ -200,10 +200,11 @@ def greedy_matches(ours: list[Reply], peer: list[Reply]) -> dict:
 
 
 def summarise(replies: list[Reply], rounds: list[dict], ours: list[str], peers_: list[str],
-              concurrency: tuple[int, ...]) -> dict:
+              concurrency: tuple[int, ...], kinds: tuple[str, ...] = ()) -> dict:
     """Rows per concurrency and system, ratios of each of ours to each peer and to our first policy
-    (speculation against plain decoding), greedy matches at 1."""
-    rows, ratios, greedy = [], [], {}
+    (speculation against plain decoding), greedy matches at 1, and where the prompts are of several
+    `kinds` (the kind of each prompt by index), the TPOT ratios per kind."""
+    rows, ratios, greedy, by_kind = [], [], {}, []
     for n in concurrency:
         def of(system: str) -> tuple[list[Reply], list[dict]]:
             return ([r for r in replies if r.system == system and r.concurrency == n],
@@ -218,7 +219,17 @@ def summarise(replies: list[Reply], rounds: list[dict], ours: list[str], peers_:
                                **compare(mine, theirs, my_rounds, their_rounds)})
             if n == 1 and peers_:
                 greedy[system] = greedy_matches(of(system)[0], of(peers_[0])[0])
-    return {"rows": rows, "ratios": ratios, "greedy_matches": greedy}
+        for kind in sorted(set(kinds)) if len(set(kinds)) > 1 else []:
+            def of_kind(system: str) -> list[Reply]:
+                return [r for r in of(system)[0] if kinds[r.prompt] == kind and not r.error]
+
+            for system in ours:
+                for peer in [*peers_, *(p for p in ours[:1] if p != system)]:
+                    by_kind.append({"system": system, "peer": peer, "concurrency": n, "kind": kind,
+                                    "tpot_p50_ms": p50(r.tpot_ms for r in of_kind(system) if r.tpot_ms is not None),
+                                    "peer_tpot_p50_ms": p50(r.tpot_ms for r in of_kind(peer) if r.tpot_ms is not None),
+                                    "tpot_p50": compare(of_kind(system), of_kind(peer), [], [])["tpot_p50"]})
+    return {"rows": rows, "ratios": ratios, "greedy_matches": greedy, "by_kind": by_kind}
 
 
 async def conversations(base_url: str, model: str, turns: list[tuple[str, str]], max_tokens: int,
@@ -312,7 +323,8 @@ def run_part(cfg) -> dict:
                                      for s in (ours[0], PEER) if s in urls}
     finally:
         stack.stop()
-    out.update(summarise(replies, rounds, ours, variants, cfg.concurrency))
+    kinds = tuple(kind for kind in ("fresh", "edits") for _ in workload(kind)) if cfg.serve_workload == "all" else ()
+    out.update(summarise(replies, rounds, ours, variants, cfg.concurrency, kinds))
     out["round_times"] = rounds
     out["replies"] = [{**asdict(r), "tpot_ms": r.tpot_ms} for r in replies]
     return out
@@ -341,6 +353,13 @@ def markdown(s: dict, machine: dict, threads: int) -> list[str]:
         for row in s["ratios"]:
             cells = " | ".join(_ci(row[k]) for k in ("tokens_per_s", "ttft_p50", "ttft_p99", "tpot_p50"))
             lines.append(f"| {row['system']} | {row['peer']} | {row['concurrency']} | {cells} |")
+    if s.get("by_kind"):
+        lines += ["", "TPOT p50 by kind of prompt (fresh generations; code edits, whose answer copies most of "
+                      "the prompt), ours / peer (95% CI):", "",
+                  "| system | peer | concurrent | kind | ours ms | peer ms | ratio |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for row in s["by_kind"]:
+            lines.append(f"| {row['system']} | {row['peer']} | {row['concurrency']} | {row['kind']} | "
+                         f"{row['tpot_p50_ms']:.1f} | {row['peer_tpot_p50_ms']:.1f} | {_ci(row['tpot_p50'])} |")
     for system, g in s["greedy_matches"].items():
         lines += ["", f"Greedy text at 1 client, first round: {system} matches llama-server on {g['matching']} of "
                       f"{g['compared']} prompts both answered ({len(s['prompts'])} sent)."]

@@ -294,6 +294,14 @@ def test_serve_summary_ratios_tpot_and_greedy_matches():
     assert ratio["ttft_p50"]["ratio"] == pytest.approx(0.5) and ratio["ttft_p50"]["n"] == 7
     assert ratio["ttft_p99"]["ratio"] == pytest.approx(0.5) and ratio["tpot_p50"]["ratio"] == pytest.approx(1.0)
     assert out["greedy_matches"] == {"specserve-off": {"matching": 2, "compared": 3}}
+    assert out["by_kind"] == []  # one kind of prompt: no split
+    # Prompts 0-1 fresh, 2-3 edits: TPOT per kind, paired as above (the failed edit left out).
+    by_kind = summarise(replies, rounds, ["specserve-off"], ["llama-server"], (1,), ("fresh", "fresh", "edits", "edits"))
+    assert [(b["kind"], b["tpot_p50"]["n"], b["tpot_p50_ms"], b["peer_tpot_p50_ms"]) for b in by_kind["by_kind"]] == \
+        [("edits", 3, pytest.approx(100.0), pytest.approx(100.0)), ("fresh", 4, pytest.approx(100.0), pytest.approx(100.0))]
+    text = "\n".join(markdown({**by_kind, "batch_limit": 4, "rounds": 2, "max_tokens": 96, "servers": "both up",
+                                "prompts": ["p"] * 4}, {"cpu_flags": ["avx2"]}, 2))
+    assert "| specserve-off | llama-server | 1 | edits | 100.0 | 100.0 | 1.000 (1.000-1.000) |" in text
     text = "\n".join(markdown({**out, "batch_limit": 4, "rounds": 2, "max_tokens": 96, "servers": "both up",
                                 "prompts": ["p"] * 4}, {"cpu_flags": ["avx2"]}, 2))
     assert "| specserve-off | 1 | 20.00 | 52 | 53 | 100.0 | 40 | - | 0/8 |" in text
