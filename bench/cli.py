@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="system: requests per stack in the unused-drafter check (default 8; 0 skips it)")
     parser.add_argument("--torch-requests", type=int, default=0,
                         help="system: add our torch runtime and Hugging Face generate on this many requests")
-    parser.add_argument("--parts", default="", help="runtime: comma-separated parts (costs,decode,policies,http,serve,pages)")
+    parser.add_argument("--parts", default="", help="runtime: comma-separated parts (costs,decode,policies,http,serve,pages,saves)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 

@@ -16,6 +16,8 @@
    closed loop at 1 and 4 clients, rounds alternated (bench/serve.py).
 6. `pages`: our llama.cpp decode with the model services' transparent huge pages against 4 KB
    pages, a fresh process per sample, alternated (bench/pages.py).
+7. `saves`: what saving a released session's KV to the prefix cache costs, into the ring mapped
+   ahead of its head against the same ring faulting its pages in on write (bench/saves.py).
 
 Writes bench/results/runtime.json and runtime.md, with the CPU flags of the machine.
 """
@@ -34,7 +36,7 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from bench import pages, serve
+from bench import pages, saves, serve
 from bench import prompts as prompt_sets
 from bench.replay import fit_prompt
 from bench.stats import ratio_ci
@@ -43,7 +45,7 @@ from specserve.launcher import Stack
 from specserve.runtime import Row, open_runtime
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
 
-PARTS = ("costs", "decode", "policies", "http", "serve", "pages")
+PARTS = ("costs", "decode", "policies", "http", "serve", "pages", "saves")
 
 
 @dataclass
@@ -76,6 +78,9 @@ class RuntimeBenchConfig:
     serve_conversations: int = 8  # MT-Bench conversations of two turns (prefix reuse); 0 skips
     pages_rounds: int = 4  # pages: fresh-process samples per page size, alternated
     pages_tokens: int = 64
+    saves_rounds: int = 4  # saves: rounds of released sessions per ring, alternated
+    saves_prompt_tokens: int = 300
+    saves_decode_steps: int = 48
 
 
 def _tokens(n: int, salt: int = 0) -> list[int]:
@@ -355,6 +360,9 @@ def run(cfg: RuntimeBenchConfig) -> dict:
         results["serve"] = serve.run_part(cfg)
     if "pages" in cfg.parts and "llama.cpp" in cfg.runtimes:
         results["pages"] = pages.run_part(cfg.target, cfg.threads, cfg.pages_tokens, cfg.pages_rounds)
+    if "saves" in cfg.parts and "llama.cpp" in cfg.runtimes:
+        results["saves"] = saves.run_part(cfg.target, cfg.threads, cfg.saves_prompt_tokens, cfg.saves_decode_steps,
+                                          cfg.saves_rounds)
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "runtime.json").write_text(json.dumps(results, indent=1))
     (cfg.out / "runtime.md").write_text(markdown(results))
@@ -396,6 +404,8 @@ def markdown(r: dict) -> str:
         lines += serve.markdown(r["serve"], m, r["threads"])
     if r.get("pages"):
         lines += pages.markdown(r["pages"])
+    if r.get("saves"):
+        lines += saves.markdown(r["saves"])
     return "\n".join(lines) + "\n"
 
 

@@ -31,7 +31,7 @@ class Ring:
     """Entries by name in one buffer of `capacity` bytes; `put` places an entry at the head,
     wrapping to the start, and evicts the entries it overlaps (the oldest)."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, populate: bool = True):
         self.capacity = capacity
         self._map = mmap.mmap(-1, capacity) if capacity else None
         self.base = ctypes.addressof(ctypes.c_char.from_buffer(self._map)) if capacity else 0
@@ -41,7 +41,7 @@ class Ring:
         self.mapped = 0  # bytes from the start whose pages are populated (the first lap's frontier)
         self.closed = False
         self._wanted = threading.Condition()
-        self._madvise = _madvise()
+        self._madvise = _madvise() if populate else None
         if capacity and self._madvise is not None:
             threading.Thread(target=self._populate, name="ring-populate", daemon=True).start()
 
@@ -50,6 +50,10 @@ class Ring:
         """How far the pages should be mapped by now (a page boundary, or the end)."""
         end = self.head + AHEAD * self.largest
         return min(self.capacity, -(-end // mmap.PAGESIZE) * mmap.PAGESIZE)
+
+    @property
+    def populating(self) -> bool:
+        return self._madvise is not None
 
     @property
     def used(self) -> int:
@@ -90,6 +94,7 @@ class Ring:
             end = min(self.frontier, self.mapped + STEP)
             if self._madvise(self.base + self.mapped, end - self.mapped, MADV_POPULATE_WRITE) != 0:
                 log.info("pages of the prefix cache are mapped on first write (madvise: errno %d)", ctypes.get_errno())
+                self._madvise = None
                 return
             with self._wanted:
                 self.mapped = end

@@ -239,11 +239,12 @@ def test_ratio_interval_calls_a_tie_a_tie():
 def test_smoke_run_of_the_runtime_bench_on_tiny_models(tiny_dir, redis_url, tmp_path):
     from bench import cli
 
-    cfg = _cli_config("runtime", ["--out", str(tmp_path / "out"), "--parts", "costs,decode,policies,http,pages"],
+    cfg = _cli_config("runtime", ["--out", str(tmp_path / "out"), "--parts", "costs,decode,policies,http,pages,saves"],
                       tiny_dir, redis_url, threads=1,
                       positions=(1, 2), sessions=(1, 2), contexts=(20,), repeats=1, decode_tokens=4,
                       decode_rounds=1, prompts_per_set=2, new_tokens=4, concurrency=(1, 2),
-                      policies=("off", "adaptive"), settle_s=1.1, http_rounds=1, pages_rounds=2, pages_tokens=4)
+                      policies=("off", "adaptive"), settle_s=1.1, http_rounds=1, pages_rounds=2, pages_tokens=4,
+                      saves_rounds=2, saves_prompt_tokens=12, saves_decode_steps=2)
     assert "## Cost of one forward" in cli.run("runtime", cfg)
     report = json.loads((tmp_path / "out" / "runtime.json").read_text())
     costs = [c for c in report["costs"] if "positions" in c]
@@ -257,8 +258,11 @@ def test_smoke_run_of_the_runtime_bench_on_tiny_models(tiny_dir, redis_url, tmp_
     pages = report["pages"]
     assert pages["tunables"] == {"huge pages": HUGE_PAGES["GLIBC_TUNABLES"], "4 KB pages": ""}
     assert [len(v) for v in pages["ms_per_token"].values()] == [2, 2] and pages["ratio"] > 0
+    # every released session was saved, into each ring in turn
+    saves = report["saves"]
+    assert [len(v) for v in saves["ms"].values()] == [2 * 4, 2 * 4] and saves["bytes"] > 0 and saves["ratio"] > 0
     md = (tmp_path / "out" / "runtime.md").read_text()
-    assert "## Cost of one forward" in md and "## Huge pages" in md
+    assert "## Cost of one forward" in md and "## Huge pages" in md and "## Prefix cache: saving" in md
 
 
 def _reply(system, round_, client, prompt, ttft, e2e, tokens, text="x", cached=None, concurrency=1):
