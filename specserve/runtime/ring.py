@@ -1,8 +1,8 @@
 """Host memory for released sessions' KV: one ring reserved at start, oldest entries out first.
 
 A save into pages the process has never written pays their first-touch faults on the spot: on the
-2-core VMs we run on, saving a 396-token session of the built-in target (11.4 MB) took 8-30 ms into
-fresh memory against 1.3-1.7 ms into pages already mapped, and the save sits between one step and
+2-core VMs we run on, saving a 396-token session of the built-in target (11.4 MB) took 8-34 ms into
+fresh memory against 1.3-1.9 ms into pages already mapped, and the save sits between one step and
 the next. So the ring is mapped once, a background thread populates its pages ahead of the write
 position (`MADV_POPULATE_WRITE`, which maps pages without changing their contents), and its memory
 is reused lap after lap instead of being freed and faulted again.
