@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workload", default="all", choices=["all", "fresh", "edits"],
                         help="runtime, part serve: the eight prompts, or their fresh or edit half")
     parser.add_argument("--proposer", default="", help="runtime, part serve: our drafter's proposer (default: its own)")
+    parser.add_argument("--peers-first", action="store_true",
+                        help="runtime, part serve: start the peers before our stack (start order weighs on decode speed)")
     parser.add_argument("--concurrency", default="", help="runtime: comma-separated client counts (default 1,4)")
     parser.add_argument("--rounds", type=int, default=0, help="runtime, part serve: rounds per concurrency (default 3)")
     parser.add_argument("--conversations", type=int, default=8,
@@ -82,6 +84,7 @@ def runtime_config(args: argparse.Namespace, target: str, draft: str, redis_url:
         if unknown:
             raise SystemExit(f"--peers: unknown {', '.join(unknown)} (variants: {', '.join(peers.VARIANTS)})")
     rcfg.serve_workload, rcfg.serve_proposer, rcfg.serve_conversations = args.workload, args.proposer, args.conversations
+    rcfg.serve_peers_first = args.peers_first
     if args.concurrency:
         rcfg.concurrency = tuple(int(c) for c in args.concurrency.split(","))
     if args.rounds:

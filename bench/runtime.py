@@ -76,6 +76,7 @@ class RuntimeBenchConfig:
     serve_workload: str = "all"  # all, fresh or edits
     serve_proposer: str = ""  # our drafter's proposer (SPECSERVE_PROPOSER); empty: the default
     serve_conversations: int = 8  # MT-Bench conversations of two turns (prefix reuse); 0 skips
+    serve_peers_first: bool = False  # start llama-server before our stack (start order weighs on decode)
     pages_rounds: int = 4  # pages: fresh-process samples per page size, alternated
     pages_tokens: int = 64
     saves_rounds: int = 4  # saves: rounds of released sessions per ring, alternated

@@ -286,43 +286,46 @@ def run_part(cfg) -> dict:
     replies: list[Reply] = []
     rounds: list[dict] = []
     cfg.out.mkdir(parents=True, exist_ok=True)
-    stack = Stack(cfg.target, cfg.draft, cfg.redis_url, extra_env=env).start()
     variants = list(cfg.serve_peers) if binary else []
-    try:
+    out["started"] = "the peers first" if cfg.serve_peers_first else "our stack first"
+    with ExitStack() as running:
+        def start_peers() -> dict:
+            return {variant: (running.enter_context(peers.llama_server(  # serves its one model under any name
+                binary, variant, cfg.target, cfg.draft, batch, cfg.threads, cfg.out / f"serve-{variant}.log")), "peer")
+                for variant in variants}
+
+        # Which process starts first can weigh on its decode speed; the order is the caller's.
+        started = start_peers() if cfg.serve_peers_first else {}
+        stack = Stack(cfg.target, cfg.draft, cfg.redis_url, extra_env=env).start()
+        running.callback(stack.stop)
         urls = {system: (stack.http_address, served_model(stack.http_address)) for system in ours}
-        with ExitStack() as running:
-            for variant in variants:  # llama-server serves its one model under any name
-                urls[variant] = (running.enter_context(peers.llama_server(
-                    binary, variant, cfg.target, cfg.draft, batch, cfg.threads, cfg.out / f"serve-{variant}.log")),
-                    "peer")
-            for url, model in set(urls.values()):  # first requests pay for lazy set-up; not measured
-                asyncio.run(closed_loop(url, model, [WARM_UP], 1, 8, "warm-up", -1))
-            systems, policy = list(urls), None
-            read: set[tuple[tuple[str, str], int]] = set()  # (server, prompt) pairs sent so far
-            for n in cfg.concurrency:
-                for r in range(cfg.serve_rounds):
-                    for system in systems[r % len(systems):] + systems[: r % len(systems)]:
-                        if system in ours and system != policy:
-                            set_policy(client, system.removeprefix("specserve-"))
-                            time.sleep(cfg.settle_s)  # the gateway reads the ops keys every second
-                            policy = system
-                        got, wall = asyncio.run(closed_loop(*urls[system], prompts, n, cfg.serve_max_tokens, system, r))
-                        for reply in got:
-                            reply.first_read = (urls[system], reply.prompt) not in read
-                            read.add((urls[system], reply.prompt))
-                        replies += got
-                        rounds.append({"system": system, "concurrency": n, "round": r, "wall_s": wall,
-                                       "output_tokens": sum(x.output_tokens for x in got if not x.error)})
-            if cfg.serve_conversations:
-                # Prefix caching across turns: our first policy and the plain peer, one client each.
-                turns = prompt_sets.mt_bench_turns()[: cfg.serve_conversations]
-                set_policy(client, ours[0].removeprefix("specserve-"))
-                time.sleep(cfg.settle_s)
-                out["multi_turn"] = {s: multi_turn_stats(asyncio.run(conversations(*urls[s], turns,
-                                                                                    cfg.serve_max_tokens, s)))
-                                     for s in (ours[0], PEER) if s in urls}
-    finally:
-        stack.stop()
+        urls.update(started if cfg.serve_peers_first else start_peers())
+        for url, model in set(urls.values()):  # first requests pay for lazy set-up; not measured
+            asyncio.run(closed_loop(url, model, [WARM_UP], 1, 8, "warm-up", -1))
+        systems, policy = list(urls), None
+        read: set[tuple[tuple[str, str], int]] = set()  # (server, prompt) pairs sent so far
+        for n in cfg.concurrency:
+            for r in range(cfg.serve_rounds):
+                for system in systems[r % len(systems):] + systems[: r % len(systems)]:
+                    if system in ours and system != policy:
+                        set_policy(client, system.removeprefix("specserve-"))
+                        time.sleep(cfg.settle_s)  # the gateway reads the ops keys every second
+                        policy = system
+                    got, wall = asyncio.run(closed_loop(*urls[system], prompts, n, cfg.serve_max_tokens, system, r))
+                    for reply in got:
+                        reply.first_read = (urls[system], reply.prompt) not in read
+                        read.add((urls[system], reply.prompt))
+                    replies += got
+                    rounds.append({"system": system, "concurrency": n, "round": r, "wall_s": wall,
+                                   "output_tokens": sum(x.output_tokens for x in got if not x.error)})
+        if cfg.serve_conversations:
+            # Prefix caching across turns: our first policy and the plain peer, one client each.
+            turns = prompt_sets.mt_bench_turns()[: cfg.serve_conversations]
+            set_policy(client, ours[0].removeprefix("specserve-"))
+            time.sleep(cfg.settle_s)
+            out["multi_turn"] = {s: multi_turn_stats(asyncio.run(conversations(*urls[s], turns,
+                                                                                cfg.serve_max_tokens, s)))
+                                 for s in (ours[0], PEER) if s in urls}
     kinds = tuple(kind for kind in ("fresh", "edits") for _ in workload(kind)) if cfg.serve_workload == "all" else ()
     out.update(summarise(replies, rounds, ours, variants, cfg.concurrency, kinds))
     out["round_times"] = rounds
@@ -334,7 +337,7 @@ def markdown(s: dict, machine: dict, threads: int) -> list[str]:
     lines = ["", "## Serving: our stack vs llama-server (chat, greedy, streamed, closed loop)", "",
              f"CPU flags {' '.join(machine['cpu_flags'])}; {threads} threads each; batch limit {s['batch_limit']} "
              f"(our max batch size, llama-server `-np`); {s['rounds']} rounds of the 8 prompts per client, "
-             f"{s['max_tokens']} tokens at most; {s['servers']}."]
+             f"{s['max_tokens']} tokens at most; {s['servers']}, {s.get('started', 'our stack first')} started."]
     if s.get("skipped"):
         lines += ["", f"Peer skipped: {s['skipped']}."]
     lines += ["", "| system | concurrent | output tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | "

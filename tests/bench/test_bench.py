@@ -179,6 +179,8 @@ def test_every_bench_variant_parses_and_builds_its_config(tmp_path, tiny_dir):
     served = _cli_config("runtime", ["--parts", "serve"], tiny_dir, "redis://x")
     assert served.parts == ("serve",) and served.serve_rounds == 3 and served.serve_max_tokens == 96
     assert served.concurrency == (1, 4) and served.threads == 2 and served.serve_policies == ("off", "adaptive")
+    assert not served.serve_peers_first
+    assert _cli_config("runtime", ["--parts", "serve", "--peers-first"], tiny_dir, "redis://x").serve_peers_first
     assert "serve" in runtime.RuntimeBenchConfig("t", "d", "r", tmp_path).parts
     with pytest.raises(SystemExit, match="--parts: unknown nonsense"):
         _cli_config("runtime", ["--parts", "serve,nonsense"], tiny_dir, "redis://x")
@@ -380,6 +382,7 @@ def test_smoke_run_of_the_serve_part_on_our_stack_alone(tiny_dir, redis_url, tmp
     text = cli.run("runtime", cfg)
     serve = json.loads((tmp_path / "out" / "runtime.json").read_text())["serve"]
     assert serve["peer_binary"] is None and "make peers" in serve["skipped"] and "Peer skipped" in text
+    assert serve["started"] == "our stack first" and "our stack first started" in text
     assert [(row["system"], row["concurrency"], row["requests"]) for row in serve["rows"]] == [
         ("specserve-off", 1, 16), ("specserve-off", 2, 32)]
     assert all(row["errors"] == 0 and row["tokens_per_s"] > 0 for row in serve["rows"])
