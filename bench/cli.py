@@ -45,14 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peers-first", action="store_true",
                         help="runtime, part serve: start the peers before our stack (start order weighs on decode speed)")
     parser.add_argument("--concurrency", default="", help="runtime: comma-separated client counts (default 1,4)")
-    parser.add_argument("--rounds", type=int, default=0, help="runtime, part serve: rounds per concurrency (default 3)")
+    parser.add_argument("--rounds", type=int, default=0, help="runtime, parts serve and bursts: rounds per concurrency (default 3 and 4)")
     parser.add_argument("--conversations", type=int, default=8,
                         help="runtime, part serve: two-turn MT-Bench conversations (0 skips)")
     parser.add_argument("--unused-drafter-pairs", type=int, default=None,
                         help="system: requests per stack in the unused-drafter check (default 8; 0 skips it)")
     parser.add_argument("--torch-requests", type=int, default=0,
                         help="system: add our torch runtime and Hugging Face generate on this many requests")
-    parser.add_argument("--parts", default="", help="runtime: comma-separated parts (costs,decode,policies,http,serve,pages,saves)")
+    parser.add_argument("--parts", default="", help="runtime: comma-separated parts (costs,decode,policies,http,bursts,serve,pages,saves)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -88,7 +88,7 @@ def runtime_config(args: argparse.Namespace, target: str, draft: str, redis_url:
     if args.concurrency:
         rcfg.concurrency = tuple(int(c) for c in args.concurrency.split(","))
     if args.rounds:
-        rcfg.serve_rounds = args.rounds
+        rcfg.serve_rounds = rcfg.bursts_rounds = args.rounds
     return rcfg
 
 

@@ -40,12 +40,13 @@ from bench import pages, saves, serve
 from bench import prompts as prompt_sets
 from bench.replay import fit_prompt
 from bench.stats import ratio_ci
-from bench.system import machine_facts, set_policy
+from bench.system import machine_facts, served_model, set_policy
 from specserve.launcher import Stack
+from specserve.ops import OPS_PREFIX
 from specserve.runtime import Row, open_runtime
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
 
-PARTS = ("costs", "decode", "policies", "http", "serve", "pages", "saves")
+PARTS = ("costs", "decode", "policies", "http", "bursts", "serve", "pages", "saves")
 
 
 @dataclass
@@ -69,6 +70,8 @@ class RuntimeBenchConfig:
     settle_s: float = 1.5
     parts: tuple[str, ...] = PARTS
     http_rounds: int = 4
+    burst_steps: tuple[int, int] = (4, 16)  # bursts: the ops key max_plain_steps, shorter then longer
+    bursts_rounds: int = 4  # bursts: rounds of the code prompts per value, alternated
     serve_rounds: int = 3  # serve: rounds of the eight prompts per client, systems alternated
     serve_max_tokens: int = 96
     serve_policies: tuple[str, ...] = ("off", "adaptive")  # our policies against llama-server
@@ -299,12 +302,36 @@ def stack_parts(cfg: RuntimeBenchConfig, tokenizer, results: dict) -> None:
                     tpots = asyncio.run(_http_vs_grpc(stack, code[:n], cfg.decode_tokens, http_first=r % 2 == 1))
                     for front, values in tpots.items():
                         samples.extend(Sample(f"front-{front}", "off", "code", n, r * n + i, v) for i, v in enumerate(values))
+        if "bursts" in cfg.parts:
+            samples += _bursts(cfg, client, stack)
     finally:
         stack.stop()
     results["samples"] = [s.__dict__ for s in samples]
     results["http"] = _http_summary(samples, cfg)
     results["decode"] = _decode_summary(samples, cfg)
     results["policies"] = _policy_summary(samples, cfg)
+    results["bursts"] = _bursts_summary(samples, cfg)
+
+
+def _bursts(cfg: RuntimeBenchConfig, client: redis.Redis, stack: Stack) -> list[Sample]:
+    """Plain decoding with decode bursts of two lengths (the ops key `max_plain_steps`) alternated
+    by round on the one running system: the serving part's prompts over the HTTP API, each client
+    in a closed loop, the time per output token as the client sees it."""
+    samples, model, prompts = [], served_model(stack.http_address), serve.workload(cfg.serve_workload)
+    set_policy(client, "off")
+    try:
+        for n in cfg.concurrency:
+            for r in range(cfg.bursts_rounds):
+                for steps in cfg.burst_steps if r % 2 == 0 else cfg.burst_steps[::-1]:
+                    client.set(OPS_PREFIX + "max_plain_steps", str(steps))
+                    time.sleep(cfg.settle_s)  # the gateway reads the ops keys every second
+                    replies, _ = asyncio.run(serve.closed_loop(stack.http_address, model, prompts, n,
+                                                               cfg.serve_max_tokens, f"bursts-{steps}", r))
+                    samples += [Sample(f"bursts-{steps}", "off", cfg.serve_workload, n, r * len(replies) + i,
+                                       x.tpot_ms) for i, x in enumerate(replies) if x.tpot_ms and not x.error]
+    finally:
+        client.delete(OPS_PREFIX + "max_plain_steps")
+    return samples
 
 
 def _pairs(samples: list[Sample], cfg: RuntimeBenchConfig, part_a: str, part_b: str):
@@ -321,6 +348,21 @@ def _decode_summary(samples: list[Sample], cfg: RuntimeBenchConfig) -> list[dict
     return [{"concurrency": n, "stack_tokens_per_s": 1000 / statistics.mean(stack),
              "bare_tokens_per_s": 1000 / statistics.mean(bare), **ratio_ci(bare, stack)}
             for n, stack, bare in _pairs(samples, cfg, "decode-stack", "decode-bare")]
+
+
+def _bursts_summary(samples: list[Sample], cfg: RuntimeBenchConfig) -> list[dict]:
+    # Longer bursts' time per token / shorter ones' (0.94 is 6% less), per request both answered.
+    short, long = cfg.burst_steps
+    out = []
+    for n in cfg.concurrency:
+        a, b = ({s.prompt: s.tpot_ms for s in samples if s.part == f"bursts-{steps}" and s.concurrency == n}
+                for steps in (short, long))
+        both = sorted(a.keys() & b.keys())
+        if both:
+            out.append({"concurrency": n, "short": short, "long": long, "short_tpot_ms": statistics.mean(a[k] for k in both),
+                        "long_tpot_ms": statistics.mean(b[k] for k in both),
+                        **ratio_ci([b[k] for k in both], [a[k] for k in both], lower_is_better=True)})
+    return out
 
 
 def _http_summary(samples: list[Sample], cfg: RuntimeBenchConfig) -> list[dict]:
@@ -355,7 +397,7 @@ def run(cfg: RuntimeBenchConfig) -> dict:
     results: dict = {"machine": machine_facts(), "threads": cfg.threads}
     if "costs" in cfg.parts:
         results["costs"] = cost_table(cfg)
-    if {"decode", "policies", "http"} & set(cfg.parts):
+    if {"decode", "policies", "http", "bursts"} & set(cfg.parts):
         stack_parts(cfg, load_tokenizer(cfg.target), results)
     if "serve" in cfg.parts:
         results["serve"] = serve.run_part(cfg)
@@ -393,6 +435,11 @@ def markdown(r: dict) -> str:
                           "stack / bare")
     lines += _ratio_table(r.get("http"), "HTTP front vs gRPC (plain decoding, client-side time per output token)",
                           ("gRPC TPOT ms", "grpc_tpot_ms"), ("HTTP TPOT ms", "http_tpot_ms"), "HTTP / gRPC")
+    for b in r.get("bursts", [])[:1]:
+        lines += _ratio_table(r["bursts"], f"Decode bursts of up to {b['long']} forwards per verify call against "
+                              f"{b['short']} (plain decoding, HTTP, time per output token)",
+                              (f"{b['short']} TPOT ms", "short_tpot_ms"), (f"{b['long']} TPOT ms", "long_tpot_ms"),
+                              f"{b['long']} / {b['short']}")
     if r.get("policies"):
         lines += ["", "## Policies on llama.cpp: speed against `off` (off's time per token / the policy's)", "",
                   "| prompts | concurrent | policy | TPOT ms | acceptance | speed vs off (95% CI) | verdict |",

@@ -59,8 +59,10 @@ class SchedulerConfig:
     drafter_max_misses: int = 3
     # A step with neither drafts nor prompts, while no request waits, decodes up to this many tokens
     # per session in one verify call, within `max_burst_ms` of predicted time; a request arriving
-    # meanwhile ends the burst after its current forward.
-    max_plain_steps: int = 4
+    # meanwhile ends the burst after its current forward. On 2 cores, bursts of up to 16 against 4
+    # cut the time per output token by 6% at 1 and at 4 clients (each call's round trips, step
+    # loop and telemetry, and the CPU they take from the forward, are paid per burst).
+    max_plain_steps: int = 16
     max_burst_ms: float = 500.0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from specserve.contracts import MAX_PLAIN_STEPS
 from specserve.errors import InvalidArgument
 from specserve.strategy import MAX_DRAFT_TOKENS_LIMIT, MODES
 
@@ -42,6 +43,7 @@ OPS_KEYS: dict[str, Callable[[str], Any]] = {
     "max_draft_tokens": _int_in(0, MAX_DRAFT_TOKENS_LIMIT),
     "max_free_draft_tokens": _int_in(0, MAX_DRAFT_TOKENS_LIMIT),
     "max_batch_size": _int_in(1, 1024),
+    "max_plain_steps": _int_in(1, MAX_PLAIN_STEPS),
     "default_ttft_ms": _ms,
     "default_tpot_ms": _ms,
     "admission": _choice("reject", "best_effort", "off"),

@@ -178,6 +178,7 @@ def test_every_bench_variant_parses_and_builds_its_config(tmp_path, tiny_dir):
     assert isinstance(parts, runtime.RuntimeBenchConfig) and parts.parts == ("costs",)
     served = _cli_config("runtime", ["--parts", "serve"], tiny_dir, "redis://x")
     assert served.parts == ("serve",) and served.serve_rounds == 3 and served.serve_max_tokens == 96
+    assert _cli_config("runtime", ["--parts", "bursts", "--rounds", "2"], tiny_dir, "redis://x").bursts_rounds == 2
     assert served.concurrency == (1, 4) and served.threads == 2 and served.serve_policies == ("off", "adaptive")
     assert not served.serve_peers_first
     assert _cli_config("runtime", ["--parts", "serve", "--peers-first"], tiny_dir, "redis://x").serve_peers_first
@@ -241,12 +242,13 @@ def test_ratio_interval_calls_a_tie_a_tie():
 def test_smoke_run_of_the_runtime_bench_on_tiny_models(tiny_dir, redis_url, tmp_path):
     from bench import cli
 
-    cfg = _cli_config("runtime", ["--out", str(tmp_path / "out"), "--parts", "costs,decode,policies,http,pages,saves"],
+    cfg = _cli_config("runtime", ["--out", str(tmp_path / "out"), "--parts", "costs,decode,policies,http,bursts,pages,saves"],
                       tiny_dir, redis_url, threads=1,
                       positions=(1, 2), sessions=(1, 2), contexts=(20,), repeats=1, decode_tokens=4,
                       decode_rounds=1, prompts_per_set=2, new_tokens=4, concurrency=(1, 2),
                       policies=("off", "adaptive"), settle_s=1.1, http_rounds=1, pages_rounds=2, pages_tokens=4,
-                      saves_rounds=2, saves_prompt_tokens=12, saves_decode_steps=2)
+                      saves_rounds=2, saves_prompt_tokens=12, saves_decode_steps=2, burst_steps=(1, 4),
+                      bursts_rounds=2, serve_max_tokens=6)
     assert "## Cost of one forward" in cli.run("runtime", cfg)
     report = json.loads((tmp_path / "out" / "runtime.json").read_text())
     costs = [c for c in report["costs"] if "positions" in c]
@@ -256,6 +258,11 @@ def test_smoke_run_of_the_runtime_bench_on_tiny_models(tiny_dir, redis_url, tmp_
     assert {(p["prompt_set"], p["concurrency"], p["policy"]) for p in report["policies"]} == {
         (s, n, p) for s in ("humaneval", "mt-bench") for n in (1, 2) for p in ("off", "adaptive")}
     assert [h["concurrency"] for h in report["http"]] == [1, 2] and all(h["ratio"] > 0 for h in report["http"])
+    # both burst lengths ran the serving prompts in every round, paired per request
+    assert [(b["concurrency"], b["short"], b["long"]) for b in report["bursts"]] == [(1, 1, 4), (2, 1, 4)]
+    assert all(b["n"] > 0 and b["ratio"] > 0 for b in report["bursts"])
+    bursts = [s for s in report["samples"] if s["part"].startswith("bursts-")]
+    assert {s["part"] for s in bursts} == {"bursts-1", "bursts-4"} and all(s["tpot_ms"] > 0 for s in bursts)
     # each page size ran in processes of its own, under its own tunable
     pages = report["pages"]
     assert pages["tunables"] == {"huge pages": HUGE_PAGES["GLIBC_TUNABLES"], "4 KB pages": ""}
@@ -265,6 +272,7 @@ def test_smoke_run_of_the_runtime_bench_on_tiny_models(tiny_dir, redis_url, tmp_
     assert [len(v) for v in saves["ms"].values()] == [2 * 4, 2 * 4] and saves["bytes"] > 0 and saves["ratio"] > 0
     md = (tmp_path / "out" / "runtime.md").read_text()
     assert "## Cost of one forward" in md and "## Huge pages" in md and "## Prefix cache: saving" in md
+    assert "## Decode bursts of up to 4 forwards per verify call against 1" in md
 
 
 def _reply(system, round_, client, prompt, ttft, e2e, tokens, text="x", cached=None, concurrency=1):

@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from specserve.launcher import Service, Stack
+from specserve.ops import OPS_PREFIX
 from specserve.strategy import STRATEGY_KEY, Strategy
 from specserve.telemetry import STREAM
 from specserve.v1 import gateway_pb2, gateway_pb2_grpc
@@ -102,3 +103,25 @@ def test_hot_swap_policy_under_traffic(live_stack):
     outputs = []
     assert _wait(lambda: outputs.append(_generate(stack.gateway_address, [9, 10, 11])) or _last_mode(client) == "smartspec")
     assert all(out == reference for out in outputs)
+
+
+def test_the_ops_key_max_plain_steps_sets_the_decode_bursts_live(live_stack):
+    stack, client = live_stack
+
+    def latest_forwards() -> list[int]:
+        """Generate once; the forwards per verify call of the gateway's latest three plain decode
+        steps (the telemetry arrives in batches, so these may be an earlier request's)."""
+        _generate(stack.gateway_address, [5, 6, 7, 8], n=24)
+        records = [f for _, f in client.xrevrange(STREAM, count=200)
+                   if f.get(b"component") == b"gateway" and not int(f[b"prompt_tokens"])]
+        return [int(f[b"forwards"]) for f in records[:3]]
+
+    client.set(OPS_PREFIX + "mode", "off")  # plain decoding: every step may be a burst
+    try:
+        assert _wait(lambda: max(latest_forwards(), default=0) > 6, timeout_s=60)  # the default, 16
+        client.set(OPS_PREFIX + "max_plain_steps", "1")
+        assert _wait(lambda: latest_forwards() == [1, 1, 1], timeout_s=60)
+        client.set(OPS_PREFIX + "max_plain_steps", "6")
+        assert _wait(lambda: 1 < max(forwards := latest_forwards()) <= 6 and len(forwards) == 3, timeout_s=60)
+    finally:
+        client.delete(OPS_PREFIX + "mode", OPS_PREFIX + "max_plain_steps")
