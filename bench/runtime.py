@@ -71,7 +71,7 @@ class RuntimeBenchConfig:
     parts: tuple[str, ...] = PARTS
     http_rounds: int = 4
     burst_steps: tuple[int, int] = (4, 16)  # bursts: the ops key max_plain_steps, shorter then longer
-    bursts_rounds: int = 4  # bursts: rounds of the code prompts per value, alternated
+    bursts_rounds: int = 4  # bursts: rounds of the serving prompts per value, alternated
     serve_rounds: int = 3  # serve: rounds of the eight prompts per client, systems alternated
     serve_max_tokens: int = 96
     serve_policies: tuple[str, ...] = ("off", "adaptive")  # our policies against llama-server
