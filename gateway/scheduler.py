@@ -42,6 +42,9 @@ PROBE_SESSION, PROBE_TOKEN = "drafter-probe", 1  # the recovery probe's session 
 # ran up to 10% past their prediction, and a short answer has few tokens to make up a late one.
 SCHEDULE_HEADROOM = 0.9
 NO_ROOM_RETRY_MS = 1000  # a prompt the verifier had no KV room for: running sessions free room soon
+# A burst after a step that asked for drafts and got none runs at most this many forwards: the
+# next step may find some (a copied run starting) and a burst cannot look.
+LOOKOUT_STEPS = 4
 
 
 @dataclass
@@ -136,6 +139,7 @@ class _Step:
     explored: bool = False
     prompt_tokens: int = 0  # prompt tokens prefilled in the same forward (read, not taken from the cache)
     free: bool = False  # every verified draft came from a free proposer
+    asked: bool = False  # the plan asked the drafter for drafts
 
     def __post_init__(self) -> None:
         self.views = [view_of(s) for s in self.seqs]
@@ -484,6 +488,7 @@ class Scheduler(Background):
         tick = time.perf_counter()
         plans = self.planner.plan(step.views)
         step.explored = self.planner.exploring
+        step.asked = self.drafter_available and any(p.max_draft_tokens > 0 for p in plans.values())
         for s in step.seqs:
             if s.id in self.planner.reasons:
                 s.plain_reason = self.planner.reasons[s.id]
@@ -550,7 +555,8 @@ class Scheduler(Background):
                 or any(item.drafts for item in step.items):
             return
         # Up to the first session's last token: the burst's tokens go back when its call ends.
-        n = min(config.max_plain_steps, int(config.max_burst_ms // max(step.predicted_ms, 1e-3)),
+        cap = min(config.max_plain_steps, LOOKOUT_STEPS) if step.asked else config.max_plain_steps
+        n = min(cap, int(config.max_burst_ms // max(step.predicted_ms, 1e-3)),
                 *(seq.params.max_new_tokens - len(seq.generated) for seq in step.seqs))
         if n >= 2:
             for item in step.items:

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from gateway.scheduler import SchedulerConfig
+from gateway.scheduler import LOOKOUT_STEPS, SchedulerConfig
 from gateway.sequence import Sequence
 from services.verifier.worker import VerifierWorker
 from specserve.contracts import PrefillItem, SamplingParams, VerifyItem
@@ -186,3 +186,33 @@ def test_a_burst_stops_at_the_first_sessions_last_token(tiny_pair):
     with_short = [c for c in calls if "short" in c]
     assert with_short and all(generated + steps <= 4 for generated, steps in (c["short"] for c in with_short))
     assert all(c["long"][1] == c["short"][1] for c in with_short if "long" in c)  # the whole burst stops there
+
+
+def test_a_step_that_asked_for_drafts_and_got_none_bursts_a_few_forwards_only(tiny_pair):
+    """A step whose sessions asked the drafter for drafts (static k, the suffix proposer) and got
+    none bursts at most LOOKOUT_STEPS forwards, since the next step may find a copied run; `off`,
+    which asks for none, bursts up to `max_plain_steps`. Both stay lossless."""
+    longest, undrafted = {}, {}
+    for mode in ("static", "off"):
+        sch = tiny_pair.scheduler(SchedulerConfig(max_plain_steps=16, max_burst_ms=1e9),
+                                  Strategy(mode=mode, static_k=3), eos_ids=[], proposer="suffix")
+        calls, verify = [], sch.verifier.verify
+
+        async def recording(items, prefills=(), timeout=None, verify=verify, calls=calls):
+            calls.append([*items])
+            return await verify(items, prefills, timeout)
+
+        sch.verifier.verify = recording
+        seq = Sequence("r0", PROMPTS[0], SamplingParams(max_new_tokens=40))
+
+        async def main(sch=sch, seq=seq):
+            sch.start()
+            sch.submit(seq)
+            out = await collect(seq)
+            await sch.stop()
+            return out
+
+        assert asyncio.run(main())[0] == tiny_pair.reference(seq.prompt, 40)[0]
+        longest[mode] = max(it.plain_steps for items in calls for it in items)
+        undrafted[mode] = sum(1 for items in calls for it in items if not it.drafts)
+    assert undrafted["static"] > 1 and longest["static"] <= LOOKOUT_STEPS < longest["off"]
