@@ -196,7 +196,10 @@ class Scheduler(Background):
         self.waiting.append(seq)
         self.idle.clear()
         self.wake.set()
-        if self.bursting:  # it goes in after the burst's current forward, not its last
+        self._end_burst_soon()  # it goes in after the burst's current forward, not its last
+
+    def _end_burst_soon(self) -> None:
+        if self.bursting:
             self.bursting = False
             self.tasks.spawn(self._end_burst(), "end-burst")
 
@@ -207,9 +210,11 @@ class Scheduler(Background):
             log.warning("could not end the decode burst: %s", exc)
 
     def cancel(self, seq: Sequence) -> None:
-        """Called when the client goes away; the session is freed at the next step boundary."""
+        """Called when the client goes away; the session is freed at the next step boundary, a
+        burst under way ending after its current forward."""
         seq.cancelled = True
         self.wake.set()
+        self._end_burst_soon()
 
     # --- the loop ----------------------------------------------------------------------------
     async def stop(self) -> None:

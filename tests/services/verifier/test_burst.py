@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from gateway.scheduler import LOOKOUT_STEPS, SchedulerConfig
-from gateway.sequence import Sequence
+from gateway.sequence import Finish, Sequence
 from services.verifier.worker import VerifierWorker
 from specserve.contracts import PrefillItem, SamplingParams, VerifyItem
 from specserve.errors import InvalidArgument
@@ -155,6 +155,35 @@ def test_a_request_arriving_during_a_burst_ends_it_after_the_current_forward(tin
     joined = next(i for i, c in enumerate(calls) if any(p.session_id == second.id for p in c["prefills"]))
     assert joined == first_burst + 1  # the prompt went in with the call right after the burst ended
     assert forwards_seen.index(2) == 4  # ... with the forward right after the one under way
+
+
+def test_a_request_cancelled_during_a_burst_ends_it_after_the_current_forward(tiny_pair):
+    """The client of the only running request goes away while a long burst (20 steps allowed) is
+    under way: the burst ends after its current forward and the request finishes as cancelled."""
+    sch = tiny_pair.scheduler(SchedulerConfig(max_plain_steps=20, max_burst_ms=1e9), Strategy(mode="off"), eos_ids=[])
+    seq = Sequence("r0", PROMPTS[0], SamplingParams(max_new_tokens=40))
+    forward = sch.verifier.worker.runtime.forward
+    forwards_seen, loops, asked = [], [], []
+
+    def counting(rows):  # on the compute thread
+        forwards_seen.append(len(rows))
+        if len(forwards_seen) == 4:  # the first burst is under way: the client goes away
+            loops[0].call_soon_threadsafe(sch.cancel, seq)
+            asked.append(sch.verifier.worker.end_burst.wait(10))  # this forward ends once the gateway asked
+        return forward(rows)
+
+    async def main():
+        loops.append(asyncio.get_running_loop())
+        sch.start()
+        sch.submit(seq)
+        sch.verifier.worker.runtime.forward = counting
+        out = await collect(seq)
+        await sch.stop()
+        return out
+
+    tokens, _, finish = asyncio.run(main())
+    assert asked == [True] and finish is Finish.CANCELLED and len(forwards_seen) == 4
+    assert tokens == tiny_pair.reference(seq.prompt, 40)[0][: len(tokens)]
 
 
 def test_a_burst_stops_at_the_first_sessions_last_token(tiny_pair):
