@@ -94,6 +94,7 @@ class _Common(BaseModel):
     top_k: int | None = Field(None, ge=0, lt=INT32_END)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
+    ignore_eos: bool = False
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -109,7 +110,7 @@ class _Common(BaseModel):
         return GenerateInput(
             max_new_tokens=max_tokens or 0, top_k=self.top_k or 0, top_p=self.top_p or 0.0, stop=stop,
             temperature=OPENAI_DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
-            seed=self.seed, slo=slo, priority=self.priority, **inputs)
+            seed=self.seed, slo=slo, priority=self.priority, ignore_eos=self.ignore_eos, **inputs)
 
 
 class CompletionRequest(_Common):

@@ -43,6 +43,7 @@ class GenerateInput:
     top_p: float = 0.0  # 0 takes 1 (no truncation)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # decode past end-of-sequence tokens (vLLM's and llama-server's field)
     slo: Slo = field(default_factory=Slo)
     priority: int = 0
     mode: str = ""
@@ -107,4 +108,5 @@ def validate(request: GenerateInput, tokenizer, vocab: int, limits: Limits) -> S
               request.slo.deadline_ms, request.slo.best_effort)
     # The session id is the gateway's own: two requests may send the same request_id.
     return Sequence(limits.session_prefix + uuid.uuid4().hex, prompt, params, slo, request.priority, request.mode,
-                    request.static_k if request.mode == "static" else 0, request_id=request.request_id)
+                    request.static_k if request.mode == "static" else 0, request_id=request.request_id,
+                    ignore_eos=request.ignore_eos)

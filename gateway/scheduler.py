@@ -192,7 +192,8 @@ class Scheduler(Background):
     def submit(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.config.max_queued:
             raise ResourceExhausted(f"queue is full ({self.config.max_queued} waiting)", retry_after_ms=1000)
-        self.streams[seq.id] = TextStream(self.tokenizer, self.eos_ids, seq.params.max_new_tokens, seq.params.stop)
+        eos = set() if seq.ignore_eos else self.eos_ids
+        self.streams[seq.id] = TextStream(self.tokenizer, eos, seq.params.max_new_tokens, seq.params.stop)
         self.waiting.append(seq)
         self.idle.clear()
         self.wake.set()

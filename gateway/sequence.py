@@ -55,6 +55,7 @@ class Sequence:
     mode: str = ""  # per-request speculation override: "", "off" or "static"
     static_k: int = 0
     request_id: str = ""  # the client's id, echoed back
+    ignore_eos: bool = False  # end-of-sequence tokens do not finish it
     arrival: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     generated: list[int] = field(default_factory=list)

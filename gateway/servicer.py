@@ -37,7 +37,7 @@ def input_from_pb(request: gateway_pb2.GenerateRequest) -> GenerateInput:
         messages=[(m.role, m.content) for m in request.messages.messages] if "messages" in kinds else None,
         prompt_token_ids=list(request.prompt_token_ids.ids) if "prompt_token_ids" in kinds else None,
         max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-        seed=s.seed if s.HasField("seed") else None, stop=list(s.stop),
+        seed=s.seed if s.HasField("seed") else None, stop=list(s.stop), ignore_eos=s.ignore_eos,
         slo=Slo(request.slo.ttft_ms, request.slo.tpot_ms, request.slo.deadline_ms, request.slo.best_effort),
         priority=request.priority, mode=_MODE_FROM_PB.get(spec.mode, ""), static_k=spec.static_k,
         request_id=request.request_id)

@@ -1,17 +1,18 @@
 """The engine core end to end in one process: greedy speculative output equals target-only output,
 for every controller and batch mix; rollback leaves the target cache exact."""
 
+import asyncio
 import random
 
 import pytest
 import torch
 
-from gateway.sequence import Finish
+from gateway.sequence import Finish, Sequence
 from services.verifier.worker import VerifierWorker
 from specserve.contracts import PrefillItem, SamplingParams, VerifyItem
 from specserve.runtime import Row
 from specserve.strategy import Strategy
-from tests.helpers import assert_lossless, run_local, target_only
+from tests.helpers import assert_lossless, collect, run_local, target_only
 
 
 def _requests(seed: int, vocab: int, n: int = 6):
@@ -86,6 +87,29 @@ def test_eos_finishes_the_request(tiny_models):
         assert tokens == reference[: reference.index(eos) + 1] and finish is Finish.EOS
     else:
         assert tokens == reference and finish is Finish.LENGTH
+
+
+def test_ignore_eos_decodes_past_the_end_of_sequence(tiny_models):
+    """A token the target emits is made end-of-sequence: it finishes a request there unless the
+    request ignores EOS, which then decodes the whole reference (speculating, batched together)."""
+    prompt = [5, 6, 7]
+    reference = target_only(tiny_models.target, prompt, 20)
+    eos = reference[5]
+    cut = reference[: reference.index(eos) + 1]
+
+    async def main():
+        sch = tiny_models.scheduler(strategy=Strategy(mode="static", static_k=3), eos_ids=[eos])
+        sch.start()
+        seqs = [Sequence(f"r{i}", prompt, SamplingParams(max_new_tokens=20), ignore_eos=bool(i)) for i in range(2)]
+        for seq in seqs:
+            sch.submit(seq)
+        outs = await asyncio.gather(*(collect(s) for s in seqs))
+        await sch.stop()
+        return outs
+
+    stopped, ignoring = asyncio.run(main())
+    assert stopped[0] == cut and stopped[2] is Finish.EOS and len(cut) < 20
+    assert ignoring[0] == reference and ignoring[2] is Finish.LENGTH
 
 
 @torch.inference_mode()

@@ -128,8 +128,9 @@ def _metric(stack, name: str) -> float:
 def test_client_disconnect_mid_stream_frees_the_session(stack):
     cancelled = 'specserve_requests_finished_total{reason="cancelled"}'
     before = _metric(stack, cancelled)
+    # Past EOS to 1000 tokens, so that the request cannot finish before the disconnect is seen.
     body = {"model": "tiny-target", "prompt": "def add(a, b):", "max_tokens": 1000, "temperature": 0.7,
-            "seed": 1, "stream": True}
+            "seed": 1, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", f"{stack.http_address}/v1/completions", json=body,
                          headers={"Authorization": f"Bearer {KEY}"}) as response:
