@@ -179,6 +179,7 @@ class Scheduler(Background):
         self._to_release: list[str] = []
         self.bursting = False  # a decode burst's verify call is under way
         self.tasks = Tasks()  # the drafter probe, ending a burst
+        self.releases = Tasks()  # freeing ended sessions on the model services; waited for, never cancelled
 
     # --- admission ---------------------------------------------------------------------------
     @property
@@ -223,14 +224,15 @@ class Scheduler(Background):
         await self.tasks.stop()
         for seq in [*self.waiting, *self.prefilling, *self.resync, *self.running.values()]:
             self._finish(seq, Finish.ERROR, Unavailable("gateway is shutting down"))
-        await self._release()
+        self._release()
+        await self.releases.wait()
 
     async def _run(self) -> None:
         failures = 0
         while True:
             if not self.waiting and not self.running and not self.resync and not self.prefilling:
                 self.wake.clear()
-                await self._release()
+                self._release()
                 self.idle.set()
                 await self.wake.wait()
                 self.idle.clear()
@@ -255,7 +257,7 @@ class Scheduler(Background):
         self.chunked = [s for s, _ in chunks]  # queued requests whose prompts this step carries
         if self.running or chunks:
             await self._step(chunks)
-        await self._release()
+        self._release()
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -672,10 +674,15 @@ class Scheduler(Background):
         seq.out.put_nowait(Delta(final_tokens or [], text, finish, error))
         self.on_finish(seq)
 
-    async def _release(self) -> None:
-        if not self._to_release:
-            return
-        ids, self._to_release = self._to_release, []
+    def _release(self) -> None:
+        """Frees the sessions that ended on both model services in the background: saving their
+        KV as prefix cache takes each service a few milliseconds, which the next step, and a
+        request arriving meanwhile, need not wait for (each service runs its calls in turn)."""
+        if self._to_release:
+            ids, self._to_release = self._to_release, []
+            self.releases.spawn(self._send_release(ids), "release")
+
+    async def _send_release(self, ids: list[str]) -> None:
         backends = [self.verifier] + ([self.drafter] if self.drafter else [])
         results = await asyncio.gather(*(b.release(ids, timeout=5.0) for b in backends), return_exceptions=True)
         for r in results:

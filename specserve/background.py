@@ -35,6 +35,11 @@ class Tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def wait(self) -> None:
+        """Wait until every task is over, cancelling none."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     def has(self, name: str) -> bool:
         """Whether a task of that name is still running."""
         return any(t.get_name() == name for t in self._tasks)

@@ -363,7 +363,7 @@ def test_a_session_exactly_on_schedule_is_not_late():
 def test_the_drafter_probe_drafts_for_real_before_speculation_resumes(tiny_models):
     """A drafter that answers Info but hangs in Propose stays left alone; once it drafts again,
     the probe sees it and speculation resumes."""
-    sch = tiny_models.scheduler(SchedulerConfig(draft_timeout_floor_s=0.05, drafter_retry_s=0.05, drafter_max_misses=1),
+    sch = tiny_models.scheduler(SchedulerConfig(draft_timeout_floor_s=0.25, drafter_retry_s=0.05, drafter_max_misses=1),
                                 Strategy(mode="static", static_k=2))
     propose = sch.drafter.propose
     state = {"stuck": True, "probes": 0}
@@ -427,3 +427,37 @@ def test_a_probe_step_records_the_extra_time_the_exploration_budget_charges(tiny
     probes = [r for r in records if r.explored]
     assert probes and all(r.probe_ms > 0 for r in probes)
     assert all(r.probe_ms == 0 for r in records if not r.explored) and len(probes) < len(records)
+
+
+def test_the_next_request_does_not_wait_for_the_release_of_sessions_that_ended(tiny_models):
+    """Freeing an ended session (its KV saved as prefix cache on each service) goes on in the
+    background: a request that follows gets its answer while that release is still under way,
+    and stopping the scheduler waits for it."""
+    sch = tiny_models.scheduler(strategy=Strategy(mode="static", static_k=2))
+    released: list[str] = []
+
+    async def main():
+        gate = asyncio.Event()
+        for backend in (sch.verifier, sch.drafter):
+            release = backend.release
+
+            async def held(ids, timeout=None, owner="", release=release):
+                await gate.wait()
+                released.extend(ids)
+                return await release(ids, timeout, owner)
+
+            backend.release = held
+        sch.start()
+        first, second = (Sequence(name, [*PROMPT, i], SamplingParams(max_new_tokens=4)) for i, name in enumerate("ab"))
+        sch.submit(first)
+        await collect(first)
+        sch.submit(second)
+        tokens, _, _ = await asyncio.wait_for(collect(second), timeout=60)
+        assert released == []  # the first session's release is still held
+        gate.set()
+        await sch.stop()
+        return tokens
+
+    tokens = asyncio.run(main())
+    assert tokens == target_only(tiny_models.target, [*PROMPT, 1], 4, tiny_models.tokenizer.eos_token_id)
+    assert sorted(released) == ["a", "a", "b", "b"]
