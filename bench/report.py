@@ -229,7 +229,7 @@ def markdown(report: dict) -> str:
                 f"{_fmt(pooled.spec(s, load, 'pruned_slots'))} | {_fmt(pooled.spec(s, load, 'refused'))} | "
                 f"{'-' if (hit := pooled.prefix_hit(s, load)) is None else f'{hit:.1%}'} |")
         lines.append("")
-    lines += _acceptance(pooled)
+    lines += acceptance_table(pooled, "acceptance.png")
     lines += _extras(report)
     checks += ramp_checks(report.get("ramp"))
     for key, r in (report.get("unused_drafter") or {}).items():
@@ -245,8 +245,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _acceptance(pooled: "Pooled") -> list[str]:
-    """Conditional acceptance per draft position and proposer (every load pooled) and the exploring share."""
+def acceptance_table(pooled: "Pooled", plot: str = "", load_name: str = "load") -> list[str]:
+    """Conditional acceptance per draft position and proposer (every load pooled) and the exploring
+    share per load (`load_name`: what the runs' loads are), with the plot of the same if named."""
     rows = {(s, proposer): pooled.conditional_acceptance(s, proposer=proposer) for s in pooled.systems
             for proposer in PROPOSERS}
     rows = {key: rates for key, rates in rows.items() if any(v is not None for v in rates)}
@@ -254,10 +255,10 @@ def _acceptance(pooled: "Pooled") -> list[str]:
         return []
     depth = min(max(len(r) for r in rows.values()), MAX_POSITIONS_SHOWN)
     lines = ["## Acceptance per draft position", "",
-             "Accepted at a position / reached there (every earlier draft accepted), every load pooled, per "
+             f"Accepted at a position / reached there (every earlier draft accepted), every {load_name} pooled, per "
              "proposer (suffix: the free lookup's drafts; model: the draft model's); exploring: the share of "
-             "step time that probe drafts added (the budget allows 2%), per load.", "",
-             "| system | proposer | " + " | ".join(f"pos {j + 1}" for j in range(depth)) + " | exploring by load |",
+             f"step time that probe drafts added (the budget allows 2%), per {load_name}.", "",
+             "| system | proposer | " + " | ".join(f"pos {j + 1}" for j in range(depth)) + f" | exploring by {load_name} |",
              "| --- " * (depth + 3) + "|"]
     for (s, proposer), rates in rows.items():
         explored = ", ".join(f"{load}: {_fmt(100 * share, 2)}%" for load in pooled.loads
@@ -265,7 +266,7 @@ def _acceptance(pooled: "Pooled") -> list[str]:
         lines.append(f"| {s} | {PROPOSERS[proposer]} | "
                      + " | ".join(_fmt(rates[j], 2) if j < len(rates) else "-" for j in range(depth))
                      + f" | {explored or '-'} |")
-    return lines + ["", "![acceptance per draft position](acceptance.png)", ""]
+    return lines + (["", f"![acceptance per draft position]({plot})"] if plot else []) + [""]
 
 
 def _extras(report: dict) -> list[str]:

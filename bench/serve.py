@@ -27,7 +27,9 @@ import redis
 from bench import peers
 from bench import prompts as prompt_sets
 from bench.prompts import humaneval_solution
+from bench.report import Pooled, acceptance_table
 from bench.stats import ratio_ci
+from specserve.telemetry import FLUSH_EVERY_S
 
 PEER = "llama-server"
 FRESH = (
@@ -265,7 +267,7 @@ def multi_turn_stats(pairs: list[tuple[Reply, Reply]]) -> dict:
 def run_part(cfg) -> dict:
     """Start our stack and every peer, run the rounds with the systems alternated, the two-turn
     conversations, and summarise (`cfg`: the runtime benchmark's RuntimeBenchConfig)."""
-    from bench.system import served_model, set_policy
+    from bench.system import draft_counts, now_id, served_model, set_policy
     from specserve.launcher import Stack
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
@@ -304,6 +306,7 @@ def run_part(cfg) -> dict:
             asyncio.run(closed_loop(url, model, [WARM_UP], 1, 8, "warm-up", -1))
         systems, policy = list(urls), None
         read: set[tuple[tuple[str, str], int]] = set()  # (server, prompt) pairs sent so far
+        out["drafts"] = []
         for n in cfg.concurrency:
             for r in range(cfg.serve_rounds):
                 for system in systems[r % len(systems):] + systems[: r % len(systems)]:
@@ -311,7 +314,11 @@ def run_part(cfg) -> dict:
                         set_policy(client, system.removeprefix("specserve-"))
                         time.sleep(cfg.settle_s)  # the gateway reads the ops keys every second
                         policy = system
+                    since = now_id()
                     got, wall = asyncio.run(closed_loop(*urls[system], prompts, n, cfg.serve_max_tokens, system, r))
+                    if system in ours:
+                        out["drafts"].append({"system": system, "load": n, "rep": r, "duration_s": wall,
+                                              **draft_counts(steps_since(client, since))})
                     for reply in got:
                         reply.first_read = (urls[system], reply.prompt) not in read
                         read.add((urls[system], reply.prompt))
@@ -331,6 +338,20 @@ def run_part(cfg) -> dict:
     out["round_times"] = rounds
     out["replies"] = [{**asdict(r), "tpot_ms": r.tpot_ms} for r in replies]
     return out
+
+
+def steps_since(client: redis.Redis, since: str) -> list[dict]:
+    """The gateway's step records since a stream id, once they have all arrived: it sends them
+    every FLUSH_EVERY_S, so they are read again until a wait of two sends brings none."""
+    from bench.system import step_records
+
+    seen = None
+    while True:
+        records = [rec for _, rec in step_records(client, since)]
+        if len(records) == seen:
+            return records
+        seen = len(records)
+        time.sleep(2 * FLUSH_EVERY_S)
 
 
 def markdown(s: dict, machine: dict, threads: int) -> list[str]:
@@ -363,6 +384,7 @@ def markdown(s: dict, machine: dict, threads: int) -> list[str]:
         for row in s["by_kind"]:
             lines.append(f"| {row['system']} | {row['peer']} | {row['concurrency']} | {row['kind']} | "
                          f"{row['tpot_p50_ms']:.1f} | {row['peer_tpot_p50_ms']:.1f} | {_ci(row['tpot_p50'])} |")
+    lines += ["", *acceptance_table(Pooled({"runs": s.get("drafts", [])}), load_name="number of clients")]
     for system, g in s["greedy_matches"].items():
         lines += ["", f"Greedy text at 1 client, first round: {system} matches llama-server on {g['matching']} of "
                       f"{g['compared']} prompts both answered ({len(s['prompts'])} sent)."]

@@ -115,10 +115,10 @@ def now_id() -> str:
     return f"{int(time.time() * 1000)}-0"
 
 
-def step_records(client: redis.Redis, since: str) -> list[tuple[float, dict]]:
-    """The gateway's step records since a stream id, with their time (unix seconds, from the id)."""
+def step_records(client: redis.Redis, since: str, until: str = "+") -> list[tuple[float, dict]]:
+    """The gateway's step records between two stream ids, with their time (unix seconds, from the id)."""
     out = []
-    for entry_id, fields in client.xrange(STREAM, min=since):
+    for entry_id, fields in client.xrange(STREAM, min=since, max=until):
         rec = decode(fields)
         if rec.get("component") == "gateway":
             out.append((int(entry_id.decode().split("-")[0]) / 1000, rec))
@@ -202,6 +202,18 @@ def lone_request(base_url: str, model: str, tokenizer, items: dict[str, list[tup
             **{key: statistics.median(getattr(r, key) for r in runs) for key in ("ttft_ms", "tpot_ms", "total_ms")}}
 
 
+def draft_counts(rows: list[dict]) -> dict:
+    """What a run's step records say of its drafts: counts per draft position, summed over
+    repetitions in the report (accepted / reached there is the conditional acceptance rate at that
+    position), over every draft and the free proposer's; the predicted extra time of exploration
+    probes and the time of every step."""
+    return {"position_accepted": position_sums(r["position_accepted"] for r in rows),
+            **{name: position_sums(r.get(name, ()) for r in rows)
+               for name in ("position_reached", "free_position_accepted", "free_position_reached")},
+            "explored_ms": sum(float(r.get("probe_ms", 0.0)) for r in rows if r.get("explored") is True),
+            "step_ms": sum(float(r["step_ms"]) for r in rows)}
+
+
 def summarise(system: str, load: int, rep: int, results: list[Result], duration: float,
               recs: list[tuple[float, dict]]) -> dict:
     """One replay of one system: latency percentiles, goodput, SLO attainment and what speculation
@@ -231,14 +243,7 @@ def summarise(system: str, load: int, rep: int, results: list[Result], duration:
                    drafted_slots=drafted, pruned_slots=sum(int(r.get("pruned", 0)) for r in rows),
                    acceptance_rate=accepted / drafted if drafted else None,
                    acceptance_by_position=[a / d if d else None for a, d in zip(pos_a, pos_d)],
-                   # Counts per draft position, summed over repetitions in the report: accepted /
-                   # reached there is the conditional acceptance rate at that position.
-                   position_accepted=pos_a, position_reached=position_sums(r.get("position_reached", ()) for r in rows),
-                   **{name: position_sums(r.get(name, ()) for r in rows)
-                      for name in ("free_position_accepted", "free_position_reached")},
-                   explored_ms=sum(float(r.get("probe_ms", 0.0)) for r in rows if r.get("explored") is True),
-                   step_ms=sum(float(r["step_ms"]) for r in rows),
-                   k_over_time=[(round(t - recs[0][0], 2), s["k"]) for (t, _), s in zip(recs, step_series(recs))])
+                   **draft_counts(rows), k_over_time=[(round(t - recs[0][0], 2), s["k"]) for (t, _), s in zip(recs, step_series(recs))])
     else:
         drafted, accepted = sum(r.drafted for r in ok), sum(r.accepted for r in ok)
         tokens = sum(r.output_tokens for r in ok)

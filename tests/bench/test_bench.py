@@ -386,22 +386,34 @@ def test_smoke_run_of_the_serve_part_on_our_stack_alone(tiny_dir, redis_url, tmp
     monkeypatch.setattr(peers, "find_llama_server", lambda: None)  # the skip path, whether or not it is built
     cfg = _cli_config("runtime", ["--out", str(tmp_path / "out"), "--parts", "serve"], tiny_dir, redis_url,
                       threads=1, concurrency=(1, 2), serve_rounds=2, serve_max_tokens=6, settle_s=1.1,
-                      serve_policies=("off",), serve_conversations=2)
+                      serve_policies=("off", "static:2"), serve_conversations=2)
     text = cli.run("runtime", cfg)
     serve = json.loads((tmp_path / "out" / "runtime.json").read_text())["serve"]
     assert serve["peer_binary"] is None and "make peers" in serve["skipped"] and "Peer skipped" in text
     assert serve["started"] == "our stack first" and "our stack first started" in text
     assert [(row["system"], row["concurrency"], row["requests"]) for row in serve["rows"]] == [
-        ("specserve-off", 1, 16), ("specserve-off", 2, 32)]
+        (system, n, 8 * n * 2) for n in (1, 2) for system in ("specserve-off", "specserve-static:2")]
     assert all(row["errors"] == 0 and row["tokens_per_s"] > 0 for row in serve["rows"])
-    assert serve["ratios"] == [] and serve["greedy_matches"] == {}
+    # no peer: our second policy against the first only
+    assert [(r["system"], r["peer"]) for r in serve["ratios"]] == [("specserve-static:2", "specserve-off")] * 2
+    assert serve["greedy_matches"] == {}
+    # Each of our rounds with its drafts, from the step telemetry: `off` drafts nothing, `static:2`
+    # two tokens a step, every first draft reached.
+    drafts = {(d["system"], d["load"], d["rep"]): d for d in serve["drafts"]}
+    assert sorted(drafts) == sorted((s, n, r) for s in ("specserve-off", "specserve-static:2") for n in (1, 2)
+                                    for r in (0, 1))
+    assert all(d["step_ms"] > 0 for d in drafts.values())
+    assert all(not d["position_reached"] for (s, _, _), d in drafts.items() if s == "specserve-off")
+    static = [d for (s, _, _), d in drafts.items() if s == "specserve-static:2"]
+    assert all(len(d["position_reached"]) == 2 and d["position_reached"][0] > 0 for d in static)
+    assert "## Acceptance per draft position" in text and "| specserve-static:2 |" in text
     turns = serve["multi_turn"]["specserve-off"]
     assert turns["conversations"] == 2 and turns["errors"] == 0 and turns["second_hit_rate"] > 0
     # At one client (where the part compares greedy texts) each prompt returns the same text every
     # round; batched steps may not, as the tiny random model's logits are near ties.
     texts = {}
     for r in serve["replies"]:
-        if r["concurrency"] == 1:
+        if r["concurrency"] == 1 and r["system"] == "specserve-off":
             texts.setdefault(r["prompt"], set()).add(r["text"])
     assert len(texts) == 8 and all(len(t) == 1 for t in texts.values())
     assert "## Serving: our stack vs llama-server" in (tmp_path / "out" / "runtime.md").read_text()
