@@ -64,6 +64,8 @@ class GatewayConfig:
                                "session per verify call (a decode burst); 1 turns bursts off")
     max_burst_ms: float = doc(SchedulerConfig.max_burst_ms, "a decode burst's longest predicted time (what a request "
                               "arriving meanwhile may wait)")
+    linger_ms: float = doc(SchedulerConfig.linger_ms, "after a step that ended a request, how long the next step "
+                           "waits for a new one (a closed-loop client's next request joins it)")
     max_new_tokens: int = doc(2048, "largest max_new_tokens a request may ask for")
     default_max_new_tokens: int = doc(128, "max_new_tokens when a request leaves it 0")
     default_ttft_ms: float = doc(0.0, "TTFT SLO of requests that set none; 0 is none")
@@ -177,7 +179,8 @@ class Gateway:
 
         scheduler = Scheduler(self.verifier, self.drafter, self.tokenizer, vinfo.eos_token_ids,
                               SchedulerConfig(c.max_batch_size, c.max_queued, c.max_prefill_tokens, c.call_timeout_s,
-                                              max_plain_steps=c.max_plain_steps, max_burst_ms=c.max_burst_ms),
+                                              max_plain_steps=c.max_plain_steps, max_burst_ms=c.max_burst_ms,
+                                              linger_ms=c.linger_ms),
                               self.strategy, on_step=on_step, draft_free=bool(dinfo and dinfo.free_drafts),
                               hybrid=bool(dinfo and dinfo.hybrid))
         admission = Admission(scheduler, c.admission, on_reject=lambda seq: metrics.rejected.labels("slo").inc(),

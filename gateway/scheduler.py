@@ -68,6 +68,11 @@ class SchedulerConfig:
     # forward, are paid per burst).
     max_plain_steps: int = 16
     max_burst_ms: float = 500.0
+    # After a step that ended a request, while others run, the next step waits up to this long for
+    # a new request (it starts as soon as one arrives): a client in a closed loop sends its next
+    # request right after its answer, which then goes into that step instead of waiting out a whole
+    # decode burst or speculative step. Not while a running session is behind its TPOT schedule.
+    linger_ms: float = 20.0
 
 
 @dataclass
@@ -177,6 +182,7 @@ class Scheduler(Background):
         self.on_step = on_step or (lambda record: None)
         self.on_finish = on_finish or (lambda seq: None)
         self._to_release: list[str] = []
+        self.ended = False  # the last step ended a request: its client may send the next one at once
         self.bursting = False  # a decode burst's verify call is under way
         self.tasks = Tasks()  # the drafter probe, ending a burst
         self.releases = Tasks()  # freeing ended sessions on the model services; waited for, never cancelled
@@ -252,12 +258,22 @@ class Scheduler(Background):
     async def step(self) -> None:
         """One forward on each model service: the running sessions' draft and verify, with the
         prompt chunks the step's token budget allows in the verifier's same call."""
+        await self._linger()
         self._reap()
         chunks = self._select_prefill()
         self.chunked = [s for s, _ in chunks]  # queued requests whose prompts this step carries
         if self.running or chunks:
             await self._step(chunks)
         self._release()
+
+    async def _linger(self) -> None:
+        linger, self.ended = self.ended and not self.waiting and self.config.linger_ms > 0, False
+        if linger and self.running and all(s.behind_ms <= 0 for s in self.running.values()):
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.config.linger_ms / 1000)
+            except TimeoutError:
+                pass
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -661,6 +677,7 @@ class Scheduler(Background):
                 final_tokens: list[int] | None = None) -> None:
         if seq.status is Status.FINISHED:
             return
+        self.ended = True
         if seq.status is Status.RUNNING or seq.prefilled:
             self._to_release.append(seq.id)
             self.prefixes.finish(seq.id, seq.tokens)  # the verifier keeps its KV as cache

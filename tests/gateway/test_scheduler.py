@@ -461,3 +461,35 @@ def test_the_next_request_does_not_wait_for_the_release_of_sessions_that_ended(t
     tokens = asyncio.run(main())
     assert tokens == target_only(tiny_models.target, [*PROMPT, 1], 4, tiny_models.tokenizer.eos_token_id)
     assert sorted(released) == ["a", "a", "b", "b"]
+
+
+@pytest.mark.parametrize("linger_ms", [0.0, 1000.0])
+def test_after_a_request_ends_the_next_step_waits_for_a_new_one_to_join_it(tiny_models, linger_ms):
+    """A closed-loop client's next request goes into the step after its last answer, beside the
+    running session, when the scheduler lingers for it; without lingering that step runs on."""
+    sch = tiny_models.scheduler(SchedulerConfig(linger_ms=linger_ms), Strategy(mode="off"))
+    calls = []  # per verifier call: the sessions it decodes and those whose prompts it reads
+    verify = sch.verifier.verify
+
+    async def recording(items, prefills=(), timeout=None):
+        calls.append(({i.session_id for i in items}, {p.session_id for p in prefills}))
+        return await verify(items, prefills, timeout)
+
+    sch.verifier.verify = recording
+    short, long_, follow = (Sequence(name, [*PROMPT, i], SamplingParams(max_new_tokens=n), ignore_eos=True)
+                            for i, (name, n) in enumerate((("short", 2), ("long", 40), ("follow", 2))))
+
+    async def main():
+        sch.start()
+        sch.submit(short)
+        sch.submit(long_)
+        await collect(short)
+        sch.submit(follow)  # as the client that got its answer sends the next request
+        await collect(follow)
+        await collect(long_)
+        await sch.stop()
+
+    asyncio.run(main())
+    last = max(i for i, (decoded, _) in enumerate(calls) if "short" in decoded)
+    assert "long" in calls[last + 1][0]
+    assert ("follow" in calls[last + 1][1]) == (linger_ms > 0)
