@@ -288,6 +288,7 @@ def run_part(cfg) -> dict:
     replies: list[Reply] = []
     rounds: list[dict] = []
     cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "serve-steps.jsonl").write_text("")
     variants = list(cfg.serve_peers) if binary else []
     out["started"] = "the peers first" if cfg.serve_peers_first else "our stack first"
     with ExitStack() as running:
@@ -317,8 +318,12 @@ def run_part(cfg) -> dict:
                     since = now_id()
                     got, wall = asyncio.run(closed_loop(*urls[system], prompts, n, cfg.serve_max_tokens, system, r))
                     if system in ours:
+                        steps = steps_since(client, since)
                         out["drafts"].append({"system": system, "load": n, "rep": r, "duration_s": wall,
-                                              **draft_counts(steps_since(client, since))})
+                                              **draft_counts(steps)})
+                        with (cfg.out / "serve-steps.jsonl").open("a") as f:  # every step record, to look into
+                            f.writelines(json.dumps({"system": system, "concurrency": n, "round": r, **rec}) + "\n"
+                                         for rec in steps)
                     for reply in got:
                         reply.first_read = (urls[system], reply.prompt) not in read
                         read.add((urls[system], reply.prompt))

@@ -231,6 +231,7 @@ class Gateway:
             scheduler.planner.set_strategy(live.strategy())
             scheduler.config.max_batch_size = live.ops.get("max_batch_size", c.max_batch_size)
             scheduler.config.max_plain_steps = live.ops.get("max_plain_steps", c.max_plain_steps)
+            scheduler.config.linger_ms = live.ops.get("linger_ms", c.linger_ms)
             limits.default_ttft_ms = live.ops.get("default_ttft_ms", c.default_ttft_ms)
             limits.default_tpot_ms = live.ops.get("default_tpot_ms", c.default_tpot_ms)
             admission.mode = live.ops.get("admission", c.admission)

@@ -21,11 +21,13 @@ def _int_in(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
-def _ms(raw: str) -> float:
-    value = float(raw)
-    if not 0 <= value < 3_600_000:
-        raise ValueError("must be a number of milliseconds in [0, 3600000)")
-    return value
+def _ms_below(hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        value = float(raw)
+        if not 0 <= value < hi:
+            raise ValueError(f"must be a number of milliseconds in [0, {hi:.0f})")
+        return value
+    return parse
 
 
 def _choice(*options: str) -> Callable[[str], str]:
@@ -44,8 +46,9 @@ OPS_KEYS: dict[str, Callable[[str], Any]] = {
     "max_free_draft_tokens": _int_in(0, MAX_DRAFT_TOKENS_LIMIT),
     "max_batch_size": _int_in(1, 1024),
     "max_plain_steps": _int_in(1, MAX_PLAIN_STEPS),
-    "default_ttft_ms": _ms,
-    "default_tpot_ms": _ms,
+    "linger_ms": _ms_below(1000),
+    "default_ttft_ms": _ms_below(3_600_000),
+    "default_tpot_ms": _ms_below(3_600_000),
     "admission": _choice("reject", "best_effort", "off"),
 }
 

@@ -407,6 +407,9 @@ def test_smoke_run_of_the_serve_part_on_our_stack_alone(tiny_dir, redis_url, tmp
     static = [d for (s, _, _), d in drafts.items() if s == "specserve-static:2"]
     assert all(len(d["position_reached"]) == 2 and d["position_reached"][0] > 0 for d in static)
     assert "## Acceptance per draft position" in text and "| specserve-static:2 |" in text
+    steps = [json.loads(line) for line in (tmp_path / "out" / "serve-steps.jsonl").read_text().splitlines()]
+    assert {(s["system"], s["concurrency"], s["round"]) for s in steps} == set(drafts)
+    assert sum(sum(s["drafted"]) for s in steps if s["system"] == "specserve-static:2") > 0
     turns = serve["multi_turn"]["specserve-off"]
     assert turns["conversations"] == 2 and turns["errors"] == 0 and turns["second_hit_rate"] > 0
     # At one client (where the part compares greedy texts) each prompt returns the same text every

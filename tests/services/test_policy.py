@@ -149,6 +149,7 @@ def test_policy_publishes_a_valid_strategy_from_records(redis_client):
 
 @pytest.mark.parametrize("name, raw", [("mode", "fast"), ("static_k", "-1"), ("static_k", "x"),
                                        ("max_batch_size", "0"), ("max_plain_steps", "0"), ("max_plain_steps", "65"),
+                                       ("linger_ms", "-1"), ("linger_ms", "1000"),
                                        ("default_tpot_ms", "nan?"), ("nope", "1")])
 def test_ops_values_are_validated(name, raw):
     with pytest.raises(InvalidArgument) as err:
