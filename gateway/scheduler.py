@@ -561,6 +561,7 @@ class Scheduler(Background):
     def _prune(self, step: "_Step") -> None:
         tick = time.perf_counter()
         step.keep = self.planner.prune(step.views, step.drafted)
+        step.explored = self.planner.exploring  # a probe of free drafts is decided here
         # Drafts that cost no model (a suffix lookup) are priced as such, or the step-time
         # correction would learn the gap between a model's drafting and a lookup.
         step.free = all(step.drafted[s.id].free for s in step.seqs if step.keep[s.id])
@@ -636,11 +637,11 @@ class Scheduler(Background):
         probe_ms = 0.0
         if step.explored:
             n = len(step.views)
-            probe_ms = self.planner.step_ms(step.views, [1] * n) - self.planner.step_ms(step.views, [0] * n)
+            probe_ms = self.planner.step_ms(step.views, [1] * n, free=step.free) - self.planner.step_ms(step.views, [0] * n)
             # The drafter's catch-up on histories it had not read is part of the probe's price.
             probe_ms += self.planner.strategy.cost.t_positions(step.catchup) * self.planner.time_scale \
                 if step.catchup else 0.0
-        self.planner.observe_step(step.predicted_ms, step_ms / out.forwards, probe_ms)
+        self.planner.observe_step(step.predicted_ms, step_ms / out.forwards, probe_ms, out.forwards)
         self.step_id += 1
         self.on_step(StepRecord(
             step_id=self.step_id, batch_size=len(step.seqs), verified_positions=out.verified_positions,

@@ -74,11 +74,12 @@ class Planner:
         return CONTROLLERS.get(self.strategy.mode)
 
     # --- state kept between steps --------------------------------------------------------------
-    def observe_step(self, predicted_ms: float, measured_ms: float, probe_ms: float = 0.0) -> None:
+    def observe_step(self, predicted_ms: float, measured_ms: float, probe_ms: float = 0.0, forwards: int = 1) -> None:
         """Correct the cost model online: an exponential mean of measured over predicted step time
         (the policy refits the coefficients; this keeps predictions honest between publications).
+        `measured_ms`: per forward, of the step's `forwards` (a decode burst runs several);
         `probe_ms`: the predicted extra time of the step's exploration drafts."""
-        self.decode_ms = EXPLORE_DECAY * self.decode_ms + measured_ms
+        self.decode_ms = EXPLORE_DECAY * self.decode_ms + measured_ms * forwards
         self.explored_ms = EXPLORE_DECAY * self.explored_ms + probe_ms
         if predicted_ms > 0 and measured_ms > 0:
             ratio = min(max(measured_ms / (predicted_ms / self.time_scale), MIN_TIME_SCALE), MAX_TIME_SCALE)
@@ -189,4 +190,16 @@ class Planner:
         auto = [k for k in keep if k in views and not views[k].mode and keep[k]]
         if not auto or self.controller is None:
             return keep
-        return self.controller.prune(self, sessions, drafted, keep, auto)
+        return self._probe_free(sessions, drafted, self.controller.prune(self, sessions, drafted, keep, auto), auto)
+
+    def _probe_free(self, sessions: list[SessionView], drafted: dict[str, Drafted], keep: dict[str, int],
+                    auto: list[str]) -> dict[str, int]:
+        """Free drafts all pruned: now and then, within the exploration budget, the first of each
+        session's is verified anyway. Otherwise a calibration that a few early rejections set low
+        (fresh text, before any copying) would price every later copy low and never learn."""
+        probe = [k for k in auto if drafted[k].free]
+        if self.exploring or not probe or any(keep[k] for k in auto):
+            return keep
+        ks = [int(v.key in probe) for v in sessions]
+        self.exploring = self.may_explore(self.step_ms(sessions, ks, free=True) - self.step_ms(sessions, [0] * len(ks)))
+        return keep | {k: 1 for k in probe} if self.exploring else keep

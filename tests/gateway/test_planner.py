@@ -194,6 +194,35 @@ def test_exploration_probes_a_closed_gate_within_two_percent_of_decode_time():
     assert extra <= EXPLORE_SHARE * total * 1.05
 
 
+def test_free_drafts_all_pruned_are_probed_within_the_budget_so_a_low_calibration_can_recover():
+    """A calibration that a few rejections set low prices a confident copy at 5% per slot, so
+    prune keeps none of it; within the exploration budget a step now and then verifies the first
+    free draft of each session anyway (no budget, no probe), and the probes' extra time stays
+    within 2% of the decode time."""
+    from gateway.planner import EXPLORE_SHARE
+
+    free = CostModel(draft_fixed=0.5, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=STEEP, draft_free=True)
+    planner = Planner(Strategy(mode="adaptive", cost=free, max_free_draft_tokens=12,
+                               free_calibration=Calibration((0.0, 1.0), (0.0, 0.05))), draft_free=True)
+    views = [SessionView("copy", 50), SessionView("fresh", 50, mode="off")]
+    drafted = {"copy": Drafted(list(range(12)), [1.0] * 12, free=True), "fresh": Drafted()}
+    planner.plan(views)
+    assert planner.prune(views, drafted) == {"copy": 0, "fresh": 0} and not planner.exploring  # no budget yet
+    plain, probe = planner.step_ms(views, [0, 0]), planner.step_ms(views, [1, 0], free=True)
+    probes, total, extra = 0, 0.0, 0.0
+    for _ in range(2000):
+        planner.plan(views)
+        keep = planner.prune(views, drafted)
+        assert keep == ({"copy": 1, "fresh": 0} if planner.exploring else {"copy": 0, "fresh": 0})
+        step_ms = probe if planner.exploring else plain
+        planner.observe_step(step_ms, step_ms, step_ms - plain)
+        probes += planner.exploring
+        total += step_ms
+        extra += step_ms - plain
+    assert probes > 0
+    assert extra <= EXPLORE_SHARE * total * 1.05
+
+
 # A draft model at half a verifier position per draft step, so it reads at half the verifier's speed.
 READING_MODEL = CostModel(draft_fixed=20.0, draft_per_seq=0.0, verify_per_ctx=0.0,
                           verify_table=((1, 40.0), (2, 42.0), (4, 46.0), (512, 400.0)))

@@ -363,7 +363,7 @@ def test_a_session_exactly_on_schedule_is_not_late():
 def test_the_drafter_probe_drafts_for_real_before_speculation_resumes(tiny_models):
     """A drafter that answers Info but hangs in Propose stays left alone; once it drafts again,
     the probe sees it and speculation resumes."""
-    sch = tiny_models.scheduler(SchedulerConfig(draft_timeout_floor_s=0.25, drafter_retry_s=0.05, drafter_max_misses=1),
+    sch = tiny_models.scheduler(SchedulerConfig(draft_timeout_floor_s=0.05, drafter_retry_s=0.05, drafter_max_misses=1),
                                 Strategy(mode="static", static_k=2))
     propose = sch.drafter.propose
     state = {"stuck": True, "probes": 0}
