@@ -115,10 +115,10 @@ def now_id() -> str:
     return f"{int(time.time() * 1000)}-0"
 
 
-def step_records(client: redis.Redis, since: str, until: str = "+") -> list[tuple[float, dict]]:
-    """The gateway's step records between two stream ids, with their time (unix seconds, from the id)."""
+def step_records(client: redis.Redis, since: str) -> list[tuple[float, dict]]:
+    """The gateway's step records since a stream id, with their time (unix seconds, from the id)."""
     out = []
-    for entry_id, fields in client.xrange(STREAM, min=since, max=until):
+    for entry_id, fields in client.xrange(STREAM, min=since):
         rec = decode(fields)
         if rec.get("component") == "gateway":
             out.append((int(entry_id.decode().split("-")[0]) / 1000, rec))

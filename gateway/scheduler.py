@@ -267,6 +267,7 @@ class Scheduler(Background):
         self._release()
 
     async def _linger(self) -> None:
+        """After a step that ended a request, wait up to `linger_ms` for a new one (see SchedulerConfig)."""
         linger, self.ended = self.ended and not self.waiting and self.config.linger_ms > 0, False
         if linger and self.running and all(s.behind_ms <= 0 for s in self.running.values()):
             self.wake.clear()
