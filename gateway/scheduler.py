@@ -43,7 +43,8 @@ PROBE_SESSION, PROBE_TOKEN = "drafter-probe", 1  # the recovery probe's session 
 SCHEDULE_HEADROOM = 0.9
 NO_ROOM_RETRY_MS = 1000  # a prompt the verifier had no KV room for: running sessions free room soon
 # A burst after a step that asked for drafts and got none runs at most this many forwards: the
-# next step may find some (a copied run starting) and a burst cannot look.
+# next step may find some (a copied run starting) and a burst cannot look. Each further such step
+# in a row doubles it (up to `max_plain_steps`): text that copies nothing stops paying for looking.
 LOOKOUT_STEPS = 4
 
 
@@ -155,7 +156,7 @@ class _Step:
 def view_of(seq: Sequence) -> SessionView:
     return SessionView(seq.id, seq.position, seq.slo.tpot_ms, seq.behind_ms, seq.mode, seq.static_k,
                        unread=seq.position - seq.drafter_position + seq.model_unread,
-                       remaining=max(seq.params.max_new_tokens - len(seq.generated), 1))
+                       remaining=max(seq.params.max_new_tokens - len(seq.generated), 1), hazard=seq.hazard.ratio)
 
 
 class Scheduler(Background):
@@ -184,6 +185,7 @@ class Scheduler(Background):
         self._to_release: list[str] = []
         self.ended = False  # the last step ended a request: its client may send the next one at once
         self.bursting = False  # a decode burst's verify call is under way
+        self.unfruitful = 0  # steps in a row that asked for drafts and verified none
         self.tasks = Tasks()  # the drafter probe, ending a burst
         self.releases = Tasks()  # freeing ended sessions on the model services; waited for, never cancelled
 
@@ -577,11 +579,16 @@ class Scheduler(Background):
         (vLLM's multi-step scheduling), so the step's cost outside the forward (the RPCs, this
         loop, telemetry) is paid once per burst instead of once per token."""
         config = self.config
-        if config.max_plain_steps < 2 or self.waiting or self.prefilling or self.resync \
-                or any(item.drafts for item in step.items):
+        if any(item.drafts for item in step.items):
+            self.unfruitful = 0
+            return
+        if config.max_plain_steps < 2 or self.waiting or self.prefilling or self.resync:
             return
         # Up to the first session's last token: the burst's tokens go back when its call ends.
-        cap = min(config.max_plain_steps, LOOKOUT_STEPS) if step.asked else config.max_plain_steps
+        cap = config.max_plain_steps
+        if step.asked:
+            self.unfruitful += 1
+            cap = min(cap, LOOKOUT_STEPS << min(self.unfruitful - 1, 8))
         n = min(cap, int(config.max_burst_ms // max(step.predicted_ms, 1e-3)),
                 *(seq.params.max_new_tokens - len(seq.generated) for seq in step.seqs))
         if n >= 2:
@@ -622,6 +629,8 @@ class Scheduler(Background):
             seq.accepted_tokens += result.accepted
             step.accepted.append(result.accepted)
             free = int(step.drafted[seq.id].free)
+            if k:
+                seq.hazard.observe(self.planner.survival(step.drafted[seq.id])[:k], result.accepted)
             for j, c in enumerate(step.drafted[seq.id].cumulative()[:k]):
                 step.confidences.append(c)
                 step.outcomes.append(int(j < result.accepted))

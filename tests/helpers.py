@@ -99,13 +99,15 @@ async def collect(seq: Sequence) -> tuple[list[int], str, object]:
 
 
 def run_local(pair: TinyPair, requests: list[tuple[list[int], SamplingParams]], strategy: Strategy | None = None,
-              proposer: str = "draft_model", max_batch_size: int = 16, overrides=None, on_step=None):
+              proposer: str = "draft_model", max_batch_size: int = 16, overrides=None, on_step=None,
+              max_plain_steps: int = SchedulerConfig.max_plain_steps):
     """Run requests concurrently through one in-process scheduler; returns the finished sequences
     and their (tokens, text, finish)."""
 
     async def main():
         hooks = {"on_step": on_step} if on_step else {}
-        sch = pair.scheduler(SchedulerConfig(max_batch_size=max_batch_size), strategy, proposer=proposer, **hooks)
+        config = SchedulerConfig(max_batch_size=max_batch_size, max_plain_steps=max_plain_steps)
+        sch = pair.scheduler(config, strategy, proposer=proposer, **hooks)
         sch.start()
         seqs = [Sequence(f"r{i}", p, params) for i, (p, params) in enumerate(requests)]
         for i, s in enumerate(seqs):

@@ -2,8 +2,8 @@
 
 Each session keeps an index of its own tokens (prompt and output so far), and the proposer keeps one
 over the outputs of recently finished sessions (bounded, oldest out first). To draft, the longest
-suffix of the session's tokens that occurred before (up to MAX_MATCH tokens) is looked up; the
-tokens that followed its occurrences form a frequency tree, and the draft follows the most frequent
+suffix of the session's tokens that occurred before (up to MAX_MATCH tokens, then followed back to
+LONGEST_MATCH) is looked up; the tokens that followed its occurrences form a frequency tree, and the draft follows the most frequent
 child at each depth. Each step's confidence is that child's frequency among the occurrences, with
 one unseen continuation counted at weight 1 / (tokens matched so far): a continuation seen once
 after a one-token match is a coin toss (1/2), after a 24-token match near certain (24/25), and
@@ -24,7 +24,10 @@ from specserve.config import SESSION_TTL_S
 from specserve.contracts import Draft, ProposeItem, ProposeOutput, SessionStatus
 from specserve.sessions import SessionTable
 
-MAX_MATCH = 24  # longest suffix looked up (also the most a match can justify drafting, times alpha)
+MAX_MATCH = 24  # longest suffix indexed and looked up
+# A match of MAX_MATCH tokens is followed back further, up to this long: a long copy justifies a
+# long draft (alpha times the match), where the index alone would cap it at MAX_MATCH.
+LONGEST_MATCH = 64
 MAX_OCCURRENCES = 64  # most recent occurrences of a match that vote on its continuation
 SEPARATOR = -1  # between the outputs in the global index: no match crosses two of them
 
@@ -48,13 +51,23 @@ class SuffixIndex:
                 self.follows[hash(context)].append(end)
 
     def continuations(self, tail: list[int]) -> tuple[int, list[int]]:
-        """The longest suffix of `tail` that occurred here with a continuation: its length and
-        where its most recent occurrences continue (positions into `tokens`)."""
+        """The longest suffix of `tail` that occurred here with a continuation: its length (up to
+        LONGEST_MATCH) and where its most recent occurrences continue (positions into `tokens`)."""
         for m in range(min(MAX_MATCH, len(tail)), 0, -1):
             starts = [p for p in self.follows.get(hash(tuple(tail[-m:])), ()) if p < len(self.tokens)]
             if starts:
-                return m, starts[-MAX_OCCURRENCES:]
+                starts = starts[-MAX_OCCURRENCES:]
+                if m == MAX_MATCH:
+                    m = max(self._matched_back(tail, p, m) for p in starts)
+                return m, starts
         return 0, []
+
+    def _matched_back(self, tail: list[int], end: int, m: int) -> int:
+        """How far the occurrence ending at `end` matches `tail` backwards, from `m` known tokens."""
+        tokens = self.tokens
+        while m < min(LONGEST_MATCH, len(tail), end) and tokens[end - m - 1] == tail[-m - 1]:
+            m += 1
+        return m
 
 
 def draft_from(index: SuffixIndex, starts: list[int], budget: int, floor: float, matched: int,

@@ -3,7 +3,7 @@ outputs, session sync, and lossless output through the step loop."""
 
 import pytest
 
-from services.drafter.proposers.suffix import MAX_MATCH, SuffixIndex, SuffixProposer, draft_from
+from services.drafter.proposers.suffix import LONGEST_MATCH, MAX_MATCH, SuffixIndex, SuffixProposer, draft_from
 from specserve.contracts import ProposeItem, SamplingParams, SessionStatus
 from specserve.strategy import CostModel, Strategy
 from tests.helpers import assert_lossless, run_local
@@ -61,6 +61,16 @@ def test_draft_length_follows_the_match_length():
     out = proposer.propose([ProposeItem("b", 0, longer, 8, SamplingParams())])
     assert out.drafts[0].tokens == [16, 17, 18, 19, 99, 10]  # six matched: six drafts, the text as it went on
     assert out.draft_steps == 0 and len(CODE) < MAX_MATCH
+
+
+def test_a_copy_longer_than_the_index_drafts_as_long_as_it_matched():
+    text = list(range(100, 180))
+    index = _index([*text, 99, *text[:50]])
+    assert index.continuations(index.tokens) == (50, [50])  # followed back past MAX_MATCH
+    assert _index([*text, 99, *text]).continuations([*text, 99, *text])[0] == LONGEST_MATCH
+    proposer = SuffixProposer(alpha=1.0)
+    out = proposer.propose([ProposeItem("a", 0, [*text, 99, *text[:50]], 64, SamplingParams())])
+    assert out.drafts[0].tokens == [*text[50:], 99, *text][:50] and MAX_MATCH < 50
 
 
 def test_sessions_stay_in_sync_and_extend_continues_after_pending_drafts():
@@ -168,7 +178,7 @@ def test_a_step_verifying_free_drafts_only_is_priced_without_the_model_s_draftin
     costly = CostModel(draft_fixed=10_000.0, draft_per_seq=0.0, verify_fixed=3.0, verify_per_pos=0.1, verify_per_ctx=0)
     records = []
     run_local(tiny_pair, [(code, SamplingParams(max_new_tokens=30))], Strategy(mode="adaptive", cost=costly),
-              proposer="hybrid", on_step=records.append)
+              proposer="hybrid", on_step=records.append, max_plain_steps=1)  # a step per token: drafts to look at
     free = [r for r in records if r.free_slots and all(r.free_slots)]
     assert free and all(not r.draft_steps for r in free)
     assert free[0].predicted_step_ms < 1_000, [r.predicted_step_ms for r in free[:3]]
