@@ -7,6 +7,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from gateway.planner.base import Hazard
 from specserve.contracts import SamplingParams
 
 
@@ -76,6 +77,7 @@ class Sequence:
     steps: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    hazard: Hazard = field(default_factory=Hazard)  # its drafts' rejections against the calibration
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     stream_closed: bool = False  # the front's stream slot is given back

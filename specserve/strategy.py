@@ -11,6 +11,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 
 from specserve.errors import InvalidArgument
 
@@ -100,12 +101,17 @@ class CostModel:
     def t_verify(self, positions: int, ctx: int) -> float:
         return self.t_positions(self.pad(positions)) + self.verify_per_ctx * ctx
 
+    @cached_property
+    def _envelope(self) -> tuple[list[int], list[float]]:
+        """The table's positions and its lower envelope (each time the least of it and larger shapes')."""
+        xs = [p for p, _ in self.verify_table]
+        return xs, [min(t for _, t in self.verify_table[i:]) for i in range(len(xs))]
+
     def t_positions(self, n: int) -> float:
         """Verify time of n positions at context 0: the table's lower envelope, interpolated."""
         if not self.verify_table:
             return self.verify_fixed + self.verify_per_pos * n
-        xs = [p for p, _ in self.verify_table]
-        env = [min(t for _, t in self.verify_table[i:]) for i in range(len(xs))]
+        xs, env = self._envelope
         if n <= xs[0]:
             return env[0]
         if n >= xs[-1]:
@@ -165,7 +171,7 @@ class Strategy:
     max_draft_tokens: int = 8  # K_max
     # A free drafter's (suffix lookup's) longest draft: its tokens cost nothing to draft, only their
     # verify positions, which the slot budget weighs (a copied run is often longer than K_max).
-    max_free_draft_tokens: int = 24
+    max_free_draft_tokens: int = 64
     static_k: int = 4
     threshold: float = 0.6  # the threshold controller's per-token cut
     gate_margin: float = 1.0  # speculate only if predicted gain beats plain decoding by this factor

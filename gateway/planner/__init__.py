@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 from gateway.planner.adaptive import Adaptive
-from gateway.planner.base import Controller, Drafted, DraftPlan, SessionView, expected_tokens
+from gateway.planner.base import Controller, Drafted, DraftPlan, Hazard, SessionView, expected_tokens
 from gateway.planner.efficiency_gate import EfficiencyGate
 from gateway.planner.fixed import Static, Threshold
 from gateway.planner.smartspec import SmartSpec
 from specserve.strategy import PRIOR_MEAN_CONFIDENCE, CostModel, Strategy
 
-__all__ = ["Drafted", "DraftPlan", "Planner", "SessionView", "expected_tokens"]
+__all__ = ["Drafted", "DraftPlan", "Hazard", "Planner", "SessionView", "expected_tokens"]
 
 CONTROLLERS: dict[str, Controller] = {
     "static": Static(), "threshold": Threshold(), "smartspec": SmartSpec(), "specserve": EfficiencyGate(),
@@ -98,6 +98,11 @@ class Planner:
     def running_confidence(self) -> float:
         return self._confidence_sum / self._confidence_n
 
+    def survival(self, drafted: Drafted) -> list[float]:
+        """Calibrated cumulative survival of a session's drafts (Ĉ), through its proposer's calibration."""
+        cal = self.strategy.calibration_for(drafted.free)
+        return [cal(c) for c in drafted.cumulative()]
+
     # --- the cost side -------------------------------------------------------------------------
     def step_ms(self, sessions: list[SessionView], ks: list[int], prompt_tokens: int | None = None,
                 free: bool = False) -> float:
@@ -163,6 +168,9 @@ class Planner:
         auto = [v for v in sessions if not v.mode]
         if auto and self.controller is not None and s.max_draft_tokens > 0:
             plans |= self.controller.plan(self, auto)
+        for v in sessions:  # a verify emits its accepted drafts and one more token: none past the last
+            plan = plans[v.key]
+            plan.max_draft_tokens = min(plan.max_draft_tokens, v.remaining - 1)
         idle = [v for v in sessions if plans[v.key].max_draft_tokens <= 0]
         auto_reason = self._reason(auto) if any(not v.mode for v in idle) else ""
         self.reasons = {v.key: OVERRIDE_REASONS[v.mode] if v.mode else auto_reason for v in idle}

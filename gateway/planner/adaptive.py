@@ -4,7 +4,7 @@ per-request SLO slack."""
 
 from __future__ import annotations
 
-from gateway.planner.base import Controller, DraftPlan, efficiency
+from gateway.planner.base import Controller, DraftPlan, corrected
 
 LATE_BAR_FACTOR = 0.5  # a session behind its TPOT schedule drafts on at half the bar: it needs tokens
 
@@ -74,18 +74,26 @@ class Adaptive(Controller):
     def prune(self, p, sessions, drafted, keep, auto):
         """The slot budget: drop slots least likely first (by calibrated Ĉ), and keep the plan of
         highest predicted G among all the numbers of slots dropped; a cost that steps at a shape
-        edge pays only once the whole excess is gone, so one slot at a time would stop short of it."""
+        edge pays only once the whole excess is gone, so one slot at a time would stop short of it.
+        Ĉ, corrected by the session's hazard ratio, falls along each session's drafts, so the
+        slots kept are the most likely ones of the step and each session's are a prefix of its
+        drafts."""
         # The drafting is done; a hybrid's free drafts cost nothing, and its model's are priced low
         # here (the slot budget then errs towards dropping slots).
         draft_ms = 0.0 if p.hybrid else p.strategy.cost.t_draft(len(sessions), max(keep.values()))
-        plan, best = dict(keep), dict(keep)
-        best_g = efficiency(p, sessions, drafted, keep, draft_ms, calibrated=True)
-        while True:
-            tails = [k for k in auto if plan[k]]
-            if not tails:
-                return best
-            worst = min(tails, key=lambda k: drafted[k].cumulative()[plan[k] - 1])
-            plan = dict(plan, **{worst: plan[worst] - 1})
-            g = efficiency(p, sessions, drafted, plan, draft_ms, calibrated=True)
-            if g > best_g:
-                best, best_g = plan, g
+        cost, ctx = p.strategy.cost, sum(v.context for v in sessions)
+        hazard = {v.key: v.hazard for v in sessions}
+        survival = {k: corrected(p.survival(drafted[k])[: keep[k]], hazard.get(k, 1.0)) for k in keep}
+        fixed = [k for k in keep if k not in auto]
+        tokens = len(keep) + sum(sum(survival[k]) for k in fixed)
+        positions = len(sessions) + p.prompt_tokens + sum(keep[k] for k in fixed)
+        slots = sorted(((c, j, k) for k in auto for j, c in enumerate(survival[k])), key=lambda s: (-s[0], s[1]))
+        gains = [tokens]
+        for c, _, _ in slots:
+            gains.append(gains[-1] + c)
+        best = max(range(len(slots), -1, -1),  # ties: the most slots
+                   key=lambda m: gains[m] / (draft_ms + cost.t_verify(positions + m, ctx)))
+        plan = {k: keep[k] for k in fixed} | {k: 0 for k in auto}
+        for _, _, k in slots[:best]:
+            plan[k] += 1
+        return plan

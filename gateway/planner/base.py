@@ -23,7 +23,49 @@ class SessionView:
     mode: str = ""  # a per-request override of the strategy's mode ("off", "static")
     static_k: int = 0
     unread: int = 0  # committed tokens the drafter has not read: it reads them before its next draft
-    remaining: int = 1  # tokens the session may still generate (steps left to pay back a catch-up)
+    remaining: int = 1 << 16  # tokens the session may still generate (steps left to pay back a catch-up)
+    hazard: float = 1.0  # its drafts' rejections over the calibration's prediction (Hazard.ratio)
+
+
+# A session's hazard ratio starts at 1 as if this many rejections had been predicted and seen; the
+# counts decay per verified step, so a session turning from copying to fresh text is seen soon.
+HAZARD_PRIOR = 1.0
+HAZARD_DECAY = 0.9
+MIN_HAZARD, MAX_HAZARD = 0.05, 20.0
+
+
+@dataclass
+class Hazard:
+    """How a session's drafts fare against the calibration: its rejections over the rejections the
+    calibrated survival predicted at the positions its verifies reached. Below 1 it copies better
+    than the pooled calibration says (a code edit after many fresh answers), above 1 worse. The
+    slot budget scales each draft's conditional rejection probability by it (proportional hazards)."""
+
+    observed: float = 0.0
+    predicted: float = 0.0
+
+    def observe(self, survival: list[float], accepted: int) -> None:
+        """One verify: `survival`, the calibrated cumulative survival of the drafts verified."""
+        reached = survival[: accepted + 1]
+        predicted = sum(1 - c / prev if prev > 0 else 1.0 for prev, c in zip([1.0, *reached], reached))
+        self.observed = HAZARD_DECAY * self.observed + int(accepted < len(survival))
+        self.predicted = HAZARD_DECAY * self.predicted + predicted
+
+    @property
+    def ratio(self) -> float:
+        ratio = (HAZARD_PRIOR + self.observed) / (HAZARD_PRIOR + self.predicted)
+        return min(max(ratio, MIN_HAZARD), MAX_HAZARD)
+
+
+def corrected(survival: list[float], hazard: float) -> list[float]:
+    """Cumulative survival with each position's conditional rejection probability times `hazard`."""
+    out, prev, c = [], 1.0, 1.0
+    for s in survival:
+        q = s / prev if prev > 0 else 0.0
+        c *= min(max(1 - (1 - q) * hazard, 0.0), 1.0)
+        prev = s
+        out.append(c)
+    return out
 
 
 @dataclass

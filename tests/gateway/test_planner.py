@@ -2,7 +2,7 @@
 
 import pytest
 
-from gateway.planner import Drafted, Planner, SessionView, expected_tokens
+from gateway.planner import Drafted, Hazard, Planner, SessionView, expected_tokens
 from specserve.strategy import Calibration, CostModel, Strategy
 
 
@@ -129,6 +129,15 @@ def test_a_free_drafter_is_asked_for_its_whole_budget_and_pruned_by_each_draft_s
     assert planner.prune(views, {"copy": Drafted([1], [0.3])}) == {"copy": 0}
 
 
+def test_no_session_drafts_past_its_last_token():
+    """A verify emits the accepted drafts and one token more: a session with 3 tokens left drafts
+    at most 2, whatever the mode."""
+    free = CostModel(draft_fixed=0.5, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=STEEP, draft_free=True)
+    for strategy in (Strategy(mode="adaptive", cost=free), Strategy(mode="static", static_k=6)):
+        plans = Planner(strategy).plan([SessionView("end", 50, remaining=3), SessionView("on", 50)])
+        assert plans["end"].max_draft_tokens == 2 < plans["on"].max_draft_tokens
+
+
 def test_each_draft_is_pruned_through_its_own_proposer_s_calibration():
     """The same raw confidence 1.0 means what each proposer's drafts measured: free drafts that
     survived 95% keep a 12-token copy; a model whose drafts at 1.0 survived 20% keeps none."""
@@ -140,6 +149,26 @@ def test_each_draft_is_pruned_through_its_own_proposer_s_calibration():
     tokens, sure = list(range(12)), [1.0] * 12
     assert planner.prune(views, {"copy": Drafted(tokens, sure, free=True)}) == {"copy": 12}
     assert planner.prune(views, {"copy": Drafted(tokens, sure, free=False)}) == {"copy": 0}
+
+
+def test_a_session_that_copies_better_than_the_calibration_keeps_longer_drafts():
+    """The hazard ratio: a session whose drafts were rejected far less often than the pooled
+    calibration predicted (a code edit) keeps a long draft that the calibration alone would cut,
+    and one rejected more often keeps fewer; with no history the ratio is 1."""
+    free = CostModel(draft_fixed=0.5, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=STEEP, draft_free=True)
+    planner = Planner(Strategy(mode="adaptive", cost=free, max_free_draft_tokens=12))
+    drafts = Drafted(list(range(12)), [0.8] * 12, free=True)  # survival 0.8, 0.64, ... as calibrated
+    copying, guessing = Hazard(), Hazard()
+    assert copying.ratio == 1.0
+    for _ in range(10):
+        copying.observe(planner.survival(drafts), accepted=12)  # all 12 accepted, 2.4 rejections predicted
+        guessing.observe(planner.survival(drafts)[:3], accepted=0)  # the first rejected, 0.2 predicted
+    assert copying.ratio < 0.2 and guessing.ratio > 3
+
+    def kept(hazard: Hazard) -> int:
+        return planner.prune([SessionView("s", 50, hazard=hazard.ratio)], {"s": drafts})["s"]
+
+    assert kept(copying) == 12 > kept(Hazard()) > kept(guessing)
 
 
 def test_drafts_are_free_only_while_every_round_s_were():
