@@ -56,7 +56,7 @@ class GatewayConfig:
     mode: str = doc("adaptive", "speculation mode used until a policy publishes a strategy")
     static_k: int = doc(4, "draft tokens per step in static mode")
     max_draft_tokens: int = doc(8, "longest draft per step")
-    max_free_draft_tokens: int = doc(24, "longest draft per step from a free drafter (suffix lookup, no model)")
+    max_free_draft_tokens: int = doc(64, "longest draft per step from a free drafter (suffix lookup, no model)")
     max_batch_size: int = doc(16, "most sessions decoded together")
     max_queued: int = doc(256, "most requests waiting for a batch slot")
     max_prefill_tokens: int = doc(2048, "prompt tokens prefilled per step")

@@ -4,7 +4,8 @@ Readers load the strategy at start and on every notice (and poll once a second i
 was missed), swap it atomically, and keep the last valid one while Redis is away; once the policy
 is away and its strategy expired, the gateway plans on its own (see `LiveConfig.strategy`). Ops
 keys (specserve/ops.py) override the strategy and the gateway's defaults; an invalid value is
-ignored with a warning and a counter.
+ignored with a warning and a counter. The longest drafts are the gateway's settings, whatever a
+policy publishes.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class LiveConfig:
             base = self.published
         else:
             base = replace(self.published, mode="adaptive", policy=f"gateway-fallback (last: {self.published.policy})")
+        # How long a draft may be is the gateway's setting (its configuration, or an ops key), not a policy's.
+        base = replace(base, max_draft_tokens=self.default.max_draft_tokens,
+                       max_free_draft_tokens=self.default.max_free_draft_tokens)
         overrides = {k: v for k, v in self.ops.items() if k in ("mode", "static_k", "max_draft_tokens", "max_free_draft_tokens")}
         return base.with_overrides(**overrides) if overrides else base
 

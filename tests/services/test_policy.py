@@ -174,6 +174,12 @@ def test_ops_override_the_published_strategy_and_expiry_falls_back():
     fallback = live.strategy()
     assert fallback.mode == "adaptive" and fallback.cost == learned and "gateway-fallback" in fallback.policy
     assert LiveConfig(Strategy(mode="off")).strategy().mode == "off"  # never published: the default
+    # The draft-length limits are the gateway's own, not the policy's, unless an ops key sets them.
+    live = LiveConfig(Strategy(max_draft_tokens=5, max_free_draft_tokens=40))
+    live.published = Strategy(mode="smartspec", issued_at=time.time(), ttl_s=60)
+    assert (live.strategy().max_draft_tokens, live.strategy().max_free_draft_tokens) == (5, 40)
+    live.ops = {"max_free_draft_tokens": 12}
+    assert (live.strategy().mode, live.strategy().max_free_draft_tokens) == ("smartspec", 12)
 
 
 def test_algorithm_names():
