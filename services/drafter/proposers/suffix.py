@@ -120,7 +120,9 @@ class SuffixProposer:
 
     free = True  # costs what it measures (microseconds), not a forward per token
 
-    def __init__(self, alpha: float = 1.0, floor: float = 0.1, global_tokens: int = 32768,
+    # alpha 2: on a CPU whose verify costs grow with positions, a copy's long verifies are its
+    # cheap ones per position, and at 1 it took a copy a step more to reach them.
+    def __init__(self, alpha: float = 2.0, floor: float = 0.1, global_tokens: int = 32768,
                  session_ttl_s: float = SESSION_TTL_S):
         self.alpha, self.floor, self.global_tokens = alpha, floor, global_tokens
         self.sessions: SessionTable[_Session] = SessionTable(session_ttl_s)

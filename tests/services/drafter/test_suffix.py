@@ -85,7 +85,7 @@ def test_sessions_stay_in_sync_and_extend_continues_after_pending_drafts():
 
 
 def test_a_finished_output_serves_later_sessions():
-    proposer = SuffixProposer()
+    proposer = SuffixProposer(alpha=1.0)
     answer = [40, 41, 42, 43, 44, 45]
     proposer.propose([ProposeItem("a", 0, [1, 2, 3], 4, SamplingParams())])
     proposer.propose([ProposeItem("a", 3, answer, 4, SamplingParams())])
