@@ -79,8 +79,9 @@ class Planner:
         (the policy refits the coefficients; this keeps predictions honest between publications).
         `measured_ms`: per forward, of the step's `forwards` (a decode burst runs several);
         `probe_ms`: the predicted extra time of the step's exploration drafts."""
-        self.decode_ms = EXPLORE_DECAY * self.decode_ms + measured_ms * forwards
-        self.explored_ms = EXPLORE_DECAY * self.explored_ms + probe_ms
+        if self.strategy.mode in COST_MODES:  # only the exploring controllers' decoding earns them budget
+            self.decode_ms = EXPLORE_DECAY * self.decode_ms + measured_ms * forwards
+            self.explored_ms = EXPLORE_DECAY * self.explored_ms + probe_ms
         if predicted_ms > 0 and measured_ms > 0:
             ratio = min(max(measured_ms / (predicted_ms / self.time_scale), MIN_TIME_SCALE), MAX_TIME_SCALE)
             self.time_scale = (1 - TIME_SCALE_WEIGHT) * self.time_scale + TIME_SCALE_WEIGHT * ratio

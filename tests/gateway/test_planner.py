@@ -223,6 +223,21 @@ def test_exploration_probes_a_closed_gate_within_two_percent_of_decode_time():
     assert extra <= EXPLORE_SHARE * total * 1.05
 
 
+def test_decoding_under_a_mode_that_never_explores_earns_no_exploration_budget():
+    """Steps decoded under `off` (or a static k) are not decode time of an exploring controller: a
+    switch to `adaptive` after them starts with no budget to spend, so the probes stay within 2%
+    of the adaptive controller's own decoding."""
+    model = CostModel(draft_fixed=37.5, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=STEEP)
+    planner = Planner(Strategy(mode="off", cost=model))
+    for _ in range(1000):
+        planner.observe_step(75.0, 75.0)
+    planner.set_strategy(Strategy(mode="adaptive", cost=model, mean_confidence=0.3))
+    assert not planner.may_explore(45.0)
+    for _ in range(100):
+        planner.observe_step(75.0, 75.0)
+    assert planner.may_explore(45.0)
+
+
 def test_free_drafts_all_pruned_are_probed_within_the_budget_so_a_low_calibration_can_recover():
     """A calibration that a few rejections set low prices a confident copy at 5% per slot, so
     prune keeps none of it; within the exploration budget a step now and then verifies the first
