@@ -121,13 +121,9 @@ class Controller:
 
 
 def efficiency(p: Planner, sessions: list[SessionView], drafted: dict[str, Drafted], plan: dict[str, int],
-               draft_ms: float, calibrated: bool = False) -> float:
-    """Predicted G of verifying plan[k] drafts of each session, the drafting (draft_ms) already done;
-    with `calibrated`, through the strategy's calibration of each session's proposer (Ĉ instead of raw C)."""
+               draft_ms: float) -> float:
+    """Predicted G of verifying plan[k] drafts of each session, the drafting (draft_ms) already done."""
     cost = p.strategy.cost
     cums = [drafted[k].cumulative()[: plan[k]] for k in plan]
-    if calibrated:
-        cals = [p.strategy.calibration_for(drafted[k].free) for k in plan]
-        cums = [[cal(c) for c in cs] for cal, cs in zip(cals, cums)]
     ctx = sum(v.context for v in sessions)
     return expected_tokens(cums) / (draft_ms + cost.t_verify(sum(plan.values()) + len(sessions) + p.prompt_tokens, ctx))
