@@ -127,8 +127,9 @@ class SuffixProposer:
                  session_ttl_s: float = SESSION_TTL_S):
         self.alpha, self.floor, self.global_tokens = alpha, floor, global_tokens
         self.sessions: SessionTable[_Session] = SessionTable(session_ttl_s)
-        self.outputs: deque[list[int]] = deque()  # finished sessions' outputs, oldest first
-        self.recent = SuffixIndex()
+        # Finished sessions' outputs in two generations of up to half the budget each: when the
+        # newer fills, the older is dropped whole (no index is ever rebuilt, so no release stalls).
+        self.generations: deque[SuffixIndex] = deque([SuffixIndex()], maxlen=2)
 
     def propose(self, items: list[ProposeItem]) -> ProposeOutput:
         start = time.perf_counter_ns()
@@ -165,7 +166,7 @@ class SuffixProposer:
         tail = session.index.tokens + (session.pending if item.extend else [])
         room = item.max_draft_tokens  # an extend round's budget is for its own drafts
         best, best_score = ([], []), 0.0
-        for index in (session.index, self.recent) if item.params.greedy else (session.index,):
+        for index in (session.index, *self.generations) if item.params.greedy else (session.index,):
             m, starts = index.continuations(tail)
             budget = min(room, math.ceil(self.alpha * m))
             if budget <= 0:
@@ -187,12 +188,6 @@ class SuffixProposer:
         """A finished session's output joins the global index (the oldest outputs leave it)."""
         if not output:
             return
-        self.outputs.append(output)
-        self.recent.extend([*output, SEPARATOR])
-        if len(self.recent.tokens) > self.global_tokens:
-            # Rebuild over the newer half: amortized, and the index never holds evicted outputs.
-            while self.outputs and sum(len(o) + 1 for o in self.outputs) > self.global_tokens // 2:
-                self.outputs.popleft()
-            self.recent = SuffixIndex()
-            for kept in self.outputs:
-                self.recent.extend([*kept, SEPARATOR])
+        if len(self.generations[-1].tokens) + len(output) + 1 > self.global_tokens // 2:
+            self.generations.append(SuffixIndex())
+        self.generations[-1].extend([*output, SEPARATOR])

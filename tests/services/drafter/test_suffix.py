@@ -3,7 +3,14 @@ outputs, session sync, and lossless output through the step loop."""
 
 import pytest
 
-from services.drafter.proposers.suffix import LONGEST_MATCH, MAX_MATCH, SuffixIndex, SuffixProposer, draft_from
+from services.drafter.proposers.suffix import (
+    LONGEST_MATCH,
+    MAX_MATCH,
+    SEPARATOR,
+    SuffixIndex,
+    SuffixProposer,
+    draft_from,
+)
 from specserve.contracts import ProposeItem, SamplingParams, SessionStatus
 from specserve.strategy import CostModel, Strategy
 from tests.helpers import assert_lossless, run_local
@@ -103,8 +110,12 @@ def test_the_global_index_stays_bounded():
         proposer.propose([ProposeItem(f"s{i}", 0, [1], 0, SamplingParams())])
         proposer.propose([ProposeItem(f"s{i}", 1, list(range(100 + i, 110 + i)), 0, SamplingParams())])
         proposer.release([f"s{i}"])
-    assert len(proposer.recent.tokens) <= 100
-    assert proposer.outputs[-1] == list(range(129, 139))
+    assert sum(len(g.tokens) for g in proposer.generations) <= 100
+    assert proposer.generations[-1].tokens[-11:] == [*range(129, 139), SEPARATOR]
+    # The oldest outputs are gone, the newest still draft for a later session.
+    out = proposer.propose([ProposeItem("late", 0, [0, 100, 101], 4, SamplingParams())])
+    fresh = proposer.propose([ProposeItem("new", 0, [0, 129, 130], 4, SamplingParams())])
+    assert out.drafts[0].tokens == [] and fresh.drafts[0].tokens[:2] == [131, 132]
 
 
 @pytest.mark.parametrize("strategy", [Strategy(mode="static", static_k=4),
