@@ -69,10 +69,11 @@ class SchedulerConfig:
     # forward, are paid per burst).
     max_plain_steps: int = 16
     max_burst_ms: float = 500.0
-    # After a step that ended a request, while others run, the next step waits up to this long for
-    # a new request (it starts as soon as one arrives): a client in a closed loop sends its next
-    # request right after its answer, which then goes into that step instead of waiting out a whole
-    # decode burst or speculative step. Not while a running session is behind its TPOT schedule.
+    # After a step that ended requests, while others run, the next step waits up to this long for
+    # as many new requests (it starts as soon as they are there): a client in a closed loop sends
+    # its next request right after its answer, which then goes into that step instead of waiting
+    # out a whole decode burst or speculative step. Not while a running session is behind its TPOT
+    # schedule.
     linger_ms: float = 20.0
 
 
@@ -183,7 +184,7 @@ class Scheduler(Background):
         self.on_step = on_step or (lambda record: None)
         self.on_finish = on_finish or (lambda seq: None)
         self._to_release: list[str] = []
-        self.ended = False  # the last step ended a request: its client may send the next one at once
+        self.ended = 0  # requests the last step ended: their clients may send the next ones at once
         self.bursting = False  # a decode burst's verify call is under way
         self.unfruitful = 0  # steps in a row that asked for drafts and verified none
         self.tasks = Tasks()  # the drafter probe, ending a burst
@@ -269,14 +270,19 @@ class Scheduler(Background):
         self._release()
 
     async def _linger(self) -> None:
-        """After a step that ended a request, wait up to `linger_ms` for a new one (see SchedulerConfig)."""
-        linger, self.ended = self.ended and not self.waiting and self.config.linger_ms > 0, False
-        if linger and self.running and all(s.behind_ms <= 0 for s in self.running.values()):
+        """After a step that ended requests, wait up to `linger_ms` for as many new ones (see
+        SchedulerConfig): a speculative step often ends several at once."""
+        ended, self.ended = self.ended, 0
+        if not ended or self.config.linger_ms <= 0 or not self.running \
+                or any(s.behind_ms > 0 for s in self.running.values()):
+            return
+        deadline = time.monotonic() + self.config.linger_ms / 1000
+        while len(self.waiting) < ended and (left := deadline - time.monotonic()) > 0:
             self.wake.clear()
             try:
-                await asyncio.wait_for(self.wake.wait(), self.config.linger_ms / 1000)
+                await asyncio.wait_for(self.wake.wait(), left)
             except TimeoutError:
-                pass
+                return
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -688,7 +694,7 @@ class Scheduler(Background):
                 final_tokens: list[int] | None = None) -> None:
         if seq.status is Status.FINISHED:
             return
-        self.ended = True
+        self.ended += 1
         if seq.status is Status.RUNNING or seq.prefilled:
             self._to_release.append(seq.id)
             self.prefixes.finish(seq.id, seq.tokens)  # the verifier keeps its KV as cache

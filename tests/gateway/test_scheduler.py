@@ -493,3 +493,35 @@ def test_after_a_request_ends_the_next_step_waits_for_a_new_one_to_join_it(tiny_
     last = max(i for i, (decoded, _) in enumerate(calls) if "short" in decoded)
     assert "long" in calls[last + 1][0]
     assert ("follow" in calls[last + 1][1]) == (linger_ms > 0)
+
+
+def test_after_a_step_ends_two_requests_the_next_one_waits_for_two_new_ones(tiny_models):
+    """A step that ended two requests lingers until both clients' next requests are in (a
+    speculative step often ends several at once); the one that came first does not start it alone."""
+    sch = tiny_models.scheduler(SchedulerConfig(linger_ms=1000.0), Strategy(mode="off"))
+    calls = []  # per verifier call: the sessions whose prompts it reads
+    verify = sch.verifier.verify
+
+    async def recording(items, prefills=(), timeout=None):
+        calls.append({p.session_id for p in prefills})
+        return await verify(items, prefills, timeout)
+
+    sch.verifier.verify = recording
+    a, b, long_, next_a, next_b = (Sequence(name, [*PROMPT, i], SamplingParams(max_new_tokens=n), ignore_eos=True)
+                                   for i, (name, n) in enumerate((("a", 2), ("b", 2), ("long", 40), ("next-a", 2),
+                                                                  ("next-b", 2))))
+
+    async def main():
+        sch.start()
+        for seq in (a, b, long_):
+            sch.submit(seq)
+        await asyncio.gather(collect(a), collect(b))
+        sch.submit(next_a)
+        for _ in range(5):  # the scheduler runs in between, as it would while the second client sends
+            await asyncio.sleep(0)
+        sch.submit(next_b)
+        await asyncio.gather(collect(next_a), collect(next_b), collect(long_))
+        await sch.stop()
+
+    asyncio.run(main())
+    assert {"next-a", "next-b"} in calls
