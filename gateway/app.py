@@ -64,8 +64,8 @@ class GatewayConfig:
                                "session per verify call (a decode burst); 1 turns bursts off")
     max_burst_ms: float = doc(SchedulerConfig.max_burst_ms, "a decode burst's longest predicted time (what a request "
                               "arriving meanwhile may wait)")
-    linger_ms: float = doc(SchedulerConfig.linger_ms, "after a step that ended a request, how long the next step "
-                           "waits for a new one (a closed-loop client's next request joins it)")
+    linger_ms: float = doc(SchedulerConfig.linger_ms, "after a step that ended requests, how long the next step "
+                           "waits for as many new ones (a closed-loop client's next request joins it)")
     max_new_tokens: int = doc(2048, "largest max_new_tokens a request may ask for")
     default_max_new_tokens: int = doc(128, "max_new_tokens when a request leaves it 0")
     default_ttft_ms: float = doc(0.0, "TTFT SLO of requests that set none; 0 is none")
