@@ -81,6 +81,11 @@ class Reply:
     def tpot_ms(self) -> float | None:
         return tpot_ms(self.e2e_ms, self.ttft_ms, self.output_tokens)
 
+    @property
+    def rate(self) -> float:
+        """The request's own tokens per second: its output tokens over its whole time, first token included."""
+        return self.output_tokens / self.e2e_ms * 1000 if self.e2e_ms > 0 else math.nan
+
 
 def tpot_ms(e2e_ms: float, ttft_ms: float, output_tokens: int) -> float | None:
     """vLLM's time per output token: the time after the first token over the tokens after it."""
@@ -184,13 +189,14 @@ def compare(ours: list[Reply], peer: list[Reply], ours_rounds: list[dict], peer_
     pairs = [(r, theirs[(r.round, r.client, r.prompt)]) for r in ours if not r.error and (r.round, r.client, r.prompt)
              in theirs]
     timed = [(a, b) for a, b in pairs if a.tpot_ms is not None and b.tpot_ms is not None]
-    alike = [(a, b) for a, b in pairs if a.first_read == b.first_read]
+    alike = [(a, b) for a, b in pairs if a.first_read == b.first_read]  # also for times that hold the TTFT
     return {"tokens_per_s": ratio_ci([rd["output_tokens"] / rd["wall_s"] for rd in rounds],
                                      [tps[rd["round"]] for rd in rounds]),
             **{name: ratio_ci([a.ttft_ms for a, _ in alike], [b.ttft_ms for _, b in alike], stat=stat,
                               lower_is_better=True) for name, stat in (("ttft_p50", p50), ("ttft_p99", p99))},
             "tpot_p50": ratio_ci([a.tpot_ms for a, _ in timed], [b.tpot_ms for _, b in timed], stat=p50,
-                                 lower_is_better=True)}
+                                 lower_is_better=True),
+            "rate_p50": ratio_ci([a.rate for a, _ in alike], [b.rate for _, b in alike], stat=p50)}
 
 
 def greedy_matches(ours: list[Reply], peer: list[Reply]) -> dict:
@@ -205,7 +211,8 @@ def summarise(replies: list[Reply], rounds: list[dict], ours: list[str], peers_:
               concurrency: tuple[int, ...], kinds: tuple[str, ...] = ()) -> dict:
     """Rows per concurrency and system, ratios of each of ours to each peer and to our first policy
     (speculation against plain decoding), greedy matches at 1, and where the prompts are of several
-    `kinds` (the kind of each prompt by index), the TPOT ratios per kind."""
+    `kinds` (the kind of each prompt by index), per kind the TPOT and each request's own tokens per
+    second (its output over its whole time, as a client sees it), with their ratios."""
     rows, ratios, greedy, by_kind = [], [], {}, []
     for n in concurrency:
         def of(system: str) -> tuple[list[Reply], list[dict]]:
@@ -227,10 +234,11 @@ def summarise(replies: list[Reply], rounds: list[dict], ours: list[str], peers_:
 
             for system in ours:
                 for peer in [*peers_, *(p for p in ours[:1] if p != system)]:
+                    ratio = compare(of_kind(system), of_kind(peer), [], [])
                     by_kind.append({"system": system, "peer": peer, "concurrency": n, "kind": kind,
                                     "tpot_p50_ms": p50(r.tpot_ms for r in of_kind(system) if r.tpot_ms is not None),
                                     "peer_tpot_p50_ms": p50(r.tpot_ms for r in of_kind(peer) if r.tpot_ms is not None),
-                                    "tpot_p50": compare(of_kind(system), of_kind(peer), [], [])["tpot_p50"]})
+                                    "tpot_p50": ratio["tpot_p50"], "rate_p50": ratio["rate_p50"]})
     return {"rows": rows, "ratios": ratios, "greedy_matches": greedy, "by_kind": by_kind}
 
 
@@ -383,12 +391,16 @@ def markdown(s: dict, machine: dict, threads: int) -> list[str]:
             cells = " | ".join(_ci(row[k]) for k in ("tokens_per_s", "ttft_p50", "ttft_p99", "tpot_p50"))
             lines.append(f"| {row['system']} | {row['peer']} | {row['concurrency']} | {cells} |")
     if s.get("by_kind"):
-        lines += ["", "TPOT p50 by kind of prompt (fresh generations; code edits, whose answer copies most of "
-                      "the prompt), ours / peer (95% CI):", "",
-                  "| system | peer | concurrent | kind | ours ms | peer ms | ratio |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "By kind of prompt (fresh generations; code edits, whose answer copies most of the prompt), "
+                      "ours / peer (95% CI): TPOT p50, and the p50 of each request's own tokens/s (its output "
+                      "tokens over its whole time, first token included; paired where both found their prompt "
+                      "alike, as the TTFTs):", "",
+                  "| system | peer | concurrent | kind | TPOT ours ms | TPOT peer ms | TPOT ratio | tokens/s ratio |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in s["by_kind"]:
             lines.append(f"| {row['system']} | {row['peer']} | {row['concurrency']} | {row['kind']} | "
-                         f"{row['tpot_p50_ms']:.1f} | {row['peer_tpot_p50_ms']:.1f} | {_ci(row['tpot_p50'])} |")
+                         f"{row['tpot_p50_ms']:.1f} | {row['peer_tpot_p50_ms']:.1f} | {_ci(row['tpot_p50'])} | "
+                         f"{_ci(row['rate_p50'])} |")
     lines += ["", *acceptance_table(Pooled({"runs": s.get("drafts", [])}), load_name="number of clients")]
     for system, g in s["greedy_matches"].items():
         lines += ["", f"Greedy text at 1 client, first round: {system} matches llama-server on {g['matching']} of "

@@ -313,9 +313,13 @@ def test_serve_summary_ratios_tpot_and_greedy_matches():
     by_kind = summarise(replies, rounds, ["specserve-off"], ["llama-server"], (1,), ("fresh", "fresh", "edits", "edits"))
     assert [(b["kind"], b["tpot_p50"]["n"], b["tpot_p50_ms"], b["peer_tpot_p50_ms"]) for b in by_kind["by_kind"]] == \
         [("edits", 3, pytest.approx(100.0), pytest.approx(100.0)), ("fresh", 4, pytest.approx(100.0), pytest.approx(100.0))]
+    # Each request's own tokens/s holds its first token: the edits' medians are prompt 3's, 10
+    # tokens in 953 ms ours and 1006 ms the peer's.
+    edits = by_kind["by_kind"][0]["rate_p50"]
+    assert edits["n"] == 3 and edits["ratio"] == pytest.approx(1006 / 953)
     text = "\n".join(markdown({**by_kind, "batch_limit": 4, "rounds": 2, "max_tokens": 96, "servers": "both up",
                                 "prompts": ["p"] * 4}, {"cpu_flags": ["avx2"]}, 2))
-    assert "| specserve-off | llama-server | 1 | edits | 100.0 | 100.0 | 1.000 (1.000-1.000) |" in text
+    assert "| specserve-off | llama-server | 1 | edits | 100.0 | 100.0 | 1.000 (1.000-1.000) | 1.056 (" in text
     text = "\n".join(markdown({**out, "batch_limit": 4, "rounds": 2, "max_tokens": 96, "servers": "both up",
                                 "prompts": ["p"] * 4}, {"cpu_flags": ["avx2"]}, 2))
     assert "| specserve-off | 1 | 20.00 | 52 | 53 | 100.0 | 40 | - | 0/8 |" in text
