@@ -121,9 +121,11 @@ class SuffixProposer:
 
     free = True  # costs what it measures (microseconds), not a forward per token
 
-    # alpha 2: on a CPU whose verify costs grow with positions, a copy's long verifies are its
-    # cheap ones per position, and at 1 it took a copy a step more to reach them.
-    def __init__(self, alpha: float = 2.0, floor: float = 0.1, global_tokens: int = 32768,
+    # alpha 4: on a CPU a verify costs about a plain step per position up to 8 positions and a
+    # third of one from about 32 on, so a copy's long verifies are its cheap ones; each step of the
+    # ramp to them (alpha x the match, which grows by what the step accepts) is one at the dear
+    # sizes. The floor and the slot budget still cut a short match's long guess.
+    def __init__(self, alpha: float = 4.0, floor: float = 0.1, global_tokens: int = 32768,
                  session_ttl_s: float = SESSION_TTL_S):
         self.alpha, self.floor, self.global_tokens = alpha, floor, global_tokens
         self.sessions: SessionTable[_Session] = SessionTable(session_ttl_s)
