@@ -26,6 +26,10 @@ class SessionTable(Generic[S]):
     def values(self) -> list[S]:
         return [s for s, _ in self._items.values()]
 
+    def __contains__(self, session_id: str) -> bool:
+        """Whether the session is held (without touching its last use: safe from another thread)."""
+        return session_id in self._items
+
     def get(self, session_id: str) -> S | None:
         entry = self._items.get(session_id)
         if entry is None:

@@ -84,6 +84,36 @@ async def test_drafter_propose_and_resync(tiny_pair):
     await server.stop(0)
 
 
+async def test_drafter_release_waits_for_the_next_propose_then_runs_before_it_drafts():
+    """A release by id only marks the session: its work (the suffix index taking the output) runs
+    at the start of the next Propose, off the verifier's next forward; that Propose already drafts
+    from the released output. An owner's sessions are released at once."""
+    proposer = make_proposer("suffix")
+    servicer = DrafterServicer("suffix", ComputeThread(), "suffix")
+    servicer.attach(proposer, LoadedModel(None, "fp", [0]))
+    released, release = [], proposer.release
+    proposer.release = lambda ids: released.append([*ids]) or release(ids)
+    server, channel = await _serve(drafter_pb2_grpc.add_DrafterServicer_to_server, servicer)
+    stub = drafter_pb2_grpc.DrafterStub(channel)
+
+    async def propose(sid, position, tokens):
+        out = await stub.Propose(drafter_pb2.ProposeRequest(items=[
+            {"session_id": sid, "position": position, "new_token_ids": tokens, "max_draft_tokens": 8}]))
+        return list(out.results[0].token_ids)
+
+    await propose("a", 0, [1, 2, 3])
+    await propose("a", 3, list(range(11, 31)))  # its output
+    assert (await stub.Release(common_pb2.ReleaseRequest(session_ids=["a", "zz"]))).released == 1
+    assert released == [] and "a" in proposer.sessions
+    # b's prompt ends where a's output began: its drafts continue a's output from the global index.
+    assert (await propose("b", 0, [7, 11, 12]))[:3] == [13, 14, 15]
+    assert released == [["a"]] and "a" not in proposer.sessions
+    await propose("g/1", 0, [4, 5])
+    assert (await stub.Release(common_pb2.ReleaseRequest(owner="g"))).released == 1
+    assert "g/1" not in proposer.sessions
+    await server.stop(0)
+
+
 BAD_REQUESTS = [
     ({}, "input"),
     ({"prompt": "x", "prompt_token_ids": {"ids": [1]}}, "input"),
