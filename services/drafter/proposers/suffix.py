@@ -1,7 +1,9 @@
 """Suffix decoding (Oliaro et al., "SuffixDecoding", arXiv 2411.04975): drafts that cost no model.
 
 Each session keeps an index of its own tokens (prompt and output so far), and the proposer keeps
-one over the outputs of recently finished sessions (bounded, oldest out first). To draft, the
+one over the outputs of recently finished sessions, each after the last LONGEST_MATCH tokens of its
+prompt (bounded, oldest out first): a prompt sent again (a retry, a regeneration, an agent's
+repeated call) matches its earlier answer's context whole and drafts that answer from its first step. To draft, the
 longest suffix of the session's tokens that occurred before (up to MAX_MATCH tokens, then followed
 back to LONGEST_MATCH) is looked up; the tokens that followed its occurrences form a frequency
 tree, and the draft follows the most frequent child at each depth. Each step's confidence is that
@@ -183,11 +185,12 @@ class SuffixProposer:
         for sid in session_ids:
             session = self.sessions.get(sid)
             if session is not None:
-                self._add_output(session.index.tokens[session.prompt_len :])
+                self._add_output(session.index.tokens[max(session.prompt_len - LONGEST_MATCH, 0) :])
         return self.sessions.release(session_ids)
 
     def _add_output(self, output: list[int]) -> None:
-        """A finished session's output joins the global index (the oldest outputs leave it)."""
+        """A finished session's output (after its prompt's tail) joins the global index (the oldest
+        outputs leave it)."""
         if not output:
             return
         if len(self.generations[-1].tokens) + len(output) + 1 > self.global_tokens // 2:

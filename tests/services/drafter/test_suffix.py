@@ -104,6 +104,21 @@ def test_a_finished_output_serves_later_sessions():
     assert sampled.drafts[0].tokens == []
 
 
+def test_a_prompt_sent_again_drafts_its_earlier_answer_from_the_first_step():
+    """The global index keeps each output after its prompt's tail, so the match of a repeated
+    prompt is long at once (its answer's first token alone would be a one-token match: a short
+    guess); a prompt that shares only the first token drafts little."""
+    proposer = SuffixProposer()
+    prompt, answer = list(range(1, 31)), list(range(40, 70))
+    proposer.propose([ProposeItem("a", 0, [*prompt, answer[0]], 0, SamplingParams())])
+    proposer.propose([ProposeItem("a", 31, answer[1:], 0, SamplingParams())])
+    proposer.release(["a"])
+    again = proposer.propose([ProposeItem("b", 0, [*prompt, answer[0]], 24, SamplingParams())])
+    assert again.drafts[0].tokens == answer[1:25]
+    other = proposer.propose([ProposeItem("c", 0, [*range(100, 130), answer[0]], 24, SamplingParams())])
+    assert len(other.drafts[0].tokens) <= 4
+
+
 def test_the_global_index_stays_bounded():
     proposer = SuffixProposer(global_tokens=100)
     for i in range(30):
