@@ -189,7 +189,7 @@ def compare(ours: list[Reply], peer: list[Reply], ours_rounds: list[dict], peer_
     pairs = [(r, theirs[(r.round, r.client, r.prompt)]) for r in ours if not r.error and (r.round, r.client, r.prompt)
              in theirs]
     timed = [(a, b) for a, b in pairs if a.tpot_ms is not None and b.tpot_ms is not None]
-    alike = [(a, b) for a, b in pairs if a.first_read == b.first_read]  # also for times that hold the TTFT
+    alike = [(a, b) for a, b in pairs if a.first_read == b.first_read]  # for the TTFT and every time holding it
     return {"tokens_per_s": ratio_ci([rd["output_tokens"] / rd["wall_s"] for rd in rounds],
                                      [tps[rd["round"]] for rd in rounds]),
             **{name: ratio_ci([a.ttft_ms for a, _ in alike], [b.ttft_ms for _, b in alike], stat=stat,
