@@ -5,15 +5,15 @@ one over the outputs of recently finished sessions, each after the last LONGEST_
 prompt (bounded, oldest out first): a prompt sent again (a retry, a regeneration, an agent's
 repeated call) matches its earlier answer's context whole and drafts that answer from its first
 step. To draft, the longest suffix of the session's tokens that occurred before (up to MAX_MATCH
-tokens, then followed back to LONGEST_MATCH) is looked up; the tokens that followed its
-occurrences form a frequency tree, and the draft follows the most frequent child at each depth.
-Each step's confidence is that child's frequency among the occurrences, with one unseen continuation counted at weight 1 / (tokens
-matched so far): a continuation seen once after a one-token match is a coin toss (1/2), after a
-24-token match near certain (24/25), and seen twenty times in twenty it is 20/21 whatever the
-match. Their product is the probability the planner and the calibration see; the draft stops where
-it falls below a floor, and is at most `alpha` times the match length long (a long match predicts a
-long copy; a one-token match, a short guess). The index is updated with each call's new tokens: no
-history is rescanned.
+tokens, then followed back to LONGEST_MATCH) is looked up; the tokens that followed its occurrences
+form a frequency tree, and the draft follows the most frequent child at each depth. Each step's
+confidence is that child's frequency among the occurrences, with one unseen continuation counted at
+weight 1 / (tokens matched so far): a continuation seen once after a one-token match is a coin toss
+(1/2), after a 24-token match near certain (24/25), and seen twenty times in twenty it is 20/21
+whatever the match. Their product is the probability the planner and the calibration see; the draft
+stops where it falls below a floor, and is at most `alpha` times the match length long (a long
+match predicts a long copy; a one-token match, a short guess). The index is updated with each
+call's new tokens: no history is rescanned.
 """
 
 from __future__ import annotations
