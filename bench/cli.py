@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--redis-url", default="", help="default: a fresh redis-server for the run")
     parser.add_argument("--loads", default="", help="system: comma-separated offered concurrencies (default 1,2,4,8)")
-    parser.add_argument("--policies", default="", help="system: comma-separated policies (default: all); runtime: ours in part serve")
+    parser.add_argument("--policies", default="", help="system: comma-separated policies (default: all); runtime: ours in parts policies and serve")
     parser.add_argument("--peers", default=None,
                         help="comma-separated llama-server variants ('' for none); runtime: those in part serve")
     parser.add_argument("--workload", default="all", choices=["all", "fresh", "edits"],
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="runtime, part serve: start the peers before our stack (start order weighs on decode speed)")
     parser.add_argument("--concurrency", default="", help="runtime: comma-separated client counts (default 1,4)")
     parser.add_argument("--rounds", type=int, default=0, help="runtime, parts serve and bursts: rounds per concurrency (default 3 and 4)")
+    parser.add_argument("--prompts", type=int, default=0,
+                        help="runtime, part policies: HumanEval and MT-Bench prompts per set (default 6)")
     parser.add_argument("--conversations", type=int, default=8,
                         help="runtime, part serve: two-turn MT-Bench conversations (0 skips)")
     parser.add_argument("--unused-drafter-pairs", type=int, default=None,
@@ -77,7 +79,11 @@ def runtime_config(args: argparse.Namespace, target: str, draft: str, redis_url:
         if unknown:
             raise SystemExit(f"--parts: unknown {', '.join(unknown)} (parts: {', '.join(runtime.PARTS)})")
     if args.policies:
-        rcfg.serve_policies = tuple(args.policies.split(","))
+        rcfg.policies = rcfg.serve_policies = tuple(args.policies.split(","))
+    if args.prompts:
+        rcfg.prompts_per_set = args.prompts
+    if "policies" in rcfg.parts and "off" not in rcfg.policies:
+        raise SystemExit("--policies: part policies compares each policy with off; name off too")
     if args.peers is not None:
         rcfg.serve_peers = tuple(p for p in args.peers.split(",") if p)
         unknown = [p for p in rcfg.serve_peers if p not in peers.VARIANTS]

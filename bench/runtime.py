@@ -8,8 +8,9 @@
    llama-cpp-python decode loop on the same GGUF file and thread count, at 1 and 4 concurrent
    requests, interleaved.
 3. Policies through the stack on HumanEval and MT-Bench prompts at 1 and 4 concurrent requests:
-   time per output token of each policy against `off` on the same prompts, policies in rotated
-   order, ratios with bootstrap 95% intervals.
+   time per output token and time to first token of each policy against `off` on the same prompts,
+   each policy and `off` alternated, ratios with bootstrap 95% intervals. Every request reads its
+   prompt in full, and no drafting policy meets a prompt another run has answered.
 4. The HTTP front against gRPC: the same streamed requests (plain decoding) over each, alternated,
    time per output token measured by the client.
 5. `serve`: the whole stack against llama.cpp's `llama-server` on eight chat requests of our own,
@@ -251,6 +252,51 @@ class Sample:
     tpot_ms: float
     drafted: int = 0
     accepted: int = 0
+    ttft_ms: float = 0.0
+    cached_share: float = 0.0  # of the prompt's tokens, those the prefix cache held
+
+
+def _headed(tokenizer, texts: list[str], run: int, chat: bool) -> list[list[int]]:
+    """The prompts as one run sends them: a first line naming the run (a code comment, or the chat's
+    system message), so two runs' prompts share no prefix beyond that line's first tokens."""
+    if not chat:
+        return [fit_prompt(tokenizer.encode(f"# run {run}\n{t}"), 96) for t in texts]
+    system = f"You are Qwen, created by Alibaba Cloud. You are a helpful assistant. Run {run}."
+    ids = [tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": t}],
+                                         add_generation_prompt=True) for t in texts]
+    return [list(c["input_ids"] if isinstance(c, dict) or hasattr(c, "keys") else c) for c in ids]
+
+
+def _policies(cfg: RuntimeBenchConfig, client: redis.Redis, stack: Stack, tokenizer) -> list[Sample]:
+    """Each drafting policy at each concurrency gets prompts of its own, which `off` answers too,
+    the two alternating group by group. No drafting run sees a prompt another has answered (the
+    drafter's index of earlier outputs would copy that answer), and each run's first line keeps the
+    other's KV from serving its prompt: every request reads its prompt in full."""
+    drafting = [p for p in cfg.policies if p != "off"]
+    sets = {"humaneval": (prompt_sets.humaneval(), False), "mt-bench": (prompt_sets.mt_bench(), True)}
+    need = len(cfg.concurrency) * len(drafting) * cfg.prompts_per_set
+    if any(len(texts) < need for texts, _ in sets.values()):
+        raise ValueError(f"part policies needs {need} prompts per set; have "
+                         + ", ".join(f"{len(t)} in {name}" for name, (t, _) in sets.items()))
+    samples = []
+    with tqdm(total=len(sets) * 2 * need, desc="policies") as bar:
+        for set_name, (texts, chat) in sets.items():
+            for c, n in enumerate(cfg.concurrency):
+                for j, policy in enumerate(drafting):
+                    first = (c * len(drafting) + j) * cfg.prompts_per_set
+                    own = texts[first : first + cfg.prompts_per_set]
+                    runs = {"off": _headed(tokenizer, own, 0, chat), policy: _headed(tokenizer, own, 1, chat)}
+                    for g in range(0, len(own), n):
+                        for p in ("off", policy) if (g // n) % 2 == 0 else (policy, "off"):
+                            set_policy(client, p)
+                            time.sleep(cfg.settle_s)
+                            for i, s in enumerate(asyncio.run(_round(stack.gateway_address, runs[p][g : g + n],
+                                                                     cfg.new_tokens))):
+                                samples.append(Sample("policy", p, set_name, n, first + g + i, s.tpot_ms,
+                                                      s.draft_tokens, s.accepted_tokens, s.ttft_ms,
+                                                      s.cached_tokens / max(s.prompt_tokens, 1)))
+                            bar.update(len(runs[p][g : g + n]))
+    return samples
 
 
 def stack_parts(cfg: RuntimeBenchConfig, tokenizer, results: dict) -> None:
@@ -261,9 +307,6 @@ def stack_parts(cfg: RuntimeBenchConfig, tokenizer, results: dict) -> None:
     stack = Stack(cfg.target, cfg.draft, cfg.redis_url, extra_env=env).start()
     samples: list[Sample] = []
     code = [fit_prompt(tokenizer.encode(t), 96) for t in prompt_sets.humaneval()[: cfg.prompts_per_set]]
-    chat = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
-            for t in prompt_sets.mt_bench()[: cfg.prompts_per_set]]
-    chat = [list(c["input_ids"] if isinstance(c, dict) or hasattr(c, "keys") else c) for c in chat]
     try:
         if "decode" in cfg.parts:
             gguf = find_gguf(cfg.target)
@@ -278,22 +321,7 @@ def stack_parts(cfg: RuntimeBenchConfig, tokenizer, results: dict) -> None:
                     samples.append(Sample("decode-stack", "off", "code", n, r, 1000 / stack_rate))
                     samples.append(Sample("decode-bare", "bare", "code", n, r, 1000 / bare_rate))
         if "policies" in cfg.parts:
-            sets = {"humaneval": code, "mt-bench": chat}
-            total = len(sets) * len(cfg.concurrency) * len(cfg.policies)
-            with tqdm(total=total * cfg.prompts_per_set, desc="policies") as bar:
-                for set_name, prompts in sets.items():
-                    for n in cfg.concurrency:
-                        for g in range(0, len(prompts), n):
-                            group = prompts[g : g + n]
-                            turn = g // n
-                            order = cfg.policies[turn % len(cfg.policies):] + cfg.policies[: turn % len(cfg.policies)]
-                            for policy in order:
-                                set_policy(client, policy)
-                                time.sleep(cfg.settle_s)
-                                for i, s in enumerate(asyncio.run(_round(stack.gateway_address, group, cfg.new_tokens))):
-                                    samples.append(Sample("policy", policy, set_name, n, g + i, s.tpot_ms,
-                                                          s.draft_tokens, s.accepted_tokens))
-                                bar.update(len(group))
+            samples += _policies(cfg, client, stack, tokenizer)
         if "http" in cfg.parts:
             set_policy(client, "off")
             time.sleep(cfg.settle_s)
@@ -377,16 +405,18 @@ def _policy_summary(samples: list[Sample], cfg: RuntimeBenchConfig) -> list[dict
     pol = [s for s in samples if s.part == "policy"]
     for set_name in ("humaneval", "mt-bench"):
         for n in cfg.concurrency:
-            base = {s.prompt: s.tpot_ms for s in pol if s.policy == "off" and s.prompt_set == set_name and s.concurrency == n}
+            base = {s.prompt: s for s in pol if s.policy == "off" and s.prompt_set == set_name and s.concurrency == n}
             for policy in cfg.policies:
                 mine = [s for s in pol if s.policy == policy and s.prompt_set == set_name and s.concurrency == n]
                 if not mine:
                     continue
-                # Speed against off = off's time per token / this policy's, per prompt.
-                ci = ratio_ci([base[s.prompt] for s in mine], [s.tpot_ms for s in mine])
+                # Speed against off = off's time per token (or to the first token) / this policy's, per prompt.
+                ci = ratio_ci([base[s.prompt].tpot_ms for s in mine], [s.tpot_ms for s in mine])
+                first = ratio_ci([base[s.prompt].ttft_ms for s in mine], [s.ttft_ms for s in mine])
                 drafted, accepted = sum(s.drafted for s in mine), sum(s.accepted for s in mine)
                 out.append({"prompt_set": set_name, "concurrency": n, "policy": policy,
                             "tpot_ms": statistics.mean(s.tpot_ms for s in mine),
+                            "ttft_ms": statistics.mean(s.ttft_ms for s in mine), "ttft": first,
                             "acceptance": accepted / drafted if drafted else None, "drafted": drafted, **ci})
     return out
 
@@ -441,13 +471,18 @@ def markdown(r: dict) -> str:
                               (f"{b['short']} TPOT ms", "short_tpot_ms"), (f"{b['long']} TPOT ms", "long_tpot_ms"),
                               f"{b['long']} / {b['short']}")
     if r.get("policies"):
-        lines += ["", "## Policies on llama.cpp: speed against `off` (off's time per token / the policy's)", "",
-                  "| prompts | concurrent | policy | TPOT ms | acceptance | speed vs off (95% CI) | verdict |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "## Policies on llama.cpp: speed against `off` (off's time per token, or to the first token, "
+                  "over the policy's; each prompt read in full by every policy)", "",
+                  "| prompts | concurrent | policy | TPOT ms | acceptance | speed vs off (95% CI) | verdict | TTFT ms "
+                  "| first token vs off (95% CI) | verdict |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in r["policies"]:
             acc = f"{p['acceptance']:.2f}" if p["acceptance"] is not None else "-"
+            first = p.get("ttft")
             lines.append(f"| {p['prompt_set']} | {p['concurrency']} | {p['policy']} | {p['tpot_ms']:.0f} | {acc} | "
-                         f"{p['ratio']:.3f} ({p['low']:.3f}-{p['high']:.3f}) | {p['verdict']} |")
+                         f"{p['ratio']:.3f} ({p['low']:.3f}-{p['high']:.3f}) | {p['verdict']} | "
+                         + (f"{p['ttft_ms']:.0f} | {first['ratio']:.3f} ({first['low']:.3f}-{first['high']:.3f}) | "
+                            f"{first['verdict']} |" if first else "- | - | - |"))
     if r.get("serve"):
         lines += serve.markdown(r["serve"], m, r["threads"])
     if r.get("pages"):

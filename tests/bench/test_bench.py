@@ -257,6 +257,11 @@ def test_smoke_run_of_the_runtime_bench_on_tiny_models(tiny_dir, redis_url, tmp_
     assert [d["concurrency"] for d in report["decode"]] == [1, 2] and all(d["ratio"] > 0 for d in report["decode"])
     assert {(p["prompt_set"], p["concurrency"], p["policy"]) for p in report["policies"]} == {
         (s, n, p) for s in ("humaneval", "mt-bench") for n in (1, 2) for p in ("off", "adaptive")}
+    # Each policy read every prompt in full (its own first line keeps the other's KV from serving it),
+    # and its first tokens are compared with off's on the same prompts.
+    policy = [s for s in report["samples"] if s["part"] == "policy"]
+    assert len(policy) == 2 * 2 * 2 * 2 and max(s["cached_share"] for s in policy) < 0.9
+    assert all(p["ttft"]["n"] == 2 and p["ttft_ms"] > 0 for p in report["policies"])
     assert [h["concurrency"] for h in report["http"]] == [1, 2] and all(h["ratio"] > 0 for h in report["http"])
     # both burst lengths ran the serving prompts in every round, paired per request
     assert [(b["concurrency"], b["short"], b["long"]) for b in report["bursts"]] == [(1, 1, 4), (2, 1, 4)]
