@@ -4,7 +4,9 @@ Each session keeps an index of its own tokens (prompt and output so far), and th
 one over the outputs of recently finished sessions, each after the last LONGEST_MATCH tokens of its
 prompt (bounded, oldest out first): a prompt sent again (a retry, a regeneration, an agent's
 repeated call) matches its earlier answer's context whole and drafts that answer from its first
-step. To draft, the longest suffix of the session's tokens that occurred before (up to MAX_MATCH
+step. A match over part of a stored tail counts only from that answer's start: another prompt that
+ends the same way (a chat template's closing tokens, which end every prompt) says nothing of its
+answer. To draft, the longest suffix of the session's tokens that occurred before (up to MAX_MATCH
 tokens, then followed back to LONGEST_MATCH) is looked up; the tokens that followed its occurrences
 form a frequency tree, and the draft follows the most frequent child at each depth. Each step's
 confidence is that child's frequency among the occurrences, with one unseen continuation counted at
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from bisect import bisect_right
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
@@ -42,6 +45,14 @@ class SuffixIndex:
 
     tokens: list[int] = field(default_factory=list)
     follows: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    # The global index: where each stored output's prompt tail starts (ascending), and its answer.
+    tails: list[int] = field(default_factory=list)
+    answers: list[int] = field(default_factory=list)
+
+    def add_output(self, tail: list[int], answer: list[int]) -> None:
+        self.tails.append(len(self.tokens))
+        self.answers.append(len(self.tokens) + len(tail))
+        self.extend([*tail, *answer, SEPARATOR])
 
     def extend(self, new: list[int]) -> None:
         for token in new:
@@ -58,12 +69,21 @@ class SuffixIndex:
         LONGEST_MATCH) and where its most recent occurrences continue (positions into `tokens`)."""
         for m in range(min(MAX_MATCH, len(tail)), 0, -1):
             starts = [p for p in self.follows.get(hash(tuple(tail[-m:])), ()) if p < len(self.tokens)]
-            if starts:
-                starts = starts[-MAX_OCCURRENCES:]
-                if m == MAX_MATCH:
-                    m = max(self._matched_back(tail, p, m) for p in starts)
-                return m, starts
+            lengths = [self._matched_back(tail, p, m) if m == MAX_MATCH else m for p in starts[-MAX_OCCURRENCES:]]
+            counted = [(p, self._counted(p, n)) for p, n in zip(starts[-MAX_OCCURRENCES:], lengths)]
+            counted = [(p, n) for p, n in counted if n > 0]
+            if counted:
+                return max(n for _, n in counted), [p for p, _ in counted]
         return 0, []
+
+    def _counted(self, end: int, m: int) -> int:
+        """Of `m` tokens matched before `end`, those that count: all, unless the match starts inside
+        a stored prompt tail past its first token (another prompt that only ends the same way); then
+        those from the answer's start on."""
+        i = bisect_right(self.tails, end - m) - 1
+        if i < 0 or end - m == self.tails[i] or end - m >= self.answers[i]:
+            return m
+        return max(end - self.answers[i], 0)
 
     def _matched_back(self, tail: list[int], end: int, m: int) -> int:
         """How far the occurrence ending at `end` matches `tail` backwards, from `m` known tokens."""
@@ -185,14 +205,15 @@ class SuffixProposer:
         for sid in session_ids:
             session = self.sessions.get(sid)
             if session is not None:
-                self._add_output(session.index.tokens[max(session.prompt_len - LONGEST_MATCH, 0) :])
+                tokens, answer = session.index.tokens, session.prompt_len
+                self._add_output(tokens[max(answer - LONGEST_MATCH, 0) : answer], tokens[answer:])
         return self.sessions.release(session_ids)
 
-    def _add_output(self, output: list[int]) -> None:
-        """A finished session's output (after its prompt's tail) joins the global index (the oldest
+    def _add_output(self, tail: list[int], answer: list[int]) -> None:
+        """A finished session's output, after its prompt's tail, joins the global index (the oldest
         outputs leave it)."""
-        if not output:
+        if not answer:
             return
-        if len(self.generations[-1].tokens) + len(output) + 1 > self.global_tokens // 2:
+        if len(self.generations[-1].tokens) + len(tail) + len(answer) + 1 > self.global_tokens // 2:
             self.generations.append(SuffixIndex())
-        self.generations[-1].extend([*output, SEPARATOR])
+        self.generations[-1].add_output(tail, answer)

@@ -119,6 +119,21 @@ def test_a_prompt_sent_again_drafts_its_earlier_answer_from_the_first_step():
     assert len(other.drafts[0].tokens) <= 4
 
 
+def test_a_prompt_that_only_ends_like_a_stored_one_counts_the_match_from_the_answer_on():
+    """Chat prompts all end with the template's closing tokens: matching them says nothing of
+    another request's answer, so the match counts only its tokens past that answer's start."""
+    proposer = SuffixProposer()
+    closing, answer = [90, 91, 92, 93, 94, 95, 96], list(range(40, 70))
+    proposer.propose([ProposeItem("a", 0, [*range(1, 31), *closing, answer[0]], 0, SamplingParams())])
+    proposer.propose([ProposeItem("a", 38, answer[1:], 0, SamplingParams())])
+    proposer.release(["a"])
+    other = [*range(100, 130), *closing, answer[0]]  # another question, the same closing and first token
+    first = proposer.propose([ProposeItem("b", 0, other, 24, SamplingParams())])
+    assert first.drafts[0].tokens == []  # counted, the 8-token match would draft 24 tokens
+    later = proposer.propose([ProposeItem("b", len(other), answer[1:3], 24, SamplingParams())])
+    assert later.drafts[0].tokens == answer[3:11]  # two answer tokens matched: alpha 4 x 2
+
+
 def test_the_global_index_stays_bounded():
     proposer = SuffixProposer(global_tokens=100)
     for i in range(30):
