@@ -650,14 +650,10 @@ class Scheduler(Background):
 
     def _record(self, step: "_Step", out: VerifyOutput) -> None:
         step_ms = (time.perf_counter() - step.started) * 1000
-        probe_ms = 0.0
-        if step.explored:
-            n = len(step.views)
-            probe_ms = self.planner.step_ms(step.views, [1] * n, free=step.free) - self.planner.step_ms(step.views, [0] * n)
-            # The drafter's catch-up on histories it had not read is part of the probe's price.
-            probe_ms += self.planner.strategy.cost.t_positions(step.catchup) * self.planner.time_scale \
-                if step.catchup else 0.0
-        self.planner.observe_step(step.predicted_ms, step_ms / out.forwards, probe_ms, out.forwards)
+        probe_ms = self.planner.probe_ms(step.views, step.free, step.catchup, step_ms / out.forwards) \
+            if step.explored else 0.0
+        self.planner.observe_step(step.predicted_ms, step_ms / out.forwards, probe_ms, out.forwards,
+                                  prompt=step.prompt_tokens > 0)
         self.step_id += 1
         self.on_step(StepRecord(
             step_id=self.step_id, batch_size=len(step.seqs), verified_positions=out.verified_positions,

@@ -74,17 +74,30 @@ class Planner:
         return CONTROLLERS.get(self.strategy.mode)
 
     # --- state kept between steps --------------------------------------------------------------
-    def observe_step(self, predicted_ms: float, measured_ms: float, probe_ms: float = 0.0, forwards: int = 1) -> None:
+    def observe_step(self, predicted_ms: float, measured_ms: float, probe_ms: float = 0.0, forwards: int = 1,
+                     prompt: bool = False) -> None:
         """Correct the cost model online: an exponential mean of measured over predicted step time
         (the policy refits the coefficients; this keeps predictions honest between publications).
         `measured_ms`: per forward, of the step's `forwards` (a decode burst runs several);
-        `probe_ms`: the predicted extra time of the step's exploration drafts."""
-        if self.strategy.mode in COST_MODES:  # only the exploring controllers' decoding earns them budget
+        `probe_ms`: the extra time of the step's exploration drafts; `prompt`: the step read prompt
+        tokens, whose time is no decoding to take exploration budget from."""
+        # Only the exploring controllers' decoding earns them budget.
+        if self.strategy.mode in COST_MODES and not prompt:
             self.decode_ms = EXPLORE_DECAY * self.decode_ms + measured_ms * forwards
             self.explored_ms = EXPLORE_DECAY * self.explored_ms + probe_ms
         if predicted_ms > 0 and measured_ms > 0:
             ratio = min(max(measured_ms / (predicted_ms / self.time_scale), MIN_TIME_SCALE), MAX_TIME_SCALE)
             self.time_scale = (1 - TIME_SCALE_WEIGHT) * self.time_scale + TIME_SCALE_WEIGHT * ratio
+
+    def probe_ms(self, sessions: list[SessionView], free: bool, catchup: int, measured_ms: float) -> float:
+        """What a probe step costs the exploration budget: its predicted time over a plain step's,
+        the drafter's catch-up on `catchup` unread tokens included, or its measured time over the
+        plain step's where that is more (a cost model that prices drafting low would otherwise let
+        the probes overrun their share)."""
+        n = len(sessions)
+        reading = self.strategy.cost.t_positions(catchup) * self.time_scale if catchup else 0.0
+        predicted = self.step_ms(sessions, [1] * n, free=free) + reading
+        return max(predicted, measured_ms) - self.step_ms(sessions, [0] * n)
 
     def may_explore(self, extra_ms: float) -> bool:
         """Whether a probe step costing `extra_ms` more than plain decoding stays within the

@@ -238,6 +238,30 @@ def test_decoding_under_a_mode_that_never_explores_earns_no_exploration_budget()
     assert planner.may_explore(45.0)
 
 
+def test_steps_that_read_prompts_earn_no_exploration_budget():
+    """A prompt's reading is no decoding: however long the prefills, only decode steps make the
+    time that 2% of goes to probes."""
+    model = CostModel(draft_fixed=37.5, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=STEEP)
+    planner = Planner(Strategy(mode="adaptive", cost=model, mean_confidence=0.3))
+    for _ in range(1000):
+        planner.observe_step(2000.0, 2000.0, prompt=True)
+    assert planner.decode_ms == 0 and not planner.may_explore(45.0)
+    for _ in range(100):
+        planner.observe_step(75.0, 75.0)
+    assert planner.may_explore(45.0)
+
+
+def test_a_probe_is_charged_its_predicted_extra_time_or_what_it_measured_where_that_is_more():
+    model = CostModel(draft_fixed=37.5, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=STEEP)
+    planner = Planner(Strategy(mode="adaptive", cost=model))
+    views = [SessionView("a", 50)]
+    plain, one = planner.step_ms(views, [0]), planner.step_ms(views, [1])
+    assert planner.probe_ms(views, False, 0, measured_ms=plain) == pytest.approx(one - plain)
+    assert planner.probe_ms(views, False, 0, measured_ms=one + 100.0) == pytest.approx(one + 100.0 - plain)
+    reading = model.t_positions(400)  # the drafter read 400 tokens first
+    assert planner.probe_ms(views, False, 400, measured_ms=plain) == pytest.approx(one + reading - plain)
+
+
 def test_free_drafts_all_pruned_are_probed_within_the_budget_so_a_low_calibration_can_recover():
     """A calibration that a few rejections set low prices a confident copy at 5% per slot, so
     prune keeps none of it; within the exploration budget a step now and then verifies the first
