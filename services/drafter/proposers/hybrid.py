@@ -24,8 +24,8 @@ class HybridProposer:
 
     hybrid = True
 
-    def __init__(self, runtime: Runtime, **kwargs):
-        self.suffix = SuffixProposer(**kwargs)
+    def __init__(self, runtime: Runtime, stop_tokens: tuple[int, ...] = (), **kwargs):
+        self.suffix = SuffixProposer(stop_tokens=stop_tokens, **kwargs)
         self.model = DraftModelProposer(runtime, **kwargs)
         self.last: dict[str, str] = {}  # per session: which proposer drafted its last round
 

@@ -148,8 +148,11 @@ class SuffixProposer:
     # ramp to them (alpha x the match, which grows by what the step accepts) is one at the dear
     # sizes. The floor and the slot budget still cut a short match's long guess.
     def __init__(self, alpha: float = 4.0, floor: float = 0.1, global_tokens: int = 32768,
-                 session_ttl_s: float = SESSION_TTL_S):
+                 session_ttl_s: float = SESSION_TTL_S, stop_tokens: tuple[int, ...] = ()):
         self.alpha, self.floor, self.global_tokens = alpha, floor, global_tokens
+        # A draft ends at the model's end-of-sequence tokens: an answer that quotes the end of its
+        # question would otherwise draft the chat template's closing tokens that followed it there.
+        self.stop = frozenset(stop_tokens)
         self.sessions: SessionTable[_Session] = SessionTable(session_ttl_s)
         # Finished sessions' outputs in two generations of up to half the budget each: when the
         # newer fills, the older is dropped whole (no index is ever rebuilt, so no release stalls).
@@ -195,7 +198,7 @@ class SuffixProposer:
             budget = min(room, math.ceil(self.alpha * m))
             if budget <= 0:
                 continue
-            tokens, confidences = draft_from(index, starts, budget, max(self.floor, item.stop_confidence), m)
+            tokens, confidences = draft_from(index, starts, budget, max(self.floor, item.stop_confidence), m, self.stop)
             score = expected_accepted(confidences)
             if score > best_score:
                 best, best_score = (tokens, confidences), score

@@ -134,6 +134,18 @@ def test_a_prompt_that_only_ends_like_a_stored_one_counts_the_match_from_the_ans
     assert later.drafts[0].tokens == answer[3:11]  # two answer tokens matched: alpha 4 x 2
 
 
+def test_a_draft_ends_at_an_end_of_sequence_token():
+    """An answer that quotes the end of its question would otherwise go on to draft the chat
+    template's closing tokens that followed the question in the prompt."""
+    end, closing = 151645, [151645, 198, 151644, 77091, 198]
+    prompt = [*range(1, 20), 30, 31, 32, *closing]
+    for stop, drafted in (((end,), [32, end]), ((), [32, *closing, 30, 31])):
+        proposer = SuffixProposer(stop_tokens=stop)
+        proposer.propose([ProposeItem("a", 0, prompt, 0, SamplingParams())])
+        out = proposer.propose([ProposeItem("a", len(prompt), [30, 31], 8, SamplingParams())])
+        assert out.drafts[0].tokens == drafted
+
+
 def test_the_global_index_stays_bounded():
     proposer = SuffixProposer(global_tokens=100)
     for i in range(30):
