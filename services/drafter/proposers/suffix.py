@@ -66,11 +66,11 @@ class SuffixIndex:
 
     def continuations(self, tail: list[int]) -> tuple[int, list[int]]:
         """The longest suffix of `tail` that occurred here with a continuation: its length (up to
-        LONGEST_MATCH) and where its most recent occurrences continue (positions into `tokens`)."""
+        LONGEST_MATCH, as `_counted` counts it) and where its most recent occurrences continue
+        (positions into `tokens`)."""
         for m in range(min(MAX_MATCH, len(tail)), 0, -1):
-            starts = [p for p in self.follows.get(hash(tuple(tail[-m:])), ()) if p < len(self.tokens)]
-            lengths = [self._matched_back(tail, p, m) if m == MAX_MATCH else m for p in starts[-MAX_OCCURRENCES:]]
-            counted = [(p, self._counted(p, n)) for p, n in zip(starts[-MAX_OCCURRENCES:], lengths)]
+            starts = [p for p in self.follows.get(hash(tuple(tail[-m:])), ()) if p < len(self.tokens)][-MAX_OCCURRENCES:]
+            counted = [(p, self._counted(p, self._matched_back(tail, p, m) if m == MAX_MATCH else m)) for p in starts]
             counted = [(p, n) for p, n in counted if n > 0]
             if counted:
                 return max(n for _, n in counted), [p for p, _ in counted]
