@@ -261,7 +261,7 @@ def _headed(tokenizer, texts: list[str], run: int, chat: bool) -> list[list[int]
     system message), so two runs' prompts share no prefix beyond that line's first tokens."""
     if not chat:
         return [fit_prompt(tokenizer.encode(f"# run {run}\n{t}"), 96) for t in texts]
-    system = f"You are Qwen, created by Alibaba Cloud. You are a helpful assistant. Run {run}."
+    system = f"You are a helpful assistant. Run {run}."
     ids = [tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": t}],
                                          add_generation_prompt=True) for t in texts]
     return [list(c["input_ids"] if isinstance(c, dict) or hasattr(c, "keys") else c) for c in ids]
@@ -290,12 +290,12 @@ def _policies(cfg: RuntimeBenchConfig, client: redis.Redis, stack: Stack, tokeni
                         for p in ("off", policy) if (g // n) % 2 == 0 else (policy, "off"):
                             set_policy(client, p)
                             time.sleep(cfg.settle_s)
-                            for i, s in enumerate(asyncio.run(_round(stack.gateway_address, runs[p][g : g + n],
-                                                                     cfg.new_tokens))):
+                            group = runs[p][g : g + n]
+                            for i, s in enumerate(asyncio.run(_round(stack.gateway_address, group, cfg.new_tokens))):
                                 samples.append(Sample("policy", p, set_name, n, first + g + i, s.tpot_ms,
                                                       s.draft_tokens, s.accepted_tokens, s.ttft_ms,
                                                       s.cached_tokens / max(s.prompt_tokens, 1)))
-                            bar.update(len(runs[p][g : g + n]))
+                            bar.update(len(group))
     return samples
 
 
