@@ -20,10 +20,12 @@ NAME = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"].full_name
 
 
 def build(config: ModelServiceConfig, loaded: LoadedModel) -> Proposer:
-    stops = {"stop_tokens": tuple(loaded.eos_token_ids)} if config.proposer in ("suffix", "hybrid") else {}
-    if config.proposer in ("ngram", "suffix"):
-        return make_proposer(config.proposer, session_ttl_s=config.session_ttl_s, **stops)
-    return make_proposer(config.proposer, runtime=loaded.runtime, session_ttl_s=config.session_ttl_s, **stops)
+    kwargs: dict = {"session_ttl_s": config.session_ttl_s}
+    if config.proposer in ("suffix", "hybrid"):
+        kwargs["stop_tokens"] = tuple(loaded.eos_token_ids)
+    if config.proposer in ("draft_model", "hybrid"):
+        kwargs["runtime"] = loaded.runtime
+    return make_proposer(config.proposer, **kwargs)
 
 
 def warm(proposer: Proposer) -> None:
