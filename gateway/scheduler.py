@@ -298,7 +298,7 @@ class Scheduler(Background):
         them (an upper bound: the draft model is the smaller one)."""
         k = max(i.max_draft_tokens for i in items)
         cost = self.planner.strategy.cost
-        predicted_s = (cost.t_draft(len(items), k) + cost.t_positions(catchup)) * self.planner.time_scale / 1000
+        predicted_s = (cost.t_draft(len(items), k) + cost.t_positions(catchup, prompt=True)) * self.planner.time_scale / 1000
         allowed = max(self.config.draft_timeout_floor_s, self.config.draft_timeout_factor * predicted_s)
         return min(self._timeout(seqs), allowed)
 

@@ -48,11 +48,13 @@ def _validate_cost(cost: "CostModel") -> None:
     buckets = [_int("cost.shape_buckets", b) for b in cost.shape_buckets]
     if any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
         raise InvalidArgument("cost.shape_buckets", "must be positive, increasing and unique")
-    positions = [_int("cost.verify_table", p) for p, _ in cost.verify_table]
-    if any(p <= 0 for p in positions) or positions != sorted(set(positions)):
-        raise InvalidArgument("cost.verify_table", "positions must be positive, increasing and unique")
-    if any(_number("cost.verify_table", t) <= 0 for _, t in cost.verify_table):
-        raise InvalidArgument("cost.verify_table", "every time must be > 0")
+    for name in ("verify_table", "prompt_table"):
+        table = getattr(cost, name)
+        positions = [_int(f"cost.{name}", p) for p, _ in table]
+        if any(p <= 0 for p in positions) or positions != sorted(set(positions)):
+            raise InvalidArgument(f"cost.{name}", "positions must be positive, increasing and unique")
+        if any(_number(f"cost.{name}", t) <= 0 for _, t in table):
+            raise InvalidArgument(f"cost.{name}", "every time must be > 0")
     if not isinstance(cost.draft_free, bool):
         raise InvalidArgument("cost.draft_free", f"must be true or false, got {cost.draft_free!r}")
     if not cost.verify_table and cost.verify_fixed + cost.verify_per_pos <= 0:
@@ -71,11 +73,14 @@ class CostModel:
     or, for a free proposer (`draft_free`: suffix or n-gram lookup, no model), one call whatever k:
     T_draft(n, k) = draft_fixed + draft_per_seq * n
     T_verify(N, ctx) = table(pad(N)) + verify_per_ctx * ctx, where N is the verified positions and
-    ctx the summed context of the batch. `verify_table` holds measured (N, ms at ctx 0) points;
-    between them the time is interpolated, and a larger shape that measured cheaper than a smaller
-    one sets the smaller one's time too (more positions can be cheaper: kernel shapes). Without a
-    table, T is the line verify_fixed + verify_per_pos * N. pad(N) is the smallest shape bucket
-    holding N (N itself when there are no buckets).
+    ctx the summed context of the batch. `verify_table` holds measured (N, ms at ctx 0) points of
+    forwards that compute a logits row per position (decode and verify steps); between them the
+    time is interpolated, and a larger shape that measured cheaper than a smaller one sets the
+    smaller one's time too (more positions can be cheaper: kernel shapes). Without a table, T is the
+    line verify_fixed + verify_per_pos * N. pad(N) is the smallest shape bucket holding N (N itself
+    when there are no buckets). A forward that reads prompt tokens computes one logits row per
+    prompt, which on a CPU costs about half a verify of as many positions: `prompt_table` holds
+    those, and prices them where it has points, never above a verify of the same size.
     """
 
     draft_fixed: float = 78.0
@@ -86,6 +91,7 @@ class CostModel:
     shape_buckets: tuple[int, ...] = ()
     verify_table: tuple[tuple[int, float], ...] = ()  # (positions, ms), positions increasing
     draft_free: bool = False
+    prompt_table: tuple[tuple[int, float], ...] = ()  # (positions, ms) of forwards that read prompts
 
     def pad(self, positions: int) -> int:
         if not self.shape_buckets or positions > self.shape_buckets[-1]:
@@ -98,33 +104,44 @@ class CostModel:
         per_call = self.draft_fixed + self.draft_per_seq * n
         return per_call if self.draft_free else k * per_call
 
-    def t_verify(self, positions: int, ctx: int) -> float:
-        return self.t_positions(self.pad(positions)) + self.verify_per_ctx * ctx
+    def t_verify(self, positions: int, ctx: int, prompt: bool = False) -> float:
+        """`prompt`: the forward reads prompt tokens (most of its positions are theirs)."""
+        return self.t_positions(positions if prompt else self.pad(positions), prompt) + self.verify_per_ctx * ctx
 
     @cached_property
-    def _envelope(self) -> tuple[list[int], list[float]]:
-        """The table's positions and its lower envelope (each time the least of it and larger shapes')."""
-        xs = [p for p, _ in self.verify_table]
-        return xs, [min(t for _, t in self.verify_table[i:]) for i in range(len(xs))]
+    def _envelopes(self) -> tuple[tuple[list[int], list[float]], tuple[list[int], list[float]]]:
+        """Each table's positions and its lower envelope (each time the least of it and larger shapes')."""
+        return tuple(([p for p, _ in table], [min(t for _, t in table[i:]) for i in range(len(table))])
+                     for table in (self.verify_table, self.prompt_table))
 
-    def t_positions(self, n: int) -> float:
-        """Verify time of n positions at context 0: the table's lower envelope, interpolated."""
+    def t_positions(self, n: int, prompt: bool = False) -> float:
+        """Forward time of n positions at context 0: a table's lower envelope, interpolated; for
+        `prompt` tokens the prompt table's, never above a verify's where verifies were measured."""
         if not self.verify_table:
-            return self.verify_fixed + self.verify_per_pos * n
-        xs, env = self._envelope
-        if n <= xs[0]:
-            return env[0]
-        if n >= xs[-1]:
-            slope = (env[-1] - env[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else self.verify_per_pos
-            return env[-1] + max(slope, 0.0) * (n - xs[-1])
-        i = bisect.bisect_left(xs, n)
-        return env[i - 1] + (env[i] - env[i - 1]) * (n - xs[i - 1]) / (xs[i] - xs[i - 1])
+            verify = self.verify_fixed + self.verify_per_pos * n
+        else:
+            verify = _interpolate(*self._envelopes[0], n, self.verify_per_pos)
+        if not prompt or not self.prompt_table:
+            return verify
+        chunk = _interpolate(*self._envelopes[1], n, self.verify_per_pos)
+        return min(verify, chunk) if self.verify_table and n <= self.verify_table[-1][0] else chunk
 
     def buckets_from_table(self) -> tuple[int, ...]:
         """The verify shapes: table positions after which one more position costs SHAPE_STEP more."""
         xs = [p for p, _ in self.verify_table]
         return tuple(p for p, q in zip(xs, xs[1:])
                      if self.t_positions(p + 1) > self.t_positions(p) * (1 + SHAPE_STEP) and q == p + 1)
+
+
+def _interpolate(xs: list[int], env: list[float], n: int, slope: float) -> float:
+    """The envelope at n, interpolated between points; past the last, on the last two points' slope."""
+    if n <= xs[0]:
+        return env[0]
+    if n >= xs[-1]:
+        slope = (env[-1] - env[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else slope
+        return env[-1] + max(slope, 0.0) * (n - xs[-1])
+    i = bisect.bisect_left(xs, n)
+    return env[i - 1] + (env[i] - env[i - 1]) * (n - xs[i - 1]) / (xs[i] - xs[i - 1])
 
 
 @dataclass(frozen=True)
@@ -241,7 +258,8 @@ class Strategy:
                 raise TypeError("cost and calibrations must be JSON objects")
             cost = CostModel(**cost_doc)
             cost = replace(cost, shape_buckets=tuple(cost.shape_buckets),
-                           verify_table=tuple((p, t) for p, t in cost.verify_table))
+                           verify_table=tuple((p, t) for p, t in cost.verify_table),
+                           prompt_table=tuple((p, t) for p, t in cost.prompt_table))
             cals = {name: Calibration(tuple(c.get("raw", (0.0, 1.0))), tuple(c.get("survival", (0.0, 1.0))))
                     for name, c in cals.items()}
             return cls(**doc, cost=cost, **cals).validate()

@@ -32,7 +32,7 @@ OVERRIDE_REASONS = {"off": "speculation off for this request", "static": "static
 TIME_SCALE_WEIGHT = 0.3
 # While drafting looks unprofitable, at most this share of decode time goes to probe drafts, so
 # the acceptance estimates stay true (a gate closed by a prior would otherwise never learn).
-EXPLORE_SHARE = 0.02
+EXPLORE_SHARE = 0.01
 EXPLORE_DECAY = 0.995  # per step: the budget's window is a few hundred steps
 MIN_TIME_SCALE, MAX_TIME_SCALE = 0.01, 100.0
 
@@ -95,7 +95,7 @@ class Planner:
         plain step's where that is more (a cost model that prices drafting low would otherwise let
         the probes overrun their share)."""
         n = len(sessions)
-        reading = self.strategy.cost.t_positions(catchup) * self.time_scale if catchup else 0.0
+        reading = self.strategy.cost.t_positions(catchup, prompt=True) * self.time_scale if catchup else 0.0
         predicted = self.step_ms(sessions, [1] * n, free=free) + reading
         return max(predicted, measured_ms) - self.step_ms(sessions, [0] * n)
 
@@ -127,7 +127,7 @@ class Planner:
         drafting = 0 if free else max(ks, default=0)
         prompt = self.prompt_tokens if prompt_tokens is None else prompt_tokens
         positions = sum(k + 1 for k in ks) + prompt
-        return (cost.t_draft(len(sessions), drafting) + cost.t_verify(positions, ctx)) * self.time_scale
+        return (cost.t_draft(len(sessions), drafting) + cost.t_verify(positions, ctx, prompt=prompt > 0)) * self.time_scale
 
     def slo_cap_k(self, sessions: list[SessionView], free: bool = False) -> int:
         """The largest uniform k whose predicted step time fits the tightest TPOT SLO (0 always fits).
@@ -154,7 +154,7 @@ class Planner:
         if cost.draft_free:
             return 0.0
         speed = min(cost.t_draft(1, 1) / max(cost.t_positions(1), 1e-9), 1.0)
-        return sum(cost.t_positions(v.unread) / (v.remaining if amortized else 1) for v in sessions
+        return sum(cost.t_positions(v.unread, prompt=True) / (v.remaining if amortized else 1) for v in sessions
                    if self._catching_up(v)) * speed * self.time_scale
 
     def catchup_tokens(self, sessions: list[SessionView]) -> int:

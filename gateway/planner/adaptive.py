@@ -92,7 +92,7 @@ class Adaptive(Controller):
         for c, _, _ in slots:
             gains.append(gains[-1] + c)
         best = max(range(len(slots), -1, -1),  # ties: the most slots
-                   key=lambda m: gains[m] / (draft_ms + cost.t_verify(positions + m, ctx)))
+                   key=lambda m: gains[m] / (draft_ms + cost.t_verify(positions + m, ctx, prompt=p.prompt_tokens > 0)))
         plan = {k: keep[k] for k in fixed} | {k: 0 for k in auto}
         for _, _, k in slots[:best]:
             plan[k] += 1

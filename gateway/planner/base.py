@@ -126,4 +126,5 @@ def efficiency(p: Planner, sessions: list[SessionView], drafted: dict[str, Draft
     cost = p.strategy.cost
     cums = [drafted[k].cumulative()[: plan[k]] for k in plan]
     ctx = sum(v.context for v in sessions)
-    return expected_tokens(cums) / (draft_ms + cost.t_verify(sum(plan.values()) + len(sessions) + p.prompt_tokens, ctx))
+    return expected_tokens(cums) / (draft_ms + cost.t_verify(sum(plan.values()) + len(sessions) + p.prompt_tokens, ctx,
+                                                                 prompt=p.prompt_tokens > 0))

@@ -1,9 +1,10 @@
 """Estimators fitted from step records (pure numpy; no torch).
 
-- CostEstimator: T_draft = steps * (draft_fixed + draft_per_seq * n), least squares; T_verify as a
-  measured table by verified positions N (median time of each N seen, brought to context 0 by the
-  per-context slope fitted within each N), with the shape buckets where its cost steps up; coefficients kept
-  non-negative, over a window of recent steps.
+- CostEstimator: T_draft = steps * (draft_fixed + draft_per_seq * n), least squares; T_verify as
+  measured tables by verified positions N (median time of each N seen, brought to context 0 by the
+  per-context slope fitted within each N), one of decode and verify forwards, with the shape buckets
+  where its cost steps up, and one of forwards that read prompts; coefficients kept non-negative,
+  over a window of recent steps.
 - CalibrationEstimator: observed survival of draft positions against their raw cumulative
   confidence, in bins shrunk toward the proposer's overall survived / expected ratio, made
   monotone; the map Ĉ = f(C).
@@ -32,13 +33,20 @@ def _nonneg_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(coef, 0, None)
 
 
+SLOPE_MIN_SAMPLES = 8  # steps of one shape before its contexts enter the per-context slope
+
+
 def _within_shape_slope(v: np.ndarray) -> float:
     """Forward time per context token, from rows of the same number of positions only (pooled over
     shapes, never negative; 0 where no shape was seen at two contexts). Bigger batches hold more
-    context, so a slope fitted across shapes would charge context for the batch's own cost."""
+    context, so a slope fitted across shapes would charge context for the batch's own cost. Shapes
+    seen fewer than SLOPE_MIN_SAMPLES times are left out: two steps of a rare shape at two contexts
+    would read their noise as the context's cost."""
     cov = var = 0.0
     for n in np.unique(v[:, 1]):
         rows = v[v[:, 1] == n]
+        if len(rows) < SLOPE_MIN_SAMPLES:
+            continue
         dc = rows[:, 2] - rows[:, 2].mean()
         cov += float(dc @ (rows[:, 3] - rows[:, 3].mean()))
         var += float(dc @ dc)
@@ -47,8 +55,8 @@ def _within_shape_slope(v: np.ndarray) -> float:
 
 WINDOW = 500  # recent observations kept per part: a few minutes of steps, enough for every shape
 TABLE_MIN_SAMPLES = 2  # observations of one shape before its time enters the table
-# The line (and its per-context slope) is fitted on decode and verify shapes; prompt chunks, whose
-# cost is mostly their own tokens, enter the table only.
+# The line (and its per-context slope) is fitted on decode and verify shapes; forwards that read
+# prompts (one logits row per prompt, where a verify computes one per position) enter their own table.
 LINE_MAX_POSITIONS = 32
 
 
@@ -64,9 +72,10 @@ class CostEstimator:
     draft_free: bool = False  # the drafts observed last came from a free proposer (one call, no model)
 
     def observe(self, batch: int, draft_steps: int, draft_ms: float, positions: int, context: int, verify_ms: float,
-                profile: bool = False, free: bool = False) -> None:
+                profile: bool = False, free: bool = False, prompt: bool = False) -> None:
         """A step's (or a profile's) draft and forward times; `free`: the drafts came from a free
-        proposer, whose time is per call (draft_steps is 0 there)."""
+        proposer, whose time is per call (draft_steps is 0 there); `prompt`: the forward read prompt
+        tokens."""
         if free != self.draft_free and (free or draft_steps > 0):
             self.draft.clear()  # another proposer: its costs start over
             self.draft_free = free
@@ -74,7 +83,7 @@ class CostEstimator:
         if steps > 0 and draft_ms > 0 and batch > 0:
             self.draft.append((steps, steps * batch, draft_ms))
         if positions > 0 and verify_ms > 0:
-            (self.profile if profile else self.verify).append((1.0, positions, context, verify_ms))
+            (self.profile if profile else self.verify).append((1.0, positions, context, verify_ms, float(prompt)))
 
     def fit(self) -> CostModel:
         """The prior until there are enough distinct observations for each part."""
@@ -86,24 +95,26 @@ class CostEstimator:
         elif len(d) >= 3:  # one batch size seen: per-step time only
             c = replace(c, draft_fixed=float(np.mean(d[:, 2] / d[:, 0])), draft_per_seq=0.0)
         c = replace(c, draft_free=self.draft_free)
-        v = np.array([*self.profile, *self.verify], dtype=float).reshape(-1, 4)
-        v = v[v[:, 1] <= LINE_MAX_POSITIONS]
+        v = np.array([*self.profile, *self.verify], dtype=float).reshape(-1, 5)
+        v = v[(v[:, 1] <= LINE_MAX_POSITIONS) & (v[:, 4] == 0)]
         if len(v) >= 8:
             per_ctx = _within_shape_slope(v)
             cols = [0] + ([1] if len(np.unique(v[:, 1])) >= 2 else [])
             coef = dict(zip(cols, _nonneg_lstsq(v[:, cols], v[:, 3] - per_ctx * v[:, 2])))
             c = replace(c, verify_fixed=float(coef[0]), verify_per_pos=float(coef.get(1, 0.0)), verify_per_ctx=per_ctx)
-        table = self._table(np.array(self.verify, dtype=float).reshape(-1, 4),
-                            np.array(self.profile, dtype=float).reshape(-1, 4), c.verify_per_ctx)
-        if len(table) >= 2:
-            c = replace(c, shape_buckets=(), verify_table=table)
+        live = np.array(self.verify, dtype=float).reshape(-1, 5)
+        profile = np.array(self.profile, dtype=float).reshape(-1, 5)
+        verify, prompt = (self._table(live[live[:, 4] == kind], profile[profile[:, 4] == kind], c.verify_per_ctx)
+                          for kind in (0, 1))
+        if len(verify) >= 2:
+            c = replace(c, shape_buckets=(), verify_table=verify)
             c = replace(c, shape_buckets=c.buckets_from_table())
-        return c
+        return replace(c, prompt_table=prompt)
 
     @staticmethod
     def _table(v: np.ndarray, profile: np.ndarray, per_ctx: float) -> tuple[tuple[int, float], ...]:
         """Median forward time per number of positions, at context 0: from recent steps where a
-        shape ran often enough, else from the start-up profile."""
+        shape ran often enough, else from the start-up profile (rows of one kind of forward)."""
         out = []
         for n in np.unique(np.concatenate([v[:, 1], profile[:, 1]])):
             rows = v[v[:, 1] == n]

@@ -58,7 +58,7 @@ class PolicyState:
         if record.get("call") == "profile":  # a model service's start-up profile seeds the cost model
             if component == "verifier":
                 self.cost.observe(0, 0, 0.0, int(record["verified_positions"]), int(record["context_tokens"]),
-                                  float(record["forward_ms"]), profile=True)
+                                  float(record["forward_ms"]), profile=True, prompt=record.get("prompt") is True)
             elif component == "drafter":
                 self.cost.observe(int(record["batch_size"]), int(record["draft_steps"]), float(record["draft_ms"]),
                                   0, 0, 0.0, free=record.get("free", False) is True)
@@ -73,7 +73,8 @@ class PolicyState:
         free = record.get("draft_free", False) is True
         self.cost.observe(n, 0 if catchup and not free else int(record["draft_steps"]),
                           0.0 if catchup and free else float(record["draft_ms"]), positions,
-                          int(record["context_tokens"]), float(record["verify_ms"]) / forwards, free=free)
+                          int(record["context_tokens"]), float(record["verify_ms"]) / forwards, free=free,
+                          prompt=int(record.get("prompt_tokens", 0)) > 0)
         confidences, outcomes = [float(c) for c in record["confidences"]], [int(o) for o in record["outcomes"]]
         free_slots = [int(f) for f in record.get("free_slots", ())] or [0] * len(confidences)
         for estimator, kind in ((self.calibration, 0), (self.free_calibration, 1)):

@@ -26,12 +26,13 @@ def warm(worker: VerifierWorker) -> None:
 
 
 def profile(worker: VerifierWorker) -> list[dict]:
-    """Forward times by positions, the table the policy seeds its cost model with: verify steps of
-    1 to 8 positions (twice each) and prompt chunks up to the runtime's batch, so no step the
-    scheduler plans (decode rows plus prompt tokens) is priced far past a measurement."""
+    """Forward times by positions, the tables the policy seeds its cost model with: verify steps of
+    1 to 8 positions (twice each) and of a long free draft's 16 to 64, and prompt chunks up to the
+    runtime's batch, so no step the scheduler plans (decode rows plus prompt tokens, or a copy's
+    long verify) is priced far past a measurement of its kind."""
     prompt = _prompt(PROFILE_CONTEXT, 0)
     records = []
-    for drafts in PROFILE_DRAFTS * 2:
+    for drafts in PROFILE_DRAFTS * 2 + tuple(d for d in PROFILE_LONG_DRAFTS if len(prompt) + d < worker.max_context):
         worker.prefill([PrefillItem("profile", prompt, SamplingParams())])
         out = worker.verify([VerifyItem("profile", len(prompt) + 1, [5] * drafts)])
         records.append({"call": "profile", "verified_positions": out.verified_positions,
@@ -43,7 +44,7 @@ def profile(worker: VerifierWorker) -> list[dict]:
         sid = f"profile-prompt-{length}"
         out = worker.prefill([PrefillItem(sid, _prompt(length, salt), SamplingParams())])
         records.append({"call": "profile", "verified_positions": length, "context_tokens": 0,
-                        "forward_ms": out.forward_ns / 1e6})
+                        "forward_ms": out.forward_ns / 1e6, "prompt": True})
         worker.release([sid])
     return records
 
@@ -53,10 +54,11 @@ def _prompt(length: int, salt: int) -> list[int]:
     return [(7 * i + 11 * salt) % 64 + 3 for i in range(length)]
 
 
-PROFILE_VERSION = "2"  # changes whenever what `profile` measures changes (cached profiles are keyed by it)
+PROFILE_VERSION = "3"  # changes whenever what `profile` measures changes (cached profiles are keyed by it)
 PROFILE_CONTEXT = 64
 # Verified positions 1-6 and 8: neighbours, so the policy sees where the cost steps up.
 PROFILE_DRAFTS = (0, 1, 2, 3, 4, 5, 7)
+PROFILE_LONG_DRAFTS = (15, 31, 63)  # once each: a free drafter's copies verify this many
 # Prompt chunks (one forward each): the step sizes stall-free batching and admission price.
 PROFILE_PROMPTS = (16, 64, 128, 256, 512)
 

@@ -47,6 +47,49 @@ def test_the_per_context_slope_is_not_the_batch_s_own_cost():
     assert c.t_verify(3, 300) == pytest.approx(104 + 3, rel=0.01)
 
 
+@pytest.mark.parametrize("prompt", [True, False])
+def test_prompt_chunks_and_rare_shapes_do_not_set_the_per_context_slope(prompt):
+    """Measured on a 2-core CPU: plain steps cost 40 ms plus 0.05 per context token; a profiled
+    prompt chunk of 16 at context 0 took 223 ms and two verifies of 16 at context 97 took 430 (a
+    verify computes a logits row per position). Their gap is no context cost, whether the chunk is
+    known as one or not: the slope stays the plain steps', so a long context does not make
+    drafting look cheap next to a plain step."""
+    rng = random.Random(2)
+    est = CostEstimator()
+    est.observe(0, 0, 0.0, 16, 0, 223.0, profile=True, prompt=prompt)
+    for ctx in (97, 99):
+        est.observe(1, 0, 0.0, 16, ctx, 430.0)
+    for _ in range(100):
+        ctx = rng.randrange(50, 150)
+        est.observe(1, 0, 0.0, 1, ctx, (40 + 0.05 * ctx) * rng.uniform(0.99, 1.01))
+    c = est.fit()
+    assert c.verify_per_ctx == pytest.approx(0.05, abs=0.03)
+    assert c.t_verify(1, 300) == pytest.approx(55, rel=0.05)
+
+
+def test_verifies_and_prompt_chunks_of_one_size_are_priced_apart():
+    """A verify of 16 positions computes 16 logits rows, a prompt chunk of 16 one: each kind of
+    forward is priced from its own measurements, and a prompt chunk never above a verify."""
+    state = PolicyState()
+    for positions, ms, prompt in ((1, 40.0, False), (2, 80.0, False), (16, 430.0, False), (64, 1000.0, False),
+                                  (16, 223.0, True), (64, 765.0, True), (512, 6500.0, True)):
+        for _ in range(2):
+            state.observe({"component": "verifier", "call": "profile", "verified_positions": positions,
+                           "context_tokens": 0 if prompt else 65, "forward_ms": ms, "prompt": prompt})
+    step = {"component": "gateway", "batch_size": 0, "verified_positions": 64, "draft_steps": 0, "draft_ms": 0.0,
+            "context_tokens": 0, "verify_ms": 700.0, "confidences": [], "outcomes": [], "drafted": [],
+            "accepted": [], "prompt_tokens": 64}
+    for _ in range(3):
+        state.observe(step)  # live prompt steps of 64 replace the profile's, in the prompt table only
+    cost = Strategy.from_json(state.decide().to_json()).cost
+    assert cost.t_verify(16, 0) == pytest.approx(430, rel=0.01)
+    assert cost.t_verify(16, 0, prompt=True) == pytest.approx(223, rel=0.01)
+    assert cost.t_verify(64, 0) == pytest.approx(1000, rel=0.01)
+    assert cost.t_verify(64, 0, prompt=True) == pytest.approx(700, rel=0.01)
+    assert cost.t_positions(2, prompt=True) == pytest.approx(80, rel=0.01)  # below the prompt table: a verify's
+    assert cost.t_positions(512, prompt=True) == pytest.approx(6500, rel=0.01)
+
+
 def test_calibration_converges_to_observed_survival():
     """Drafts survive with probability c**2 (over-confident drafter): the fitted map learns it."""
     rng = random.Random(1)
@@ -229,16 +272,16 @@ def test_profiled_prompt_chunks_stay_in_the_table_however_many_steps_follow():
     profile = {**{n: 70.0 + 5 * n for n in (1, 2, 3, 4, 5, 6, 8)}, 16: 160.0, 64: 700.0, 256: 2900.0, 512: 5800.0}
     for positions, ms in profile.items():
         state.observe({"component": "verifier", "call": "profile", "verified_positions": positions,
-                       "context_tokens": 65 if positions <= 8 else 0, "forward_ms": ms})
+                       "context_tokens": 65 if positions <= 8 else 0, "forward_ms": ms, "prompt": positions > 8})
     step = {"component": "gateway", "batch_size": 1, "verified_positions": 1, "draft_steps": 0, "draft_ms": 0.0,
             "context_tokens": 200, "verify_ms": 80.0, "confidences": [], "outcomes": [], "drafted": [0], "accepted": [0]}
     for _ in range(600):
         state.observe(step)
     cost = state.decide().cost
-    assert cost.t_positions(512) == pytest.approx(5800, rel=0.01)
-    assert cost.t_positions(256) == pytest.approx(2900, rel=0.01)
-    assert cost.t_positions(160) == pytest.approx(700 + (2900 - 700) * 96 / 192, rel=0.01)  # interpolated
-    assert all(t > 0 for _, t in cost.verify_table)
+    assert cost.t_positions(512, prompt=True) == pytest.approx(5800, rel=0.01)
+    assert cost.t_positions(256, prompt=True) == pytest.approx(2900, rel=0.01)
+    assert cost.t_positions(160, prompt=True) == pytest.approx(700 + (2900 - 700) * 96 / 192, rel=0.01)  # interpolated
+    assert all(t > 0 for _, t in (*cost.verify_table, *cost.prompt_table))
 
 
 def test_a_free_proposer_is_priced_per_call_from_its_own_measurements():

@@ -177,7 +177,7 @@ async def test_two_requests_with_one_request_id_both_complete(gateway_stub):
 
 def test_start_up_profiles_measure_steady_state_steps(tiny_pair):
     from services.drafter.__main__ import profile as profile_drafter
-    from services.verifier.__main__ import PROFILE_PROMPTS
+    from services.verifier.__main__ import PROFILE_CONTEXT, PROFILE_LONG_DRAFTS, PROFILE_PROMPTS
     from services.verifier.__main__ import profile as profile_verifier
 
     target, draft = tiny_pair.runtimes()
@@ -186,10 +186,12 @@ def test_start_up_profiles_measure_steady_state_steps(tiny_pair):
     assert all(r["draft_ms"] > 0 for r in drafts)
     worker = VerifierWorker(target)
     verifies = profile_verifier(worker)
-    # Verify steps of 1-8 positions, then prompt chunks up to the context (each computed in full:
-    # the profile's prompts share no prefix, so none comes from the prefix cache).
+    # Verify steps of 1-8 positions, long verifies that fit, then prompt chunks up to the context
+    # (each computed in full: the profile's prompts share no prefix, so none comes from the cache).
+    long = [d + 1 for d in PROFILE_LONG_DRAFTS if PROFILE_CONTEXT + d < worker.max_context]
     fitting = [n for n in PROFILE_PROMPTS if n < worker.max_context]
-    assert [r["verified_positions"] for r in verifies] == [1, 2, 3, 4, 5, 6, 8] * 2 + fitting
+    assert [r["verified_positions"] for r in verifies] == [1, 2, 3, 4, 5, 6, 8] * 2 + long + fitting
+    assert [r.get("prompt", False) for r in verifies] == [False] * (14 + len(long)) + [True] * len(fitting)
     assert all(r["forward_ms"] > 0 for r in verifies)
 
 
