@@ -7,6 +7,9 @@ from __future__ import annotations
 from gateway.planner.base import Controller, DraftPlan, corrected
 
 LATE_BAR_FACTOR = 0.5  # a session behind its TPOT schedule drafts on at half the bar: it needs tokens
+# The slot budget keeps drafts only where they beat plain decoding by this factor: the slots a step
+# keeps are those whose survival looks best, so a predicted gain of a few percent is often none.
+PRUNE_MARGIN = 1.05
 
 
 class Adaptive(Controller):
@@ -77,7 +80,7 @@ class Adaptive(Controller):
         edge pays only once the whole excess is gone, so one slot at a time would stop short of it.
         Ĉ, corrected by the session's hazard ratio, falls along each session's drafts, so the
         slots kept are the most likely ones of the step and each session's are a prefix of its
-        drafts."""
+        drafts. A plan that beats plain decoding by less than PRUNE_MARGIN keeps no slot."""
         # The drafting is done; a hybrid's free drafts cost nothing, and its model's are priced low
         # here (the slot budget then errs towards dropping slots).
         draft_ms = 0.0 if p.hybrid else p.strategy.cost.t_draft(len(sessions), max(keep.values()))
@@ -91,8 +94,13 @@ class Adaptive(Controller):
         gains = [tokens]
         for c, _, _ in slots:
             gains.append(gains[-1] + c)
-        best = max(range(len(slots), -1, -1),  # ties: the most slots
-                   key=lambda m: gains[m] / (draft_ms + cost.t_verify(positions + m, ctx, prompt=p.prompt_tokens > 0)))
+
+        def efficiency(m: int) -> float:
+            return gains[m] / (draft_ms + cost.t_verify(positions + m, ctx, prompt=p.prompt_tokens > 0))
+
+        best = max(range(len(slots), -1, -1), key=efficiency)  # ties: the most slots
+        if best and efficiency(best) < PRUNE_MARGIN * efficiency(0):
+            best = 0  # within the margin of plain decoding: no gain to count on
         plan = {k: keep[k] for k in fixed} | {k: 0 for k in auto}
         for _, _, k in slots[:best]:
             plan[k] += 1

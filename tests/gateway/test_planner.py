@@ -129,6 +129,19 @@ def test_a_free_drafter_is_asked_for_its_whole_budget_and_pruned_by_each_draft_s
     assert planner.prune(views, {"copy": Drafted([1], [0.3])}) == {"copy": 0}
 
 
+def test_a_free_draft_within_the_gate_margin_of_plain_decoding_is_pruned():
+    """One free draft at calibrated survival 0.65: 1.65 tokens for 120 ms against 1 for 75 is 1.03x
+    plain decoding's rate, a gain the margin of 1.05 does not count on; at 0.75 (1.09x) it is kept."""
+    from gateway.planner.adaptive import PRUNE_MARGIN
+
+    free = CostModel(draft_fixed=0.5, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=STEEP, draft_free=True)
+    planner = Planner(Strategy(mode="adaptive", cost=free))
+    views = [SessionView("s", 50)]
+    assert PRUNE_MARGIN == 1.05
+    assert planner.prune(views, {"s": Drafted([1], [0.65], free=True)}) == {"s": 0}
+    assert planner.prune(views, {"s": Drafted([1], [0.75], free=True)}) == {"s": 1}
+
+
 def test_no_session_drafts_past_its_last_token():
     """A verify emits the accepted drafts and one token more: a session with 3 tokens left drafts
     at most 2, whatever the mode."""
