@@ -10,6 +10,7 @@ import matplotlib
 
 from bench.ramp import worst_switch
 from bench.stats import ratio_ci
+from gateway.planner import EXPLORE_SHARE
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -257,7 +258,7 @@ def acceptance_table(pooled: "Pooled", plot: str = "", load_name: str = "load") 
     lines = ["## Acceptance per draft position", "",
              f"Accepted at a position / reached there (every earlier draft accepted), every {load_name} pooled, per "
              "proposer (suffix: the free lookup's drafts; model: the draft model's); exploring: the share of "
-             f"step time that probe drafts added (the budget allows 2%), per {load_name}.", "",
+             f"step time that probe drafts added (the budget allows {EXPLORE_SHARE:.0%}), per {load_name}.", "",
              "| system | proposer | " + " | ".join(f"pos {j + 1}" for j in range(depth)) + f" | exploring by {load_name} |",
              "| --- " * (depth + 3) + "|"]
     for (s, proposer), rates in rows.items():
