@@ -294,11 +294,10 @@ class Scheduler(Background):
 
     def _draft_timeout(self, seqs: list[Sequence], items: list[ProposeItem], catchup: int) -> float:
         """A small multiple of the predicted draft time (with a floor), within the batch's budget.
-        The `catchup` tokens the drafter's model reads first are priced as the target would read
-        them (an upper bound: the draft model is the smaller one)."""
+        The `catchup` tokens the drafter's model reads first are priced by `Planner.reading_ms`."""
         k = max(i.max_draft_tokens for i in items)
-        cost = self.planner.strategy.cost
-        predicted_s = (cost.t_draft(len(items), k) + cost.t_positions(catchup, prompt=True)) * self.planner.time_scale / 1000
+        planner = self.planner
+        predicted_s = (planner.strategy.cost.t_draft(len(items), k) * planner.time_scale + planner.reading_ms(catchup)) / 1000
         allowed = max(self.config.draft_timeout_floor_s, self.config.draft_timeout_factor * predicted_s)
         return min(self._timeout(seqs), allowed)
 

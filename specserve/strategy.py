@@ -79,8 +79,9 @@ class CostModel:
     smaller one's time too (more positions can be cheaper: kernel shapes). Without a table, T is the
     line verify_fixed + verify_per_pos * N. pad(N) is the smallest shape bucket holding N (N itself
     when there are no buckets). A forward that reads prompt tokens computes one logits row per
-    prompt, which on a CPU costs about half a verify of as many positions: `prompt_table` holds
-    those, and prices them where it has points, never above a verify of the same size.
+    prompt, where a verify computes one per position (on a 2-core CPU a prompt chunk of 16 took
+    0.6-0.8 of a verify of 16): `prompt_table` holds those, and prices them where it has points,
+    never above a verify of the same size where verifies were measured.
     """
 
     draft_fixed: float = 78.0

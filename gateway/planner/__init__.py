@@ -95,9 +95,13 @@ class Planner:
         plain step's where that is more (a cost model that prices drafting low would otherwise let
         the probes overrun their share)."""
         n = len(sessions)
-        reading = self.strategy.cost.t_positions(catchup, prompt=True) * self.time_scale if catchup else 0.0
-        predicted = self.step_ms(sessions, [1] * n, free=free) + reading
+        predicted = self.step_ms(sessions, [1] * n, free=free) + self.reading_ms(catchup)
         return max(predicted, measured_ms) - self.step_ms(sessions, [0] * n)
+
+    def reading_ms(self, tokens: int) -> float:
+        """The drafter's reading of `tokens` unread tokens, priced as the verifier reads a prompt
+        (an upper bound: the draft model is the smaller one)."""
+        return self.strategy.cost.t_positions(tokens, prompt=True) * self.time_scale if tokens else 0.0
 
     def may_explore(self, extra_ms: float) -> bool:
         """Whether a probe step costing `extra_ms` more than plain decoding stays within the
