@@ -111,8 +111,8 @@ class StepRecord:
     position_reached: list[int] = field(default_factory=list)
     draft_catchup_tokens: int = 0  # tokens the drafter re-read to catch up (their time is not drafting)
     forwards: int = 1  # forward passes in the step's verify call (a decode burst runs several)
-    # which verified draft positions (in `confidences`' order) a free proposer drafted (1) or a model (0),
-    # and the free proposer's share of `position_reached` / `position_accepted`
+    # which verified draft positions (in `confidences`' order) a model drafted (0), a free proposer (1)
+    # from the session's own tokens or (2) recalled from other requests' outputs, and the free proposer's share of `position_reached` / `position_accepted`
     free_slots: list[int] = field(default_factory=list)
     free_position_reached: list[int] = field(default_factory=list)
     free_position_accepted: list[int] = field(default_factory=list)
@@ -559,7 +559,7 @@ class Scheduler(Background):
                     seq.drafter_position = seq.model_unread = 0  # the drafter lost it: send everything next time
                     continue
                 seq.drafter_position, seq.model_unread = seq.position, d.model_unread
-                step.drafted[d.session_id].add(d.tokens, d.confidences, d.free)
+                step.drafted[d.session_id].add(d.tokens, d.confidences, d.free, d.recalled)
                 step.dists[d.session_id] += d.distributions
             round_ += 1
             tick = time.perf_counter()
@@ -633,13 +633,14 @@ class Scheduler(Background):
             seq.draft_tokens += k
             seq.accepted_tokens += result.accepted
             step.accepted.append(result.accepted)
-            free = int(step.drafted[seq.id].free)
+            drafted = step.drafted[seq.id]
+            free = int(drafted.free)
             if k:
-                seq.hazard.observe(self.planner.survival(step.drafted[seq.id])[:k], result.accepted)
-            for j, c in enumerate(step.drafted[seq.id].cumulative()[:k]):
+                seq.hazard.observe(self.planner.survival(drafted)[:k], result.accepted)
+            for j, c in enumerate(drafted.cumulative()[:k]):
                 step.confidences.append(c)
                 step.outcomes.append(int(j < result.accepted))
-                step.free_slots.append(free)
+                step.free_slots.append(free + int(drafted.recalled))
                 step.position_drafted[j] += 1
                 step.position_accepted[j] += int(j < result.accepted)
                 step.position_reached[j] += int(j <= result.accepted)

@@ -77,14 +77,14 @@ def propose_output_to_pb(out: c.ProposeOutput) -> drafter_pb2.ProposeResponse:
     return drafter_pb2.ProposeResponse(draft_steps=out.draft_steps, draft_ns=out.draft_ns, results=[
         drafter_pb2.DraftResult(session_id=d.session_id, status=_STATUS_TO_PB[d.status], token_ids=d.tokens,
                                 confidences=d.confidences, distributions=[_sparse_to_pb(x) for x in d.distributions],
-                                model_unread=d.model_unread, free=d.free)
+                                model_unread=d.model_unread, free=d.free, recalled=d.recalled)
         for d in out.drafts])
 
 
 def propose_output_from_pb(pb: drafter_pb2.ProposeResponse) -> c.ProposeOutput:
     return c.ProposeOutput([
         c.Draft(d.session_id, _STATUS_FROM_PB.get(d.status, c.SessionStatus.NOT_FOUND), list(d.token_ids),
-                list(d.confidences), [_sparse_from_pb(x) for x in d.distributions], d.model_unread, d.free)
+                list(d.confidences), [_sparse_from_pb(x) for x in d.distributions], d.model_unread, d.free, d.recalled)
         for d in pb.results], pb.draft_steps, pb.draft_ns)
 
 

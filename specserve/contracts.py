@@ -114,6 +114,7 @@ class Draft:
     distributions: list[Sparse] = field(default_factory=list)  # [k] or [] for greedy drafts
     model_unread: int = 0  # committed tokens a hybrid drafter's model has not read (it reads them first)
     free: bool = False  # drafted by a proposer that runs no model (suffix, n-gram lookup)
+    recalled: bool = False  # free drafts from other requests' outputs, not the session's own tokens
 
 
 @dataclass

@@ -183,6 +183,9 @@ def _validate_calibration(name: str, cal: Calibration) -> None:
         raise InvalidArgument(name, "raw and survival must be increasing and of equal length >= 2")
 
 
+CALIBRATIONS = ("calibration", "free_calibration", "recall_calibration")  # the Strategy's Calibration fields
+
+
 @dataclass(frozen=True)
 class Strategy:
     mode: str = "adaptive"
@@ -199,6 +202,7 @@ class Strategy:
     cost: CostModel = field(default_factory=CostModel)
     calibration: Calibration = field(default_factory=Calibration)  # a draft model's confidences
     free_calibration: Calibration = field(default_factory=Calibration)  # a free proposer's (suffix, n-gram)
+    recall_calibration: Calibration = field(default_factory=Calibration)  # free drafts from other requests' outputs
     version: int = 0
     policy: str = "default"
     issued_at: float = 0.0  # unix seconds
@@ -226,13 +230,14 @@ class Strategy:
         if _number("issued_at", self.issued_at) > time.time() + CLOCK_SKEW_S:
             raise InvalidArgument("issued_at", f"{self.issued_at} is in the future")
         _validate_cost(self.cost)
-        _validate_calibration("calibration", self.calibration)
-        _validate_calibration("free_calibration", self.free_calibration)
+        for name in CALIBRATIONS:
+            _validate_calibration(name, getattr(self, name))
         return self
 
-    def calibration_for(self, free: bool) -> Calibration:
-        """The calibration of a free proposer's drafts or of a model's."""
-        return self.free_calibration if free else self.calibration
+    def calibration_for(self, free: bool, recalled: bool = False) -> Calibration:
+        """The calibration of a model's drafts, a free proposer's, or free drafts recalled from
+        other requests' outputs."""
+        return (self.recall_calibration if recalled else self.free_calibration) if free else self.calibration
 
     def expired(self, now: float | None = None) -> bool:
         return self.issued_at > 0 and (now or time.time()) > self.issued_at + self.ttl_s
@@ -254,7 +259,7 @@ class Strategy:
             if unknown:
                 raise InvalidArgument("strategy", f"unknown field {unknown[0]!r}")
             cost_doc = doc.pop("cost", {})
-            cals = {name: doc.pop(name, {}) for name in ("calibration", "free_calibration")}
+            cals = {name: doc.pop(name, {}) for name in CALIBRATIONS}
             if not isinstance(cost_doc, dict) or not all(isinstance(c, dict) for c in cals.values()):
                 raise TypeError("cost and calibrations must be JSON objects")
             cost = CostModel(**cost_doc)

@@ -118,7 +118,7 @@ class Planner:
 
     def survival(self, drafted: Drafted) -> list[float]:
         """Calibrated cumulative survival of a session's drafts (Ĉ), through its proposer's calibration."""
-        cal = self.strategy.calibration_for(drafted.free)
+        cal = self.strategy.calibration_for(drafted.free, drafted.recalled)
         return [cal(c) for c in drafted.cumulative()]
 
     # --- the cost side -------------------------------------------------------------------------

@@ -84,9 +84,11 @@ class Drafted:
     tokens: list[int] = field(default_factory=list)
     confidences: list[float] = field(default_factory=list)
     free: bool = False  # every draft so far came from a proposer that runs no model
+    recalled: bool = False  # every draft so far was a free one recalled from other requests' outputs
 
-    def add(self, tokens: list[int], confidences: list[float], free: bool) -> None:
+    def add(self, tokens: list[int], confidences: list[float], free: bool, recalled: bool = False) -> None:
         self.free = free and (self.free or not self.tokens)
+        self.recalled = self.free and recalled and (self.recalled or not self.tokens)
         self.tokens += tokens
         self.confidences += confidences
 

@@ -152,9 +152,10 @@ class CalibrationEstimator:
             self.survived[b] += o
             self.raw[b] += c
 
-    def fit(self) -> Calibration:
+    def fit(self, prior: Calibration | None = None) -> Calibration:
+        """The map; before any outcome, `prior` (or the identity)."""
         if not self.seen.sum():
-            return Calibration()
+            return prior or Calibration()
         scale = (self.survived.sum() + self.scale_weight) / (self.raw.sum() + self.scale_weight)
         centers = (np.arange(self.bins) + 0.5) / self.bins
         mean_raw = np.where(self.seen > 0, self.raw / np.maximum(self.seen, 1), centers)

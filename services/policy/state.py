@@ -36,6 +36,7 @@ class PolicyState:
     cost: CostEstimator = field(default_factory=CostEstimator)
     calibration: CalibrationEstimator = field(default_factory=CalibrationEstimator)  # a draft model's drafts
     free_calibration: CalibrationEstimator = field(default_factory=CalibrationEstimator)  # a free proposer's
+    recall_calibration: CalibrationEstimator = field(default_factory=CalibrationEstimator)  # its recalled drafts'
     acceptance: AcceptanceEstimator = field(default_factory=AcceptanceEstimator)  # every proposer's
     model_acceptance: AcceptanceEstimator = field(default_factory=AcceptanceEstimator)  # a draft model's only
     version: int = 0
@@ -77,7 +78,7 @@ class PolicyState:
                           prompt=int(record.get("prompt_tokens", 0)) > 0)
         confidences, outcomes = [float(c) for c in record["confidences"]], [int(o) for o in record["outcomes"]]
         free_slots = [int(f) for f in record.get("free_slots", ())] or [0] * len(confidences)
-        for estimator, kind in ((self.calibration, 0), (self.free_calibration, 1)):
+        for kind, estimator in enumerate((self.calibration, self.free_calibration, self.recall_calibration)):
             estimator.observe([c for c, f in zip(confidences, free_slots) if f == kind],
                               [o for o, f in zip(outcomes, free_slots) if f == kind])
         reached, accepted = ([int(v) for v in record.get(name, ())] for name in ("position_reached", "position_accepted"))
@@ -100,9 +101,10 @@ class PolicyState:
         # c̄ prices a model's next draft: its own drafts' rate, every proposer's before it has drafted.
         per_token = next((c for c in (self.model_acceptance.conditional, acc.conditional) if c is not None),
                          PRIOR_MEAN_CONFIDENCE)
+        free = self.free_calibration.fit()
         return Strategy(
             mode=mode, static_k=k, cost=self.cost.fit(), calibration=self.calibration.fit(),
-            free_calibration=self.free_calibration.fit(),
+            free_calibration=free, recall_calibration=self.recall_calibration.fit(prior=free),
             acceptance_rate=min(acc.rate, 0.99), mean_confidence=min(max(per_token, 0.05), 0.99),
             version=self.version, policy=f"{self.name}/{self.algorithm}", issued_at=time.time(), ttl_s=self.ttl_s,
         ).validate()

@@ -192,6 +192,24 @@ def test_drafts_are_free_only_while_every_round_s_were():
     assert not drafted.free and drafted.tokens == [1, 2, 3]
     drafted.add([4], [1.0], free=True)
     assert not drafted.free
+    recalled = Drafted()
+    recalled.add([1], [0.9], free=True, recalled=True)
+    assert recalled.recalled
+    recalled.add([2], [0.9], free=True)  # a round from the session's own tokens: no longer all recalled
+    assert recalled.free and not recalled.recalled
+
+
+def test_recalled_free_drafts_are_priced_through_their_own_calibration():
+    """At the same raw confidence, a draft recalled from another request's answer survives less
+    often than one from the session's own tokens: each goes through its own curve."""
+    own, recall = Calibration((0.0, 1.0), (0.0, 0.9)), Calibration((0.0, 1.0), (0.0, 0.3))
+    planner = Planner(Strategy(free_calibration=own, recall_calibration=recall), draft_free=True)
+    drafts = {}
+    for name, recalled in (("own", False), ("recalled", True)):
+        drafts[name] = Drafted()
+        drafts[name].add([1], [0.8], free=True, recalled=recalled)
+    assert planner.survival(drafts["own"]) == pytest.approx([0.72])
+    assert planner.survival(drafts["recalled"]) == pytest.approx([0.24])
 
 
 def test_model_drafts_stay_off_where_the_table_says_they_lose():

@@ -350,6 +350,28 @@ def test_each_proposer_gets_its_own_calibration_and_c_bar_is_the_model_s_rate():
     assert strategy.calibration(0.99) < 0.5  # the model's drafts never reached 1.0: not the suffix's 0.9
     assert strategy.mean_confidence == pytest.approx(0.3, abs=0.04)
     assert state.acceptance.conditional == pytest.approx(0.6, abs=0.04)  # pooled, for the report
+    # No recalled draft yet: recalled drafts are calibrated as the free proposer's others.
+    assert strategy.recall_calibration == strategy.free_calibration
+
+
+def test_recalled_free_drafts_get_a_calibration_of_their_own():
+    """Free drafts from the session's own tokens (slot kind 1, survive 90%) and recalled from other
+    requests' outputs (kind 2, survive 30%) at the same raw confidence: two curves."""
+    import random
+
+    rng = random.Random(7)
+    state = PolicyState()
+    for i in range(2000):
+        kind = 1 + i % 2
+        ok = int(rng.random() < (0.9 if kind == 1 else 0.3))
+        state.observe({"component": "gateway", "batch_size": 1, "verified_positions": 2, "draft_steps": 0,
+                       "draft_ms": 0.2, "context_tokens": 50, "verify_ms": 80.0, "confidences": [0.95],
+                       "outcomes": [ok], "free_slots": [kind], "drafted": [1], "accepted": [ok],
+                       "position_reached": [1], "position_accepted": [ok],
+                       "free_position_reached": [1], "free_position_accepted": [ok], "draft_free": True})
+    strategy = state.decide()
+    assert strategy.free_calibration(0.95) == pytest.approx(0.9, abs=0.04)
+    assert strategy.recall_calibration(0.95) == pytest.approx(0.3, abs=0.05)
 
 
 def test_ops_cli_sets_validates_and_unsets(redis_url, redis_client):

@@ -39,6 +39,7 @@ def _doc(**changes) -> str:
     ({"cost.shape_buckets": [4, 2]}, "cost.shape_buckets"),
     ({"calibration.raw": [0.0, 2.0]}, "calibration.raw"),
     ({"free_calibration.survival": [0.5, 0.2]}, "free_calibration"),
+    ({"recall_calibration.survival": [0.5, 0.2]}, "recall_calibration"),
     ({"gate_margin": 0}, "gate_margin"),
     ({"surprise": 1}, "strategy"),
 ])

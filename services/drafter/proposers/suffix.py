@@ -166,11 +166,12 @@ class SuffixProposer:
             if session is None:
                 drafts.append(Draft(item.session_id, SessionStatus.NOT_FOUND))
                 continue
-            tokens, confidences = self._draft(session, item)
+            tokens, confidences, recalled = self._draft(session, item)
             session.pending = (session.pending if item.extend else []) + tokens
             # A deterministic proposer samples from a point mass on its token.
             dists = [] if item.params.greedy else [([t], [1.0]) for t in tokens]
-            drafts.append(Draft(item.session_id, SessionStatus.OK, tokens, confidences, dists, free=True))
+            drafts.append(Draft(item.session_id, SessionStatus.OK, tokens, confidences, dists, free=True,
+                                recalled=recalled))
         return ProposeOutput(drafts, 0, time.perf_counter_ns() - start)
 
     def _sync(self, item: ProposeItem) -> _Session | None:
@@ -185,14 +186,15 @@ class SuffixProposer:
         session.index.extend(item.new_tokens)
         return session
 
-    def _draft(self, session: _Session, item: ProposeItem) -> tuple[list[int], list[float]]:
+    def _draft(self, session: _Session, item: ProposeItem) -> tuple[list[int], list[float], bool]:
         """From the session's own tokens or from recent outputs, whichever expects more accepted
-        tokens (the sum of the cumulative probabilities). A sampled session drafts from its own
-        tokens alone: other requests' outputs would change where its drafts fall, and with them the
-        random draws its seed fixes, so the same seed would not give the same text."""
+        tokens (the sum of the cumulative probabilities); True where recent outputs won (recalled
+        drafts, which guess more often at the same confidence). A sampled session drafts from its
+        own tokens alone: other requests' outputs would change where its drafts fall, and with them
+        the random draws its seed fixes, so the same seed would not give the same text."""
         tail = session.index.tokens + (session.pending if item.extend else [])
         room = item.max_draft_tokens  # an extend round's budget is for its own drafts
-        best, best_score = ([], []), 0.0
+        best, best_score = ([], [], False), 0.0
         for index in (session.index, *self.generations) if item.params.greedy else (session.index,):
             m, starts = index.continuations(tail)
             budget = min(room, math.ceil(self.alpha * m))
@@ -201,7 +203,7 @@ class SuffixProposer:
             tokens, confidences = draft_from(index, starts, budget, max(self.floor, item.stop_confidence), m, self.stop)
             score = expected_accepted(confidences)
             if score > best_score:
-                best, best_score = (tokens, confidences), score
+                best, best_score = (tokens, confidences, index is not session.index), score
         return best
 
     def release(self, session_ids: list[str]) -> int:

@@ -99,6 +99,10 @@ def test_a_finished_output_serves_later_sessions():
     proposer.release(["a"])
     out = proposer.propose([ProposeItem("b", 0, [7, 8, 40, 41], 4, SamplingParams())])
     assert out.drafts[0].tokens == [42, 43]  # from the global index: the match is two tokens long
+    assert out.drafts[0].free and out.drafts[0].recalled  # calibrated as recalled drafts
+    # Once the session's own tokens match longer, its drafts come from them, and say so.
+    own = proposer.propose([ProposeItem("b", 4, [42, 50, 51, 52, 7, 8, 40, 41, 42], 4, SamplingParams())])
+    assert own.drafts[0].tokens == [50, 51, 52, 7] and not own.drafts[0].recalled
     # A sampled session drafts from its own tokens alone, so its seed alone fixes its text.
     sampled = proposer.propose([ProposeItem("c", 0, [7, 8, 40, 41], 4, SamplingParams(temperature=0.8, seed=3))])
     assert sampled.drafts[0].tokens == []
@@ -173,8 +177,10 @@ def test_suffix_drafts_are_lossless_across_batch_mixes(tiny_pair, strategy):
     for (prompt, params), (tokens, _, _) in zip(requests, outs):
         assert_lossless(tokens, tiny_pair.reference(prompt, params.max_new_tokens, tokenizer.eos_token_id))
     assert sum(s.draft_tokens for s in seqs) > 0
-    # Every verified draft is the suffix's, and its records say so, per slot and per position.
-    assert [f for r in records for f in r.free_slots] == [1] * sum(len(r.confidences) for r in records) != []
+    # Every verified draft is the suffix's (from the session's own tokens, 1, or recalled from an
+    # earlier request's answer, 2), and its records say so, per slot and per position.
+    slots = [f for r in records for f in r.free_slots]
+    assert len(slots) == sum(len(r.confidences) for r in records) and slots and set(slots) <= {1, 2}
     assert all(r.free_position_reached == r.position_reached for r in records)
 
 
