@@ -55,6 +55,8 @@ class GatewayMetrics:
                                        "the buffer full), since start", registry=r)
         self.step_scale = Gauge("specserve_step_time_scale", "Measured over predicted step time (the cost "
                                 "model's online correction)", registry=r)
+        self.draft_scale = Gauge("specserve_draft_step_time_scale", "Steps that verify drafts: measured over "
+                                 "predicted time, over the plain steps' correction", registry=r)
         self.ttft_scale = Gauge("specserve_ttft_scale", "Measured over predicted time to first token "
                                 "(admission's online correction)", registry=r)
         self.output_share = Gauge("specserve_output_share", "Generated over max_new_tokens of finished "
@@ -65,6 +67,7 @@ class GatewayMetrics:
         """Gauges read at scrape time from the running scheduler (telemetry emitter, admission)."""
         self.drafter_available.set_function(lambda: float(scheduler.drafter_available))
         self.step_scale.set_function(lambda: scheduler.planner.time_scale)
+        self.draft_scale.set_function(lambda: scheduler.planner.draft_scale)
         if admission is not None:
             self.ttft_scale.set_function(lambda: admission.ttft_scale)
             self.output_share.set_function(lambda: admission.output_share)

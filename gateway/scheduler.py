@@ -653,7 +653,7 @@ class Scheduler(Background):
         probe_ms = self.planner.probe_ms(step.views, step.free, step.catchup, step_ms / out.forwards) \
             if step.explored else 0.0
         self.planner.observe_step(step.predicted_ms, step_ms / out.forwards, probe_ms, out.forwards,
-                                  prompt=step.prompt_tokens > 0)
+                                  prompt=step.prompt_tokens > 0, drafted=any(item.drafts for item in step.items))
         self.step_id += 1
         self.on_step(StepRecord(
             step_id=self.step_id, batch_size=len(step.seqs), verified_positions=out.verified_positions,

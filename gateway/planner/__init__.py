@@ -30,6 +30,11 @@ OVERRIDE_REASONS = {"off": "speculation off for this request", "static": "static
 # The step-time correction: an exponential mean of measured / predicted time. Weight 0.3 follows a
 # change within a few steps; the clamp keeps one outlier (a GC pause, a cold cache) from swinging it.
 TIME_SCALE_WEIGHT = 0.3
+# Steps that verify drafts get a correction of their own, over the plain steps' (on fresh text they
+# are few, and measured 15-20% over the table's price while plain steps ran at it): slower, as they
+# are rarer and noisier.
+DRAFT_SCALE_WEIGHT = 0.1
+MIN_DRAFT_SCALE, MAX_DRAFT_SCALE = 0.5, 2.0
 # While drafting looks unprofitable, at most this share of decode time goes to probe drafts, so
 # the acceptance estimates stay true (a gate closed by a prior would otherwise never learn).
 EXPLORE_SHARE = 0.01
@@ -51,6 +56,7 @@ class Planner:
         # lower G, over all steps; its prior counts as one observation.
         self._confidence_sum, self._confidence_n = PRIOR_MEAN_CONFIDENCE, 1  # the paper's initial c̄
         self.time_scale = 1.0  # measured / predicted step time, tracked online
+        self.draft_scale = 1.0  # steps that verify drafts: their measured / predicted time over plain steps'
         self.prompt_tokens = 0  # prompt tokens prefilled in the step being planned (same forward)
         # Exploration: decode time and the extra time spent on probe drafts, both decayed per step
         # (a window of about 1 / (1 - EXPLORE_DECAY) steps); a probe runs only within the budget.
@@ -75,17 +81,23 @@ class Planner:
 
     # --- state kept between steps --------------------------------------------------------------
     def observe_step(self, predicted_ms: float, measured_ms: float, probe_ms: float = 0.0, forwards: int = 1,
-                     prompt: bool = False) -> None:
+                     prompt: bool = False, drafted: bool = False) -> None:
         """Correct the cost model online: an exponential mean of measured over predicted step time
         (the policy refits the coefficients; this keeps predictions honest between publications).
         `measured_ms`: per forward, of the step's `forwards` (a decode burst runs several);
         `probe_ms`: the extra time of the step's exploration drafts; `prompt`: the step read prompt
-        tokens, whose time is no decoding to take exploration budget from."""
+        tokens, whose time is no decoding to take exploration budget from; `drafted`: it verified
+        drafts, whose time corrects the drafted steps' scale, not the plain steps'."""
         # Only the exploring controllers' decoding earns them budget.
         if self.strategy.mode in COST_MODES and not prompt:
             self.decode_ms = EXPLORE_DECAY * self.decode_ms + measured_ms * forwards
             self.explored_ms = EXPLORE_DECAY * self.explored_ms + probe_ms
-        if predicted_ms > 0 and measured_ms > 0:
+        if predicted_ms <= 0 or measured_ms <= 0:
+            return
+        if drafted:
+            ratio = min(max(measured_ms / predicted_ms * self.draft_scale, MIN_DRAFT_SCALE), MAX_DRAFT_SCALE)
+            self.draft_scale = (1 - DRAFT_SCALE_WEIGHT) * self.draft_scale + DRAFT_SCALE_WEIGHT * ratio
+        else:
             ratio = min(max(measured_ms / (predicted_ms / self.time_scale), MIN_TIME_SCALE), MAX_TIME_SCALE)
             self.time_scale = (1 - TIME_SCALE_WEIGHT) * self.time_scale + TIME_SCALE_WEIGHT * ratio
 
@@ -131,7 +143,12 @@ class Planner:
         drafting = 0 if free else max(ks, default=0)
         prompt = self.prompt_tokens if prompt_tokens is None else prompt_tokens
         positions = sum(k + 1 for k in ks) + prompt
-        return (cost.t_draft(len(sessions), drafting) + cost.t_verify(positions, ctx, prompt=prompt > 0)) * self.time_scale
+        return (cost.t_draft(len(sessions), drafting) + cost.t_verify(positions, ctx, prompt=prompt > 0)) \
+            * self.time_scale * self.scale_for(ks)
+
+    def scale_for(self, ks: list[int]) -> float:
+        """The drafted steps' correction where the step verifies drafts, else 1."""
+        return self.draft_scale if any(ks) else 1.0
 
     def slo_cap_k(self, sessions: list[SessionView], free: bool = False) -> int:
         """The largest uniform k whose predicted step time fits the tightest TPOT SLO (0 always fits).

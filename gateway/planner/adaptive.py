@@ -68,7 +68,7 @@ class Adaptive(Controller):
         # the efficiency is: the slower the measured steps, the higher the bar.
         ctx = sum(v.context for v in sessions)
         verify_ms = cost.t_verify(2 * n + 1, ctx) - cost.t_verify(2 * n, ctx)
-        marginal_ms = (cost.draft_per_seq + cost.draft_fixed / n + max(verify_ms, 0.0)) * p.time_scale
+        marginal_ms = (cost.draft_per_seq + cost.draft_fixed / n + max(verify_ms, 0.0)) * p.time_scale * p.draft_scale
         bar = efficiency_k1 * marginal_ms / max(c_bar, 1e-6)
         return {v.key: DraftPlan(max(k_cap, free_cap), max_model_draft_tokens=k_cap,
                                  stop_confidence=cal.inverse(min(bar * (LATE_BAR_FACTOR if v.behind_ms > 0 else 1.0), 1.0)))
@@ -89,14 +89,16 @@ class Adaptive(Controller):
         survival = {k: corrected(p.survival(drafted[k])[: keep[k]], hazard.get(k, 1.0)) for k in keep}
         fixed = [k for k in keep if k not in auto]
         tokens = len(keep) + sum(sum(survival[k]) for k in fixed)
-        positions = len(sessions) + p.prompt_tokens + sum(keep[k] for k in fixed)
+        fixed_drafts = sum(keep[k] for k in fixed)
+        positions = len(sessions) + p.prompt_tokens + fixed_drafts
         slots = sorted(((c, j, k) for k in auto for j, c in enumerate(survival[k])), key=lambda s: (-s[0], s[1]))
         gains = [tokens]
         for c, _, _ in slots:
             gains.append(gains[-1] + c)
 
         def efficiency(m: int) -> float:
-            return gains[m] / (draft_ms + cost.t_verify(positions + m, ctx, prompt=p.prompt_tokens > 0))
+            return gains[m] / ((draft_ms + cost.t_verify(positions + m, ctx, prompt=p.prompt_tokens > 0))
+                               * p.scale_for([m + fixed_drafts]))
 
         best = max(range(len(slots), -1, -1), key=efficiency)  # ties: the most slots
         if best and efficiency(best) < PRUNE_MARGIN * efficiency(0):

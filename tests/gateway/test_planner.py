@@ -142,6 +142,24 @@ def test_a_free_draft_within_the_gate_margin_of_plain_decoding_is_pruned():
     assert planner.prune(views, {"s": Drafted([1], [0.75], free=True)}) == {"s": 1}
 
 
+def test_steps_that_verify_drafts_are_corrected_apart_from_plain_steps():
+    """Plain steps measured at their price and steps with drafts at 1.3x theirs: the plain price
+    stays, the drafted steps' rises (by a tenth of the gap per step), and the free draft at 0.75
+    that the table alone keeps (1.09x plain decoding's rate) is dropped once drafts are dearer."""
+    free = CostModel(draft_fixed=0.5, draft_per_seq=0.0, verify_per_ctx=0.0, verify_table=STEEP, draft_free=True)
+    planner = Planner(Strategy(mode="adaptive", cost=free))
+    views = [SessionView("s", 50)]
+    plain, one = planner.step_ms(views, [0], free=True), planner.step_ms(views, [1], free=True)
+    planner.observe_step(one, 1.3 * one, drafted=True)
+    assert planner.draft_scale == pytest.approx(1.03) and planner.time_scale == 1.0
+    for _ in range(40):
+        planner.observe_step(plain, plain)
+        planner.observe_step(planner.step_ms(views, [1], free=True), 1.3 * one, drafted=True)
+    assert planner.step_ms(views, [0], free=True) == pytest.approx(plain)
+    assert planner.step_ms(views, [1], free=True) == pytest.approx(1.3 * one, rel=0.02)
+    assert planner.prune(views, {"s": Drafted([1], [0.75], free=True)}) == {"s": 0}
+
+
 def test_no_session_drafts_past_its_last_token():
     """A verify emits the accepted drafts and one token more: a session with 3 tokens left drafts
     at most 2, whatever the mode."""

@@ -208,6 +208,7 @@ def test_metrics_follow_prometheus_conventions(client, stack):
     # The online corrections: positive ratios, the output share at most 1 (what finished requests
     # generated of their max_new_tokens).
     assert samples["specserve_step_time_scale"] > 0 and samples["specserve_ttft_scale"] > 0
+    assert samples["specserve_draft_step_time_scale"] > 0
     assert 0 < samples["specserve_output_share"] <= 1
     assert not any(name.endswith("_ms") or "_ms_" in name for name in samples)
 
