@@ -112,7 +112,8 @@ class StepRecord:
     draft_catchup_tokens: int = 0  # tokens the drafter re-read to catch up (their time is not drafting)
     forwards: int = 1  # forward passes in the step's verify call (a decode burst runs several)
     # which verified draft positions (in `confidences`' order) a model drafted (0), a free proposer (1)
-    # from the session's own tokens or (2) recalled from other requests' outputs, and the free proposer's share of `position_reached` / `position_accepted`
+    # from the session's own tokens or (2) recalled from other requests' outputs, and the free
+    # proposer's share of `position_reached` / `position_accepted`
     free_slots: list[int] = field(default_factory=list)
     free_position_reached: list[int] = field(default_factory=list)
     free_position_accepted: list[int] = field(default_factory=list)
