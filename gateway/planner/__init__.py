@@ -144,11 +144,11 @@ class Planner:
         prompt = self.prompt_tokens if prompt_tokens is None else prompt_tokens
         positions = sum(k + 1 for k in ks) + prompt
         return (cost.t_draft(len(sessions), drafting) + cost.t_verify(positions, ctx, prompt=prompt > 0)) \
-            * self.time_scale * self.scale_for(ks)
+            * self.time_scale * self.scale_for(sum(ks))
 
-    def scale_for(self, ks: list[int]) -> float:
-        """The drafted steps' correction where the step verifies drafts, else 1."""
-        return self.draft_scale if any(ks) else 1.0
+    def scale_for(self, drafts: int) -> float:
+        """The drafted steps' correction for a step that verifies `drafts` drafts (1 for none)."""
+        return self.draft_scale if drafts else 1.0
 
     def slo_cap_k(self, sessions: list[SessionView], free: bool = False) -> int:
         """The largest uniform k whose predicted step time fits the tightest TPOT SLO (0 always fits).

@@ -98,7 +98,7 @@ class Adaptive(Controller):
 
         def efficiency(m: int) -> float:
             return gains[m] / ((draft_ms + cost.t_verify(positions + m, ctx, prompt=p.prompt_tokens > 0))
-                               * p.scale_for([m + fixed_drafts]))
+                               * p.scale_for(m + fixed_drafts))
 
         best = max(range(len(slots), -1, -1), key=efficiency)  # ties: the most slots
         if best and efficiency(best) < PRUNE_MARGIN * efficiency(0):
